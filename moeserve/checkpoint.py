@@ -1,0 +1,183 @@
+"""Load a Hugging Face checkpoint directory (Hub layout) into a MoEForCausalLM.
+
+Every tensor the model needs must come from the files, with the right shape, exactly once;
+anything else is a CheckpointError naming the tensor. Per-expert Hub tensors
+(`block_sparse_moe.experts.{e}.w1/w2/w3` for Mixtral, `mlp.experts.{e}.{gate,up,down}_proj`
+for Qwen/OLMoE) are copied once into the physical-slot tensors w13 [P, 2I, D] / w2 [P, D, I]
+at slot e; spare slots start zeroed and empty.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from moeserve.config import CheckpointError, ModelConfig, parse_dtype
+from moeserve.model.decoder import MoEForCausalLM
+
+# Expert tensor -> (which stacked tensor, row range selector). Row ranges index w13's 2I rows.
+_EXPERT_PART = {
+    "w1": "gate",
+    "gate_proj": "gate",
+    "w3": "up",
+    "up_proj": "up",
+    "w2": "down",
+    "down_proj": "down",
+}
+_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$")
+# Tensors some Hub checkpoints carry that hold nothing the model needs.
+_IGNORED_RE = re.compile(r"\.rotary_emb\.inv_freq$")
+
+
+# Mixtral's Hub names put the MoE block under `block_sparse_moe` and call the expert
+# projections w1 (gate), w3 (up), w2 (down); moeserve names it `mlp` as the other families do.
+_MIXTRAL_EXPERT_NAMES = {"gate": "w1", "up": "w3", "down": "w2"}
+_QWEN_EXPERT_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+def _hub_to_moeserve(name: str) -> str:
+    return name.replace(".block_sparse_moe.", ".mlp.")
+
+
+def _moeserve_to_hub(name: str, config: ModelConfig) -> str:
+    if config.model_type == "mixtral":
+        return re.sub(r"(model\.layers\.\d+)\.mlp\.", r"\1.block_sparse_moe.", name)
+    return name
+
+
+def _expert_hub_name(config: ModelConfig, layer: int, expert: int, part: str) -> str:
+    names = _MIXTRAL_EXPERT_NAMES if config.model_type == "mixtral" else _QWEN_EXPERT_NAMES
+    return _moeserve_to_hub(f"model.layers.{layer}.mlp.experts.{expert}.{names[part]}.weight", config)
+
+
+def weight_files(path: Path) -> list[Path]:
+    """The safetensors files of a checkpoint, from its index when it has one."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map")
+        if not weight_map:
+            raise CheckpointError(f"{index}: no weight_map")
+        files = [path / f for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.is_file():
+                raise CheckpointError(f"{index} names {f.name}, which is missing")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no *.safetensors weights (only safetensors checkpoints are supported)")
+    return files
+
+
+def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    seen: set[str] = set()
+    with ExitStack() as stack:
+        for f in files:
+            handle = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+            for name in handle.keys():
+                if name in seen:
+                    raise CheckpointError(f"tensor {name} appears in more than one weight file")
+                seen.add(name)
+                yield name, handle.get_tensor(name)
+
+
+def _checkpoint_dtype(config: ModelConfig, files: list[Path]) -> torch.dtype:
+    if config.checkpoint_dtype:
+        return parse_dtype(config.checkpoint_dtype)
+    with safe_open(str(files[0]), framework="pt", device="cpu") as handle:
+        for name in handle.keys():
+            dtype = handle.get_slice(name).get_dtype()
+            mapped = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtype)
+            if mapped is not None:
+                return mapped
+    return torch.float32
+
+
+def load_model(
+    path: str | Path,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    num_redundant_experts: int = 0,
+    expert_backend: str = "torch",
+) -> MoEForCausalLM:
+    """Build the model on the meta device, materialise it on `device` in `dtype` ('auto' follows
+    the checkpoint), then fill every parameter from the checkpoint."""
+    path = Path(path)
+    config = ModelConfig.from_pretrained(path)
+    files = weight_files(path)
+    torch_dtype = _checkpoint_dtype(config, files) if dtype == "auto" else parse_dtype(dtype)
+    if num_redundant_experts < 0:
+        raise ValueError(f"num_redundant_experts must be >= 0, got {num_redundant_experts}")
+
+    with torch.device("meta"):
+        model = MoEForCausalLM(config, num_redundant_experts, expert_backend)
+    model.to_empty(device=device)
+    model.to(torch_dtype)
+    model.tie_weights()
+    model.reset_state()
+    _fill(model, config, files)
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def _fill(model: MoEForCausalLM, config: ModelConfig, files: list[Path]) -> None:
+    params = dict(model.named_parameters())
+    expected = set(params)
+    if config.tie_word_embeddings:
+        expected.discard("lm_head.weight")
+    stacked = {n for n in params if n.endswith((".mlp.w13", ".mlp.w2"))}
+    expected -= stacked
+    for moe in model.moe_layers:
+        moe.w13.zero_()
+        moe.w2.zero_()
+    moe_layer_ids = set(config.moe_layer_ids)
+    experts_needed = {(layer, e, part) for layer in moe_layer_ids for e in range(config.num_experts)
+                      for part in ("gate", "up", "down")}
+    I = config.moe_intermediate_size
+
+    for hub_name, tensor in _iter_tensors(files):
+        if _IGNORED_RE.search(hub_name):
+            continue
+        name = _hub_to_moeserve(hub_name)
+        match = _EXPERT_RE.match(name)
+        if match:
+            layer, expert, proj = int(match[1]), int(match[2]), match[3]
+            part = _EXPERT_PART.get(proj)
+            if layer not in moe_layer_ids or expert >= config.num_experts or part is None:
+                raise CheckpointError(f"unexpected tensor {hub_name} for a {config.architecture} with this config")
+            mlp = model.model.layers[layer].mlp
+            target = {"gate": mlp.w13[expert, :I], "up": mlp.w13[expert, I:], "down": mlp.w2[expert]}[part]
+            _copy(hub_name, target, tensor)
+            experts_needed.discard((layer, expert, part))
+            continue
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        if name not in expected:
+            raise CheckpointError(f"unexpected tensor {hub_name} for a {config.architecture} with this config")
+        _copy(hub_name, params[name], tensor)
+        expected.discard(name)
+
+    missing = [_moeserve_to_hub(n, config) for n in sorted(expected)] + [
+        _expert_hub_name(config, layer, e, part) for layer, e, part in sorted(experts_needed)
+    ]
+    if missing:
+        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise CheckpointError(f"checkpoint is missing tensor(s): {', '.join(missing[:5])}{more}")
+
+
+def _copy(hub_name: str, target: torch.Tensor, tensor: torch.Tensor) -> None:
+    if tuple(tensor.shape) != tuple(target.shape):
+        raise CheckpointError(
+            f"tensor {hub_name} has shape {list(tensor.shape)}, expected {list(target.shape)}"
+        )
+    target.copy_(tensor)

@@ -1,0 +1,122 @@
+"""The MoE causal LM: embed -> [Attention(paged KV) -> MoE or dense MLP] x L -> norm -> logits.
+
+One class serves every supported family; ModelConfig carries the differences. Parameter names
+follow the Hub layout (`model.layers.{i}.self_attn.q_proj.weight`, ...) so that the loader maps
+names one to one, except the stacked expert tensors `model.layers.{i}.mlp.w13` / `.w2`.
+
+Shape legend: T tokens in the flat step batch, D hidden, V vocabulary, L_moe MoE layers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from moeserve.config import ModelConfig
+from moeserve.model.attention import Attention, AttentionMetadata, PagedKVCache
+from moeserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from moeserve.model.moe import ExpertLoad, LoadRecorder, SparseMoE, get_expert_backend
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_id: int, moe_layer: int | None, num_slots: int, backend):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_id)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.moe_layer = moe_layer
+        self.mlp: SparseMoE | GatedMLP
+        if moe_layer is None:
+            self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
+        else:
+            self.mlp = SparseMoE(config, moe_layer, num_slots, backend)
+
+
+class _Backbone(nn.Module):
+    """Holds the `model.` prefix of the Hub parameter names."""
+
+    def __init__(self, config: ModelConfig, num_slots: int, backend):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        moe_index = {layer: i for i, layer in enumerate(config.moe_layer_ids)}
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i, moe_index.get(i), num_slots, backend) for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class MoEForCausalLM(nn.Module):
+    """Runtime state (not weights) lives in device buffers updated in place between steps:
+    `top_k` [L_moe] (the K in force per MoE layer, 1 <= k <= config.top_k), each layer's
+    placement maps, and the load counters of the last forward.
+    """
+
+    def __init__(self, config: ModelConfig, num_redundant_experts: int = 0, expert_backend: str = "torch"):
+        super().__init__()
+        self.config = config
+        self.num_slots = config.num_experts + num_redundant_experts
+        backend = get_expert_backend(expert_backend)
+        self.model = _Backbone(config, self.num_slots, backend)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.rotary = RotaryEmbedding(config.rope)
+        self.register_buffer("top_k", torch.empty(config.num_moe_layers, dtype=torch.int64), persistent=False)
+        self.load = LoadRecorder(config.num_moe_layers, config.num_experts, self.num_slots)
+        self.requires_grad_(False)
+        self.reset_state()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head when the config ties them (again after a
+        device move: `to_empty` gives each module its own copy)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def reset_state(self) -> None:
+        """(Re)initialise every non-weight buffer: K, placement maps, counters, RoPE frequencies."""
+        self.top_k.fill_(self.config.top_k)
+        self.rotary.inv_freq.copy_(self.config.rope.inv_freq_and_scale()[0])
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_state"):
+                module.reset_state()
+
+    @property
+    def moe_layers(self) -> list[SparseMoE]:
+        return [layer.mlp for layer in self.model.layers if isinstance(layer.mlp, SparseMoE)]
+
+    def set_top_k(self, k: int, moe_layers: Iterable[int] | None = None) -> None:
+        """Change the K in force (all MoE layers, or the given MoE-layer indices) without reloading."""
+        if not 1 <= k <= self.config.top_k:
+            raise ValueError(f"top_k must lie in [1, {self.config.top_k}], got {k}")
+        if moe_layers is None:
+            self.top_k.fill_(k)
+        else:
+            self.top_k[torch.tensor(list(moe_layers), dtype=torch.int64)] = k
+
+    def expert_load(self) -> ExpertLoad:
+        """Routed-token counts of the last forward."""
+        return self.load.snapshot()
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: PagedKVCache) -> torch.Tensor:
+        """input_ids [T] -> final-norm hidden states [T, D]; writes this step's keys/values."""
+        self.load.reset_state()
+        h = self.model.embed_tokens(input_ids)  # [T, D]
+        cos, sin = self.rotary(meta.positions, h.dtype)  # [T, Dh] x2
+        for i, layer in enumerate(self.model.layers):
+            residual = h
+            h = layer.self_attn(layer.input_layernorm(h), cos, sin, meta, kv_cache.key[i], kv_cache.value[i])
+            h = residual + h
+            residual = h
+            x = layer.post_attention_layernorm(h)
+            if layer.moe_layer is None:
+                h = residual + layer.mlp(x)
+            else:
+                h = residual + layer.mlp(x, self.top_k[layer.moe_layer], self.load)
+        return self.model.norm(h)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, D] -> logits [N, V] in the model dtype (the sampler upcasts)."""
+        return self.lm_head(hidden)

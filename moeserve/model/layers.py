@@ -1,0 +1,69 @@
+"""Small dense layers shared by every family: RMSNorm, rotary embedding, gated MLP.
+
+Shape legend (shared/DESIGN.md): T tokens, D hidden size, I intermediate size, H heads, Dh head dim.
+Each op follows transformers' numerics step for step (dtype casts included), since the model is
+checked against it to 1e-4 in fp32 and on top-1 agreement in bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moeserve.config import RopeConfig
+
+
+class RMSNorm(nn.Module):
+    """y = weight * (x / rms(x)).to(x.dtype): normalise in fp32, cast back, then scale."""
+
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        input_dtype = x.dtype
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(input_dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin for arbitrary positions, computed per step (no max-length table to allocate)."""
+
+    def __init__(self, rope: RopeConfig):
+        super().__init__()
+        inv_freq, self.attention_scaling = rope.inv_freq_and_scale()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [Dh/2] fp32
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, Dh/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, Dh]
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, Dh], cos/sin [T, Dh] -> [T, H, Dh] (the half-split 'neox' convention)."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+    return x * cos + _rotate_half(x) * sin
+
+
+class GatedMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with separate projections, as Hub dense MLPs store them."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [T, D]

@@ -1,0 +1,43 @@
+"""Load accounting: tokens routed per logical expert and per physical slot, per MoE layer.
+
+Shape legend: L_moe MoE layers (indexed by MoE layer, not decoder layer), E experts, P slots.
+Counts are int64 device tensors filled with bincount (no Python loop over tokens or experts);
+the row sums of one step equal (K in force) x (tokens in the step).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ExpertLoad:
+    """One step's routed-token counts (a snapshot, safe to hand to another stage)."""
+
+    logical: torch.Tensor  # [L_moe, E] int64
+    physical: torch.Tensor  # [L_moe, P] int64
+
+
+class LoadRecorder(nn.Module):
+    """Per-step counters the MoE layers add into; zeroed at the start of every forward."""
+
+    def __init__(self, num_moe_layers: int, num_experts: int, num_slots: int):
+        super().__init__()
+        self.num_experts, self.num_slots = num_experts, num_slots
+        self.register_buffer("logical", torch.zeros(num_moe_layers, num_experts, dtype=torch.int64))
+        self.register_buffer("physical", torch.zeros(num_moe_layers, num_slots, dtype=torch.int64))
+
+    def reset_state(self) -> None:
+        self.logical.zero_()
+        self.physical.zero_()
+
+    def record(self, moe_layer: int, expert_ids: torch.Tensor, slots: torch.Tensor) -> None:
+        """expert_ids [T, K] in [0, E], slots [T, K] in [0, P]; the sentinels E and P are not counted."""
+        self.logical[moe_layer] += torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts + 1)[:-1]
+        self.physical[moe_layer] += torch.bincount(slots.reshape(-1), minlength=self.num_slots + 1)[:-1]
+
+    def snapshot(self) -> ExpertLoad:
+        return ExpertLoad(logical=self.logical.clone(), physical=self.physical.clone())

@@ -1,0 +1,54 @@
+"""Router: gate logits -> scores -> top-K ids and weights, with K a runtime tensor.
+
+Shape legend: T tokens, E logical experts, K = the model's experts per token (K_max).
+
+The top-K is always taken at K_max and choices at positions >= k (the K in force for this layer)
+are masked: their id becomes E ("no expert", dropped by dispatch and load accounting) and their
+weight 0. k is a 0-dim device tensor, so lowering K needs no host sync, no reload and no new
+CUDA graph. Running at k < K_max computes exactly what the checkpoint would compute with
+num_experts_per_tok = k: renormalising families (Mixtral; Qwen/OLMoE with norm_topk_prob)
+renormalise over the k kept experts, so at k = 1 the top expert gets weight 1.0; the others keep
+the top expert's raw softmax probability.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Router output for one MoE layer and one step. Inactive choices have id E and weight 0."""
+
+    expert_ids: torch.Tensor  # [T, K] int64 in [0, E]
+    weights: torch.Tensor  # [T, K] fp32 (Mixtral) or model dtype
+    logits: torch.Tensor  # [T, E] model dtype
+
+
+class Router(nn.Module):
+    """softmax(x W^T) in fp32 -> top-K. The gate matmul runs in the model dtype."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, renormalize: bool, weights_fp32: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size), requires_grad=False)  # [E, D]
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.weights_fp32 = weights_fp32
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor) -> Routing:
+        logits = F.linear(x, self.weight)  # [T, E]
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
+        top_w, top_ids = torch.topk(probs, self.top_k, dim=-1)  # [T, K] x2
+        active = torch.arange(self.top_k, device=x.device) < k  # [K]
+        top_w = top_w * active
+        if self.renormalize:
+            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        if not self.weights_fp32:
+            top_w = top_w.to(logits.dtype)
+        top_ids = torch.where(active, top_ids, self.num_experts)
+        return Routing(expert_ids=top_ids, weights=top_w, logits=logits)
