@@ -64,9 +64,9 @@ class RopeConfig:
     truncate: bool = True
 
     def inv_freq_and_scale(self) -> tuple[torch.Tensor, float]:
-        """Inverse frequencies [rotary_dim / 2] (fp32) and the factor cos/sin are multiplied by."""
+        """Inverse frequencies [rotary_dim / 2] (fp32, on the CPU) and the factor cos/sin are multiplied by."""
         dim = self.rotary_dim
-        pos_freqs = self.theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)
+        pos_freqs = self.theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim)
         if self.rope_type == "default":
             return 1.0 / pos_freqs, 1.0
         return self._yarn(pos_freqs)
@@ -97,7 +97,7 @@ class RopeConfig:
         low, high = max(low, 0), min(high, dim - 1)
         if low == high:
             high += 0.001
-        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low), 0, 1)
         extrapolation_weight = 1 - ramp
         inv_freq = (1.0 / (factor * pos_freqs)) * (1 - extrapolation_weight) + (
             1.0 / pos_freqs

@@ -74,9 +74,8 @@ class MoEForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def reset_state(self) -> None:
-        """(Re)initialise every non-weight buffer: K, placement maps, counters, RoPE frequencies."""
+        """(Re)initialise every non-weight buffer: K, placement maps, counters."""
         self.top_k.fill_(self.config.top_k)
-        self.rotary.inv_freq.copy_(self.config.rope.inv_freq_and_scale()[0])
         for module in self.modules():
             if module is not self and hasattr(module, "reset_state"):
                 module.reset_state()

@@ -30,15 +30,23 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin for arbitrary positions, computed per step (no max-length table to allocate)."""
+    """cos/sin for arbitrary positions, computed per step (no max-length table to allocate).
+
+    The inverse frequencies stay fp32 whatever dtype the model is cast to (transformers keeps
+    them fp32 too; bf16 frequencies shift every rotation), so they are not a module buffer that
+    `.to(dtype)` would round: one fp32 copy per device, made on first use.
+    """
 
     def __init__(self, rope: RopeConfig):
         super().__init__()
         inv_freq, self.attention_scaling = rope.inv_freq_and_scale()
-        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [Dh/2] fp32
+        self._inv_freq = {inv_freq.device: inv_freq}  # device -> [Dh/2] fp32
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq.float()[None, :]  # [T, Dh/2]
+        device = positions.device
+        if device not in self._inv_freq:
+            self._inv_freq[device] = next(iter(self._inv_freq.values())).to(device)
+        freqs = positions.float()[:, None] * self._inv_freq[device][None, :]  # [T, Dh/2]
         emb = torch.cat((freqs, freqs), dim=-1)  # [T, Dh]
         cos = emb.cos() * self.attention_scaling
         sin = emb.sin() * self.attention_scaling

@@ -54,11 +54,15 @@ class ReferenceRunner:
         bounds = meta.query_start_loc.tolist()
         return {s: logits[bounds[i] : bounds[i + 1]] for i, s in enumerate(seq_ids)}
 
-    def greedy(self, seq_id: int, prompt: list[int], max_new_tokens: int) -> GreedyTrace:
-        """Prefill `prompt` as sequence `seq_id`, then decode greedily one token per step."""
-        row = self.step({seq_id: prompt})[seq_id][-1]
-        rows = [row]
-        for _ in range(max_new_tokens - 1):
-            row = self.step({seq_id: [int(torch.argmax(row))]})[seq_id][-1]
-            rows.append(row)
-        return GreedyTrace.from_logits(rows)
+    def greedy(self, prompts: list[list[int]], max_new_tokens: int) -> list[GreedyTrace]:
+        """Prefill all prompts in one step (as new sequences), then decode them together, one
+        greedy token per sequence per step."""
+        first = max(self.lengths, default=-1) + 1
+        pending = {first + i: p for i, p in enumerate(prompts)}
+        rows: dict[int, list[torch.Tensor]] = {s: [] for s in pending}
+        for _ in range(max_new_tokens):
+            out = self.step(pending)
+            for s, logits in out.items():
+                rows[s].append(logits[-1])
+            pending = {s: [int(torch.argmax(logits[-1]))] for s, logits in out.items()}
+        return [GreedyTrace.from_logits(rows[s]) for s in rows]
