@@ -10,11 +10,12 @@ import torch
 from moeserve.testing.equality import GreedyTrace
 
 
-def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32):
+def load_hf_model(path: str | Path, dtype: torch.dtype = torch.float32, **config_overrides):
+    """config_overrides change the checkpoint's config at load (e.g. num_experts_per_tok=1)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation="eager", experts_implementation="eager"
+        path, dtype=dtype, attn_implementation="eager", experts_implementation="eager", **config_overrides
     )
     return model.eval()
 
