@@ -21,15 +21,6 @@ from safetensors import safe_open
 from moeserve.config import CheckpointError, ModelConfig, parse_dtype
 from moeserve.model.decoder import MoEForCausalLM
 
-# Expert tensor -> (which stacked tensor, row range selector). Row ranges index w13's 2I rows.
-_EXPERT_PART = {
-    "w1": "gate",
-    "gate_proj": "gate",
-    "w3": "up",
-    "up_proj": "up",
-    "w2": "down",
-    "down_proj": "down",
-}
 _EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$")
 # Tensors some Hub checkpoints carry that hold nothing the model needs.
 _IGNORED_RE = re.compile(r"\.rotary_emb\.inv_freq$")
@@ -51,8 +42,13 @@ def _moeserve_to_hub(name: str, config: ModelConfig) -> str:
     return name
 
 
+def _expert_names(config: ModelConfig) -> dict[str, str]:
+    """part -> Hub projection name; gate and up are w13's rows :I and I:, down is w2."""
+    return _MIXTRAL_EXPERT_NAMES if config.model_type == "mixtral" else _QWEN_EXPERT_NAMES
+
+
 def _expert_hub_name(config: ModelConfig, layer: int, expert: int, part: str) -> str:
-    names = _MIXTRAL_EXPERT_NAMES if config.model_type == "mixtral" else _QWEN_EXPERT_NAMES
+    names = _expert_names(config)
     return _moeserve_to_hub(f"model.layers.{layer}.mlp.experts.{expert}.{names[part]}.weight", config)
 
 
@@ -144,6 +140,7 @@ def _fill(model: MoEForCausalLM, config: ModelConfig, files: list[Path]) -> None
     experts_needed = {(layer, e, part) for layer in moe_layer_ids for e in range(config.num_experts)
                       for part in ("gate", "up", "down")}
     I = config.moe_intermediate_size
+    expert_part = {hub: part for part, hub in _expert_names(config).items()}
 
     for hub_name, tensor in _iter_tensors(files):
         if _IGNORED_RE.search(hub_name):
@@ -152,7 +149,7 @@ def _fill(model: MoEForCausalLM, config: ModelConfig, files: list[Path]) -> None
         match = _EXPERT_RE.match(name)
         if match:
             layer, expert, proj = int(match[1]), int(match[2]), match[3]
-            part = _EXPERT_PART.get(proj)
+            part = expert_part.get(proj)
             if layer not in moe_layer_ids or expert >= config.num_experts or part is None:
                 raise CheckpointError(f"unexpected tensor {hub_name} for a {config.architecture} with this config")
             mlp = model.model.layers[layer].mlp

@@ -289,6 +289,7 @@ def _rope(r: _Reader, head_dim: int, default_theta: float) -> RopeConfig:
 
 
 def _common(r: _Reader, *, default_theta: float, head_dim: int | None = None) -> dict[str, Any]:
+    """Fields every family reads the same way."""
     hidden, heads = int(r.req("hidden_size")), int(r.req("num_attention_heads"))
     kv_heads = int(r.get("num_key_value_heads", heads))
     if heads % kv_heads:
@@ -297,6 +298,9 @@ def _common(r: _Reader, *, default_theta: float, head_dim: int | None = None) ->
     act = r.get("hidden_act", "silu")
     if act != "silu":
         raise CheckpointError(f"unsupported hidden_act {act!r}; moeserve supports 'silu'")
+    num_experts, top_k = r.num_experts(), int(r.req("num_experts_per_tok"))
+    if not 1 <= top_k <= num_experts:
+        raise CheckpointError(f"num_experts_per_tok={top_k} must lie in [1, {num_experts}]")
     dtype = r.get("dtype", r.get("torch_dtype"))
     return dict(
         architecture=(r.get("architectures") or [r.family])[0],
@@ -311,6 +315,9 @@ def _common(r: _Reader, *, default_theta: float, head_dim: int | None = None) ->
         rope=_rope(r, head_dim, default_theta),
         max_position_embeddings=int(r.get("max_position_embeddings", 4096)),
         tie_word_embeddings=bool(r.get("tie_word_embeddings", False)),
+        intermediate_size=int(r.req("intermediate_size")),
+        num_experts=num_experts,
+        top_k=top_k,
         checkpoint_dtype=str(dtype).removeprefix("torch.") if dtype else None,
         bos_token_id=r.get("bos_token_id"),
         eos_token_ids=_as_id_tuple(r.get("eos_token_id")),
@@ -318,15 +325,28 @@ def _common(r: _Reader, *, default_theta: float, head_dim: int | None = None) ->
     )
 
 
-def _check_moe(r: _Reader, num_experts: int, top_k: int) -> None:
-    if not 1 <= top_k <= num_experts:
-        raise CheckpointError(f"num_experts_per_tok={top_k} must lie in [1, {num_experts}]")
+def _qwen_style(r: _Reader, num_layers: int, num_experts: int) -> dict[str, Any]:
+    """Router and layer-type fields shared by Qwen2-MoE and Qwen3-MoE: layers in mlp_only_layers
+    or off the decoder_sparse_step grid are dense; renormalise iff norm_topk_prob."""
+    mlp_only = set(r.get("mlp_only_layers", []))
+    step = int(r.get("decoder_sparse_step", 1))
+    return dict(
+        moe_layers=tuple(i not in mlp_only and num_experts > 0 and (i + 1) % step == 0 for i in range(num_layers)),
+        moe_intermediate_size=int(r.req("moe_intermediate_size")),
+        renormalize=bool(r.get("norm_topk_prob", False)),
+        router_weights_fp32=False,
+    )
+
+
+def _sliding_window_required(r: _Reader) -> int:
+    window = r.get("sliding_window")
+    if not window or int(window) <= 0:
+        raise CheckpointError(f"use_sliding_window is true but sliding_window={window!r} is not a positive size")
+    return int(window)
 
 
 def _parse_mixtral(r: _Reader) -> ModelConfig:
     common = _common(r, default_theta=1e6, head_dim=r.get("head_dim"))
-    num_experts, top_k = r.num_experts(), int(r.req("num_experts_per_tok"))
-    _check_moe(r, num_experts, top_k)
     n = common["num_layers"]
     window = r.get("sliding_window")
     return ModelConfig(
@@ -337,34 +357,16 @@ def _parse_mixtral(r: _Reader) -> ModelConfig:
         clip_qkv=None,
         sliding_windows=(int(window) if window else None,) * n,
         moe_layers=(True,) * n,
-        intermediate_size=int(r.req("intermediate_size")),
-        num_experts=num_experts,
-        top_k=top_k,
-        moe_intermediate_size=int(r.req("intermediate_size")),
+        moe_intermediate_size=common["intermediate_size"],
         renormalize=True,
         router_weights_fp32=True,
         shared_expert_intermediate_size=0,
     )
 
 
-def _qwen_moe_layers(r: _Reader, n: int, num_experts: int) -> tuple[bool, ...]:
-    mlp_only = set(r.get("mlp_only_layers", []))
-    step = int(r.get("decoder_sparse_step", 1))
-    return tuple(i not in mlp_only and num_experts > 0 and (i + 1) % step == 0 for i in range(n))
-
-
-def _sliding_window_required(r: _Reader) -> int:
-    window = r.get("sliding_window")
-    if not window or int(window) <= 0:
-        raise CheckpointError(f"use_sliding_window is true but sliding_window={window!r} is not a positive size")
-    return int(window)
-
-
 def _parse_qwen2_moe(r: _Reader) -> ModelConfig:
     common = _common(r, default_theta=1e4, head_dim=r.get("head_dim"))
     n = common["num_layers"]
-    num_experts, top_k = r.num_experts(), int(r.req("num_experts_per_tok"))
-    _check_moe(r, num_experts, top_k)
     # Qwen2-MoE writes sliding_window: 0 when the window is off: only use_sliding_window decides.
     windows: tuple[int | None, ...] = (None,) * n
     if r.get("use_sliding_window", False):
@@ -376,18 +378,12 @@ def _parse_qwen2_moe(r: _Reader) -> ModelConfig:
         windows = tuple(window if t == "sliding_attention" else None for t in layer_types)
     return ModelConfig(
         **common,
+        **_qwen_style(r, n, common["num_experts"]),
         qkv_bias=bool(r.get("qkv_bias", True)),
         o_bias=False,
         qk_norm="none",
         clip_qkv=None,
         sliding_windows=windows,
-        moe_layers=_qwen_moe_layers(r, n, num_experts),
-        intermediate_size=int(r.req("intermediate_size")),
-        num_experts=num_experts,
-        top_k=top_k,
-        moe_intermediate_size=int(r.req("moe_intermediate_size")),
-        renormalize=bool(r.get("norm_topk_prob", False)),
-        router_weights_fp32=False,
         shared_expert_intermediate_size=int(r.get("shared_expert_intermediate_size", 0)),
     )
 
@@ -395,24 +391,16 @@ def _parse_qwen2_moe(r: _Reader) -> ModelConfig:
 def _parse_qwen3_moe(r: _Reader) -> ModelConfig:
     common = _common(r, default_theta=1e4, head_dim=r.get("head_dim"))
     n = common["num_layers"]
-    num_experts, top_k = r.num_experts(), int(r.req("num_experts_per_tok"))
-    _check_moe(r, num_experts, top_k)
     window = _sliding_window_required(r) if r.get("use_sliding_window", False) else None
     bias = bool(r.get("attention_bias", False))
     return ModelConfig(
         **common,
+        **_qwen_style(r, n, common["num_experts"]),
         qkv_bias=bias,
         o_bias=bias,
         qk_norm="head",
         clip_qkv=None,
         sliding_windows=(window,) * n,
-        moe_layers=_qwen_moe_layers(r, n, num_experts),
-        intermediate_size=int(r.req("intermediate_size")),
-        num_experts=num_experts,
-        top_k=top_k,
-        moe_intermediate_size=int(r.req("moe_intermediate_size")),
-        renormalize=bool(r.get("norm_topk_prob", False)),
-        router_weights_fp32=False,
         shared_expert_intermediate_size=0,
     )
 
@@ -422,8 +410,6 @@ def _parse_olmoe(r: _Reader) -> ModelConfig:
     # is always hidden_size // num_attention_heads.
     common = _common(r, default_theta=1e4)
     n = common["num_layers"]
-    num_experts, top_k = r.num_experts(), int(r.req("num_experts_per_tok"))
-    _check_moe(r, num_experts, top_k)
     bias = bool(r.get("attention_bias", False))
     clip = r.get("clip_qkv")
     return ModelConfig(
@@ -434,10 +420,7 @@ def _parse_olmoe(r: _Reader) -> ModelConfig:
         clip_qkv=float(clip) if clip is not None else None,
         sliding_windows=(None,) * n,
         moe_layers=(True,) * n,
-        intermediate_size=int(r.req("intermediate_size")),
-        num_experts=num_experts,
-        top_k=top_k,
-        moe_intermediate_size=int(r.req("intermediate_size")),
+        moe_intermediate_size=common["intermediate_size"],
         renormalize=bool(r.get("norm_topk_prob", False)),
         router_weights_fp32=False,
         shared_expert_intermediate_size=0,
