@@ -180,27 +180,30 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class GenerationDefaults:
-    """generation_config.json: EOS ids (Qwen lists several) and default sampling values."""
+    """generation_config.json: EOS ids (Qwen lists several) and default sampling values.
+
+    As in vLLM, sampling values the file lists are the request defaults whether or not it also
+    says do_sample; values it omits stay None (the engine's own defaults apply).
+    """
 
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
+    min_p: float | None = None
     repetition_penalty: float | None = None
+    max_new_tokens: int | None = None
 
     @classmethod
     def from_pretrained(cls, path: str | Path, model_config: ModelConfig) -> GenerationDefaults:
         gen_path = Path(path) / "generation_config.json"
         raw: dict[str, Any] = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
-        eos = _as_id_tuple(raw.get("eos_token_id")) or model_config.eos_token_ids
         return cls(
-            eos_token_ids=eos,
+            eos_token_ids=_as_id_tuple(raw.get("eos_token_id")) or model_config.eos_token_ids,
             bos_token_id=raw.get("bos_token_id", model_config.bos_token_id),
-            temperature=raw.get("temperature") if raw.get("do_sample") else None,
-            top_p=raw.get("top_p") if raw.get("do_sample") else None,
-            top_k=raw.get("top_k") if raw.get("do_sample") else None,
-            repetition_penalty=raw.get("repetition_penalty"),
+            **{key: raw.get(key) for key in ("temperature", "top_p", "top_k", "min_p",
+                                              "repetition_penalty", "max_new_tokens")},
         )
 
 

@@ -181,3 +181,14 @@ def test_generation_defaults_list_every_eos(checkpoints):
     path = checkpoints("qwen2_moe")
     defaults = GenerationDefaults.from_pretrained(path, ModelConfig.from_pretrained(path))
     assert defaults.eos_token_ids == (2, 0)
+    assert defaults.temperature is None and defaults.top_p is None
+
+
+def test_generation_defaults_sampling_values(qwen2):
+    (qwen2 / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [7, 8, 9], "do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20})
+    )
+    defaults = GenerationDefaults.from_pretrained(qwen2, ModelConfig.from_pretrained(qwen2))
+    assert (defaults.eos_token_ids, defaults.temperature, defaults.top_p, defaults.top_k) == ((7, 8, 9), 0.7, 0.8, 20)
+    (qwen2 / "generation_config.json").unlink()  # falls back to config.json's eos_token_id
+    assert GenerationDefaults.from_pretrained(qwen2, ModelConfig.from_pretrained(qwen2)).eos_token_ids == (2, 0)
