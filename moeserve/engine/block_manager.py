@@ -1,0 +1,132 @@
+"""KV-cache block manager: fixed-size blocks, reference counts, automatic prefix caching.
+
+Every block is in exactly one of two states:
+
+    in use   ref_count > 0, owned by one or more sequences' block tables
+    free     ref_count == 0, in `_free` (oldest-freed first); a free block may still hold a
+             cached full block of tokens (its key is in `_cached`) until it is reused
+
+A *full* block's key chains the keys of all blocks before it (sha256 over parent key + token
+ids), so two sequences share a block only if their whole prefixes up to it are equal. Prefix
+hits revive free cached blocks or share in-use ones; a new block is taken from the front of the
+free queue (least recently freed), and its old key, if any, is evicted then. `_free` is an
+ordered dict, not a list, because a hit removes a block from the middle of the queue in O(1).
+Sequences free their blocks tail first, so a sequence's last blocks are evicted before its
+first ones (the shared prefixes live longest).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Sequence
+
+
+def block_key(parent: bytes | None, tokens: Sequence[int]) -> bytes:
+    """Key of a full block given its parent's key (None for the first block)."""
+    h = hashlib.sha256(parent or b"")
+    h.update(b",".join(str(t).encode() for t in tokens))
+    return h.digest()
+
+
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0  # full prompt blocks looked up
+    hits: int = 0  # of those, found in the cache
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._ref = [0] * num_blocks
+        self._key: list[bytes | None] = [None] * num_blocks
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._cached: dict[bytes, int] = {}
+        self.stats = PrefixCacheStats()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def _take_free(self) -> int:
+        block, _ = self._free.popitem(last=False)
+        key = self._key[block]
+        if key is not None:
+            del self._cached[key]
+            self._key[block] = None
+        self._ref[block] = 1
+        return block
+
+    def _prefix_keys(self, token_ids: Sequence[int]) -> list[bytes]:
+        keys, parent = [], None
+        for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
+            parent = block_key(parent, token_ids[start : start + self.block_size])
+            keys.append(parent)
+        return keys
+
+    def allocate_prompt(self, token_ids: Sequence[int]) -> tuple[list[int], int] | None:
+        """Blocks for a new sequence's prompt: cached full-block prefix first, then fresh ones.
+        Returns (block table, number of prompt tokens already computed) or None, changing
+        nothing, when there are not enough free blocks.
+
+        Hits stop before the block holding the last prompt token: the model needs at least that
+        token to run and give logits for, and recomputing it must not write into a block that
+        other sequences share.
+        """
+        hits: list[int] = []
+        if self.enable_prefix_caching:
+            keys = self._prefix_keys(token_ids[: len(token_ids) - 1])
+            self.stats.queries += len(keys)
+            for key in keys:
+                block = self._cached.get(key)
+                if block is None:
+                    break
+                hits.append(block)
+            self.stats.hits += len(hits)
+        needed = self.blocks_needed(len(token_ids)) - len(hits)
+        revived = sum(1 for b in hits if self._ref[b] == 0)
+        if needed + revived > len(self._free):
+            self.stats.hits -= len(hits)
+            return None
+        for block in hits:
+            if self._ref[block] == 0:
+                del self._free[block]
+            self._ref[block] += 1
+        table = hits + [self._take_free() for _ in range(needed)]
+        return table, len(hits) * self.block_size
+
+    def append_slots(self, table: list[int], num_tokens: int) -> bool:
+        """Grow `table` in place to hold `num_tokens`; False (nothing changed) if blocks run out."""
+        needed = self.blocks_needed(num_tokens) - len(table)
+        if needed > len(self._free):
+            return False
+        table.extend(self._take_free() for _ in range(max(needed, 0)))
+        return True
+
+    def cache_full_blocks(self, table: list[int], token_ids: Sequence[int]) -> None:
+        """Publish the full blocks of a sequence whose first len(token_ids) tokens are computed."""
+        if not self.enable_prefix_caching:
+            return
+        for i, key in enumerate(self._prefix_keys(token_ids)):
+            block = table[i]
+            if self._key[block] is None and key not in self._cached:
+                self._key[block] = key
+                self._cached[key] = block
+
+    def free(self, table: list[int]) -> None:
+        """Release a sequence's blocks, last block first."""
+        for block in reversed(table):
+            if self._ref[block] <= 0:
+                raise RuntimeError(f"block {block} freed more often than it was taken")
+            self._ref[block] -= 1
+            if self._ref[block] == 0:
+                self._free[block] = None
+        table.clear()
