@@ -32,8 +32,7 @@ def block_key(parent: bytes | None, tokens: Sequence[int]) -> bytes:
 
 @dataclass
 class PrefixCacheStats:
-    queries: int = 0  # full prompt blocks looked up
-    hits: int = 0  # of those, found in the cache
+    hits: int = 0  # blocks a new sequence started with instead of computing them
 
 
 class BlockManager:
@@ -72,50 +71,54 @@ class BlockManager:
             keys.append(parent)
         return keys
 
-    def allocate_prompt(self, token_ids: Sequence[int]) -> tuple[list[int], int] | None:
-        """Blocks for a new sequence's prompt: cached full-block prefix first, then fresh ones.
-        Returns (block table, number of prompt tokens already computed) or None, changing
-        nothing, when there are not enough free blocks.
+    def lookup_prefix(self, token_ids: Sequence[int]) -> list[int]:
+        """Cached blocks holding a prefix of `token_ids` (changes nothing; `allocate` counts hits).
 
-        Hits stop before the block holding the last prompt token: the model needs at least that
-        token to run and give logits for, and recomputing it must not write into a block that
-        other sequences share.
+        Hits stop before the block holding the last token: the model needs at least that token
+        to run and give logits for, and recomputing it must not write into a shared block.
         """
-        hits: list[int] = []
-        if self.enable_prefix_caching:
-            keys = self._prefix_keys(token_ids[: len(token_ids) - 1])
-            self.stats.queries += len(keys)
-            for key in keys:
-                block = self._cached.get(key)
-                if block is None:
-                    break
-                hits.append(block)
-            self.stats.hits += len(hits)
-        needed = self.blocks_needed(len(token_ids)) - len(hits)
+        if not self.enable_prefix_caching:
+            return []
+        hits = []
+        for key in self._prefix_keys(token_ids[: len(token_ids) - 1]):
+            block = self._cached.get(key)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def allocate(self, table: list[int], num_tokens: int, hits: Sequence[int] = ()) -> bool:
+        """Make `table` (empty, or a running sequence's) hold `num_tokens`, starting an empty
+        table with the prefix-hit blocks `hits`. False, with nothing changed, when too few
+        blocks are free."""
+        assert not hits or not table, "prefix hits only start a new table"
         revived = sum(1 for b in hits if self._ref[b] == 0)
+        needed = max(self.blocks_needed(num_tokens) - len(table) - len(hits), 0)
         if needed + revived > len(self._free):
-            self.stats.hits -= len(hits)
-            return None
+            return False
         for block in hits:
             if self._ref[block] == 0:
                 del self._free[block]
             self._ref[block] += 1
-        table = hits + [self._take_free() for _ in range(needed)]
-        return table, len(hits) * self.block_size
-
-    def append_slots(self, table: list[int], num_tokens: int) -> bool:
-        """Grow `table` in place to hold `num_tokens`; False (nothing changed) if blocks run out."""
-        needed = self.blocks_needed(num_tokens) - len(table)
-        if needed > len(self._free):
-            return False
-        table.extend(self._take_free() for _ in range(max(needed, 0)))
+        table.extend(hits)
+        table.extend(self._take_free() for _ in range(needed))
+        self.stats.hits += len(hits)
         return True
 
-    def cache_full_blocks(self, table: list[int], token_ids: Sequence[int]) -> None:
-        """Publish the full blocks of a sequence whose first len(token_ids) tokens are computed."""
+    def cache_full_blocks(self, table: list[int], token_ids: Sequence[int], keys: list[bytes]) -> None:
+        """Publish the full blocks of `token_ids` (a sequence's tokens up to the end of what is
+        scheduled); `keys` is that sequence's list of full-block keys so far, extended in place.
+
+        Called at scheduling time: a block's key depends only on its tokens, and a sibling
+        scheduled later in the same step may read what this step writes, since every layer
+        writes the whole step's keys/values before it attends.
+        """
         if not self.enable_prefix_caching:
             return
-        for i, key in enumerate(self._prefix_keys(token_ids)):
+        bs = self.block_size
+        for i in range(len(keys), len(token_ids) // bs):
+            key = block_key(keys[-1] if keys else None, token_ids[i * bs : (i + 1) * bs])
+            keys.append(key)
             block = table[i]
             if self._key[block] is None and key not in self._cached:
                 self._key[block] = key

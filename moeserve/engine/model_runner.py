@@ -1,0 +1,85 @@
+"""ModelRunner: SchedulerOutput -> flat batch tensors -> model -> sampled tokens.
+
+It keeps its own copy of each running request's tokens and block table, built from the first
+NewRequestData and kept current from the diffs (new blocks) and its own samples, so per step
+only the diffs cross from the scheduler. A request is sampled when its scheduled tokens reach
+the end of its known tokens; a prefill chunk that stops short produces nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moeserve.engine.sampler import Sampler, SamplingRow
+from moeserve.engine.scheduler import SchedulerOutput
+from moeserve.model.attention import AttentionMetadata, PagedKVCache
+from moeserve.model.decoder import MoEForCausalLM
+from moeserve.sampling_params import SamplingParams
+
+
+@dataclass
+class _RunnerRequest:
+    token_ids: list[int]
+    num_prompt_tokens: int
+    block_table: list[int]
+    num_computed_tokens: int
+    params: SamplingParams
+
+
+class ModelRunner:
+    def __init__(self, model: MoEForCausalLM, kv_cache: PagedKVCache, sampler: Sampler,
+                 eos_token_ids: frozenset[int]):
+        self.model = model
+        self.kv_cache = kv_cache
+        self.sampler = sampler
+        self.eos_token_ids = eos_token_ids
+        self.device = next(model.parameters()).device
+        self.requests: dict[str, _RunnerRequest] = {}
+
+    def execute(self, out: SchedulerOutput) -> dict[str, tuple[int, dict[int, float] | None]]:
+        for req_id in out.finished_request_ids:
+            self.requests.pop(req_id, None)
+        for new in out.new_requests:
+            self.requests[new.request_id] = _RunnerRequest(
+                list(new.token_ids), new.num_prompt_tokens, list(new.block_table), new.num_computed_tokens,
+                new.sampling_params,
+            )
+        for diff in out.cached_requests:
+            state = self.requests[diff.request_id]
+            state.block_table.extend(diff.new_block_ids)
+            assert state.num_computed_tokens == diff.num_computed_tokens, "runner and scheduler disagree"
+        if not out.num_scheduled_tokens:
+            return {}
+
+        ids: list[int] = []
+        query_lens, seq_lens, tables, sample_at, sample_ids = [], [], [], [], []
+        for req_id, n in out.num_scheduled_tokens.items():
+            state = self.requests[req_id]
+            start = state.num_computed_tokens
+            ids.extend(state.token_ids[start : start + n])
+            query_lens.append(n)
+            seq_lens.append(start + n)
+            tables.append(state.block_table)
+            if start + n == len(state.token_ids):
+                sample_at.append(len(ids) - 1)
+                sample_ids.append(req_id)
+        meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.kv_cache.block_size, self.device)
+        input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        hidden = self.model(input_ids, meta, self.kv_cache)  # [T, D]
+
+        for req_id, n in out.num_scheduled_tokens.items():
+            self.requests[req_id].num_computed_tokens += n
+        if not sample_ids:
+            return {}
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_at, device=self.device)])  # [N, V]
+        rows = []
+        for req_id in sample_ids:
+            s = self.requests[req_id]
+            rows.append(SamplingRow(s.params, s.token_ids[: s.num_prompt_tokens], s.token_ids[s.num_prompt_tokens :],
+                                    self.eos_token_ids))
+        sampled = self.sampler(logits, rows)
+        for req_id, (token, _) in zip(sample_ids, sampled):
+            self.requests[req_id].token_ids.append(token)
+        return dict(zip(sample_ids, sampled))

@@ -1,0 +1,195 @@
+"""Scheduler: continuous batching under a token budget, chunked prefill, preemption by recompute.
+
+Each step, every request's computed tokens try to catch up with its total tokens. Running
+requests go first, in (priority, arrival) order, each taking min(tokens still to run, budget
+left); a request whose blocks cannot grow preempts the lowest-priority, latest-arrived running
+request (possibly itself), which frees all its blocks and waits to be recomputed. Waiting
+requests are admitted in the same order while budget, `max_num_seqs` and blocks allow, and not
+in a step that had to preempt. A prompt longer than the budget is run in chunks over several
+steps: that is all chunked prefill is.
+
+The output is a typed SchedulerOutput: a request's data is sent whole once (when it starts or
+restarts after preemption), afterwards only its new blocks.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from dataclasses import dataclass
+
+from moeserve.engine.block_manager import BlockManager
+from moeserve.engine.request import Request, RequestStatus
+from moeserve.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_model_len: int
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_model_len < 2:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1, max_model_len >= 2")
+
+
+@dataclass(frozen=True)
+class NewRequestData:
+    """A request the model runner has no state for (new, or restarting after preemption)."""
+
+    request_id: str
+    token_ids: tuple[int, ...]  # prompt + outputs so far
+    num_prompt_tokens: int
+    block_table: tuple[int, ...]
+    num_computed_tokens: int
+    sampling_params: SamplingParams
+
+
+@dataclass(frozen=True)
+class CachedRequestData:
+    """A request the runner already holds: only what changed."""
+
+    request_id: str
+    new_block_ids: tuple[int, ...]
+    num_computed_tokens: int
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    new_requests: tuple[NewRequestData, ...]
+    cached_requests: tuple[CachedRequestData, ...]
+    num_scheduled_tokens: dict[str, int]  # request id -> tokens to run; iteration order = batch order
+    finished_request_ids: frozenset[str]  # the runner drops their state (finished, aborted, preempted)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.requests: dict[str, Request] = {}
+        self.waiting: list[tuple[tuple[int, int], Request]] = []  # heap by sort_key
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+        self._arrivals = itertools.count()
+        self._dropped: set[str] = set()  # runner state to drop at the next step
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        request.arrival = next(self._arrivals)
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        heapq.heappush(self.waiting, (request.sort_key, request))
+
+    def schedule(self) -> SchedulerOutput:
+        bm, budget = self.block_manager, self.config.max_num_batched_tokens
+        scheduled: dict[str, int] = {}
+        new_data: list[NewRequestData] = []
+        cached_data: list[CachedRequestData] = []
+        preempted = False
+
+        self.running.sort(key=lambda r: r.sort_key)
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            n = min(req.num_tokens - req.num_computed_tokens, budget)
+            old_blocks = len(req.block_table)
+            while not bm.allocate(req.block_table, req.num_computed_tokens + n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            else:
+                bm.cache_full_blocks(req.block_table, req.all_token_ids[: req.num_computed_tokens + n], req.block_keys)
+                cached_data.append(CachedRequestData(req.request_id, tuple(req.block_table[old_blocks:]), req.num_computed_tokens))
+                scheduled[req.request_id] = n
+                budget -= n
+                i += 1
+
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0][1]
+            if req.status.finished:  # aborted while waiting
+                heapq.heappop(self.waiting)
+                continue
+            tokens = req.all_token_ids
+            hits = bm.lookup_prefix(tokens)
+            computed = len(hits) * bm.block_size
+            n = min(len(tokens) - computed, budget)
+            if n < len(tokens) - computed and not self.config.enable_chunked_prefill:
+                break
+            if not bm.allocate(req.block_table, computed + n, hits):
+                break
+            heapq.heappop(self.waiting)
+            req.num_computed_tokens = computed
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            bm.cache_full_blocks(req.block_table, tokens[: computed + n], req.block_keys)
+            new_data.append(
+                NewRequestData(req.request_id, tuple(tokens), len(req.prompt_token_ids), tuple(req.block_table),
+                               computed, req.sampling_params)
+            )
+            scheduled[req.request_id] = n
+            budget -= n
+
+        dropped, self._dropped = frozenset(self._dropped), set()
+        return SchedulerOutput(tuple(new_data), tuple(cached_data), scheduled, dropped)
+
+    def _preempt(self, req: Request) -> None:
+        self.block_manager.free(req.block_table)
+        req.num_computed_tokens = 0
+        req.status = RequestStatus.PREEMPTED
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self._dropped.add(req.request_id)
+        heapq.heappush(self.waiting, (req.sort_key, req))
+
+    def update_from_output(
+        self, output: SchedulerOutput, sampled: dict[str, tuple[int, dict[int, float] | None]]
+    ) -> list[Request]:
+        """Advance computed tokens, append sampled tokens, apply token-level stops. Returns the
+        requests that got a new token this step (finished ones included, already released)."""
+        updated = []
+        for req_id, n in output.num_scheduled_tokens.items():
+            req = self.requests.get(req_id)
+            if req is None or req.status is not RequestStatus.RUNNING:
+                continue  # finished or aborted while the step ran
+            req.num_computed_tokens += n
+            if req_id not in sampled:
+                continue  # a prefill chunk that has not reached the end
+            token, logprobs = sampled[req_id]
+            req.output_token_ids.append(token)
+            if logprobs is not None:
+                req.output_logprobs.append(logprobs)
+            status = req.check_token_stop()
+            if status is not None:
+                self.finish(req, status)
+            updated.append(req)
+        return updated
+
+    def finish(self, req: Request, status: RequestStatus) -> None:
+        """Release a request (stopped, length, aborted) and all its blocks."""
+        if req.status.finished:
+            return
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        req.status = status
+        self.block_manager.free(req.block_table)
+        self._dropped.add(req.request_id)
+        del self.requests[req.request_id]
+
+    def abort(self, request_id: str) -> Request | None:
+        req = self.requests.get(request_id)
+        if req is not None:
+            self.finish(req, RequestStatus.FINISHED_ABORTED)
+        return req

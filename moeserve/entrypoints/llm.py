@@ -1,0 +1,75 @@
+"""The offline API, as vLLM's: LLM(model=...).generate(prompts, SamplingParams(...))."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from dataclasses import fields
+from typing import Any
+
+from moeserve.engine.llm_engine import EngineConfig, LLMEngine, Prompt
+from moeserve.outputs import RequestOutput
+from moeserve.sampling_params import SamplingParams
+
+
+class LLM:
+    """`LLM(model=PATH, dtype=..., max_num_seqs=..., max_model_len=..., ...)`; keyword arguments
+    are EngineConfig's fields (an unknown one is a TypeError naming it)."""
+
+    def __init__(self, model: str, **kwargs: Any):
+        known = {f.name for f in fields(EngineConfig)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise TypeError(f"unknown LLM argument(s): {', '.join(unknown)}")
+        self.engine = LLMEngine(EngineConfig(model=str(model), **kwargs))
+        self._ids = itertools.count()
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Run prompts to completion; results come back in prompt order. Every prompt is validated
+        before any is queued, so a bad one raises ValueError and leaves the engine untouched."""
+        if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError("give one SamplingParams, or one per prompt")
+        priorities = list(priority) if priority is not None else [0] * len(prompts)
+        groups = [
+            self.engine.process_request(str(next(self._ids)), p, sp, pr)
+            for p, sp, pr in zip(prompts, params, priorities)
+        ]
+        for group in groups:
+            self.engine.add_processed(group)
+        done: dict[str, RequestOutput] = {}
+        try:
+            while len(done) < len(groups):
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+        finally:
+            for group in groups:
+                if group.request_id not in done:
+                    self.engine.abort_request(group.request_id)
+        return [done[g.request_id] for g in groups]
+
+    def chat(
+        self,
+        messages: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        sampling_params: SamplingParams | None = None,
+        add_generation_prompt: bool = True,
+    ) -> list[RequestOutput]:
+        """Render each conversation with the checkpoint's chat template, then generate."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        tok = self.engine.tokenizer
+        prompts = [
+            {"prompt_token_ids": tok.encode(tok.apply_chat_template(c, add_generation_prompt), add_special_tokens=False)}
+            for c in conversations
+        ]
+        return self.generate(prompts, sampling_params)
