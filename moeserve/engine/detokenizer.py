@@ -2,7 +2,10 @@
 
 Text grows only by whole characters: a token that ends inside a multi-byte UTF-8 character
 decodes to U+FFFD and is held back until the tokens that complete it arrive (the prefix/read
-offset scheme of vLLM and TGI). A few prompt tokens seed the context so that tokenizers which
+offset scheme of vLLM and TGI). A UTF-8 character has at most 4 bytes and every token at least
+one, so after 4 pending tokens a U+FFFD is a real invalid sequence and is let through; when the
+request finishes the rest is flushed. The final text therefore equals decoding the output
+tokens in one go. A few prompt tokens seed the context so that tokenizers which
 mark word starts (SentencePiece's ▁) decode the first output token with its space.
 
 Stop strings are searched in the new text plus the max(len(stop)) - 1 characters before it, so
@@ -29,19 +32,31 @@ class IncrementalDetokenizer:
         self.text = ""
         self.emitted = 0
         self.hold_back = max((len(s) for s in params.stop), default=1) - 1
+        self.stopped = False
 
     def add_token(self, token_id: int) -> str | None:
         """Append one token; returns the stop string it completed, if any (text already cut)."""
         self.ids.append(token_id)
+        before = len(self.text)
+        if not self._advance(final=False):
+            return None
+        return self._find_stop(before)
+
+    def flush(self) -> None:
+        """At the end: whatever is still held back, incomplete characters included."""
+        if not self.stopped:
+            self._advance(final=True)
+
+    def _advance(self, final: bool) -> bool:
         skip = self.params.skip_special_tokens
         prefix = self.tokenizer.decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=skip)
         full = self.tokenizer.decode(self.ids[self.prefix_offset :], skip_special_tokens=skip)
-        if len(full) <= len(prefix) or full.endswith("\ufffd"):
-            return None  # nothing new yet, or a character still incomplete
-        before = len(self.text)
+        pending = len(self.ids) - self.read_offset
+        if len(full) <= len(prefix) or (full.endswith("\ufffd") and pending < 4 and not final):
+            return False  # nothing new yet, or a character that may still complete
         self.text += full[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
-        return self._find_stop(before)
+        return True
 
     def _find_stop(self, new_from: int) -> str | None:
         for stop in self.params.stop:
@@ -49,6 +64,7 @@ class IncrementalDetokenizer:
             if at >= 0:
                 end = at + len(stop) if self.params.include_stop_str_in_output else at
                 self.text = self.text[:end]
+                self.stopped = True
                 return stop
         return None
 

@@ -205,6 +205,8 @@ class LLMEngine:
         for i, child in enumerate(group.children):
             detok = self._detok[child.request_id]
             finished = child.status.finished
+            if finished:
+                detok.flush()
             sent = group.last_sent.get(child.request_id, 0)
             group.last_sent[child.request_id] = len(child.output_token_ids)
             logprobs = tuple(child.output_logprobs) if child.sampling_params.logprobs is not None else None

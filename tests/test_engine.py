@@ -1,0 +1,188 @@
+"""The engine against transformers: continuous batching, preemption, chunked prefill, prefix
+caching; block accounting; bad input. transformers runs one prompt at a time (the oracle)."""
+
+from __future__ import annotations
+
+import pytest
+
+from moeserve import SamplingParams
+from moeserve.engine.llm_engine import EngineConfig, LLMEngine
+from moeserve.testing.equality import GreedyTrace, greedy_divergence
+from moeserve.testing.oracle import hf_greedy, load_hf_model
+
+MAX_NEW = 16
+GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=5)
+
+
+@pytest.fixture(scope="module")
+def hf_traces(checkpoints):
+    """Greedy transformers traces per (arch, prompt), computed once."""
+    cache: dict = {}
+
+    def get(arch: str, prompt: list[int]) -> GreedyTrace:
+        key = (arch, tuple(prompt))
+        if key not in cache:
+            if arch not in cache:
+                cache[arch] = load_hf_model(checkpoints(arch))
+            cache[key] = hf_greedy(cache[arch], prompt, MAX_NEW)
+        return cache[key]
+
+    return get
+
+
+def _trace(output) -> GreedyTrace:
+    completion = output.outputs[0]
+    return GreedyTrace(completion.token_ids, completion.logprobs)
+
+
+def _run(engine: LLMEngine, prompts: list[list[int]], inject_at: dict[int, list[int]] | None = None,
+         params: SamplingParams = GREEDY) -> dict[str, object]:
+    """Add prompts[i] for i not in inject_at's values at once, the others at their step numbers."""
+    inject_at = inject_at or {}
+    later = {i for ids in inject_at.values() for i in ids}
+    for i, p in enumerate(prompts):
+        if i not in later:
+            engine.add_request(str(i), {"prompt_token_ids": p}, params)
+    done, step = {}, 0
+    while engine.has_unfinished_requests() or any(s >= step for s in inject_at):
+        for i in inject_at.get(step, []):
+            engine.add_request(str(i), {"prompt_token_ids": prompts[i]}, params)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        step += 1
+    return done
+
+
+def _assert_agree(done, prompts, arch, hf_traces):
+    assert len(done) == len(prompts)
+    for i, p in enumerate(prompts):
+        ours = _trace(done[str(i)])
+        assert len(ours.tokens) == MAX_NEW and done[str(i)].outputs[0].finish_reason == "length"
+        assert greedy_divergence(ours, hf_traces(arch, p)) is None, f"prompt {i}"
+
+
+def _many_prompts(prompts):
+    """12 prompts of different lengths: the 8 shared ones and 4 more built from them."""
+    return prompts + [prompts[7][:20], prompts[4][3:], prompts[6] + prompts[1], prompts[2][::-1]]
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_continuous_batching_with_injected_requests(arch, checkpoints, prompts, hf_traces):
+    engine = LLMEngine(EngineConfig(checkpoints(arch), max_model_len=128, max_num_seqs=6))
+    many = _many_prompts(prompts)
+    done = _run(engine, many, inject_at={2: [8, 9], 5: [10], 9: [11]})
+    _assert_agree(done, many, arch, hf_traces)
+    assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+
+
+def test_preemption_under_a_tiny_kv_cache(checkpoints, prompts, hf_traces):
+    engine = LLMEngine(EngineConfig(checkpoints("mixtral"), max_model_len=64, block_size=4, num_kv_blocks=20,
+                                    enable_prefix_caching=False))
+    many = _many_prompts(prompts)
+    done = _run(engine, many, inject_at={3: [10, 11]})
+    assert engine.scheduler.num_preemptions > 0
+    _assert_agree(done, many, "mixtral", hf_traces)
+    assert engine.block_manager.num_free_blocks == 20
+
+
+def test_chunked_prefill_under_a_small_token_budget(checkpoints, prompts, hf_traces):
+    engine = LLMEngine(EngineConfig(checkpoints("qwen2_moe"), max_model_len=128, max_num_batched_tokens=7))
+    many = _many_prompts(prompts)
+    assert max(len(p) for p in many) > 4 * 7  # the longest prompt needs five chunks
+    seen_partial = []
+    original = engine.scheduler.schedule
+
+    def schedule():
+        out = original()
+        assert out.total_num_scheduled_tokens <= 7
+        seen_partial.extend(
+            r.request_id for r in engine.scheduler.running
+            if 0 < r.num_computed_tokens + out.num_scheduled_tokens.get(r.request_id, 0) < len(r.prompt_token_ids)
+        )
+        return out
+
+    engine.scheduler.schedule = schedule
+    done = _run(engine, many, inject_at={4: [9]})
+    assert seen_partial, "some prompt must have been run in several chunks"
+    _assert_agree(done, many, "qwen2_moe", hf_traces)
+
+
+def test_prefix_caching_reuses_a_shared_prefix(checkpoints, prompts, hf_traces):
+    engine = LLMEngine(EngineConfig(checkpoints("olmoe"), max_model_len=128, block_size=4))
+    shared = prompts[7] + prompts[4]  # 33 + 13 tokens
+    first, second = shared + prompts[1], shared + prompts[5]
+    done = _run(engine, [first])
+    hits_before = engine.block_manager.stats.hits
+    done2 = _run(engine, [second, first])
+    assert engine.block_manager.stats.hits - hits_before >= 2 * (len(shared) // 4)
+    assert done2["0"].num_cached_tokens >= (len(shared) // 4) * 4
+    assert done2["1"].num_cached_tokens == ((len(first) - 1) // 4) * 4
+    _assert_agree({"0": done["0"]}, [first], "olmoe", hf_traces)
+    _assert_agree(done2, [second, first], "olmoe", hf_traces)
+    assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+
+
+def test_every_block_returns_after_aborts(checkpoints, prompts):
+    engine = LLMEngine(EngineConfig(checkpoints("mixtral"), max_model_len=64, block_size=4, num_kv_blocks=30))
+    start = engine.block_manager.num_free_blocks
+    params = SamplingParams(temperature=0.7, seed=1, max_tokens=20, ignore_eos=True)
+    for i, p in enumerate(_many_prompts(prompts)):
+        engine.add_request(str(i), {"prompt_token_ids": p}, params)
+    for step in range(12):
+        engine.step()
+        if step in (1, 4, 8):
+            running = [r.request_id for r in engine.scheduler.running]
+            waiting = [r.request_id for _, r in engine.scheduler.waiting if not r.status.finished]
+            for req_id in running[:1] + waiting[:1]:
+                engine.abort_request(req_id)
+    engine.abort_request("no-such-request")
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.block_manager.num_free_blocks == start
+    engine.step()  # the runner forgets finished requests at the next step
+    assert not engine.scheduler.requests and not engine.runner.requests
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"prompt_token_ids": list(range(200))}, "max_model_len=64"),
+        ({"prompt_token_ids": []}, "prompt is empty"),
+        ("", "prompt is empty"),
+        ({"prompt_token_ids": [1, 2, 512]}, "token id 512 is outside the vocabulary"),
+        ({"prompt_token_ids": [1, -3]}, "token id -3 is outside the vocabulary"),
+    ],
+)
+def test_bad_prompts_fail_alone(bad, message, checkpoints, prompts):
+    engine = LLMEngine(EngineConfig(checkpoints("mixtral"), max_model_len=64))
+    engine.add_request("good-0", {"prompt_token_ids": prompts[0]}, SamplingParams(max_tokens=4))
+    with pytest.raises(ValueError, match=message):
+        engine.add_request("bad", bad, SamplingParams(max_tokens=4))
+    engine.add_request("good-1", {"prompt_token_ids": prompts[1]}, SamplingParams(max_tokens=4))
+    finished = set()
+    while engine.has_unfinished_requests():
+        finished |= {o.request_id for o in engine.step() if o.finished}
+    assert finished == {"good-0", "good-1"}
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"max_tokens": 0}, "max_tokens must be >= 1"),
+        ({"max_tokens": -5}, "max_tokens must be >= 1"),
+        ({"temperature": -1}, "temperature must be >= 0"),
+        ({"top_p": 0}, r"top_p must be in \(0, 1\]"),
+        ({"best_of": 3}, "unknown sampling field.*best_of"),
+        ({"logprobs": 50}, r"logprobs must be in \[0, 20\]"),
+    ],
+)
+def test_bad_sampling_params_fail_alone(params, message, checkpoints, prompts):
+    engine = LLMEngine(EngineConfig(checkpoints("mixtral"), max_model_len=64))
+    engine.add_request("good", {"prompt_token_ids": prompts[0]}, SamplingParams(max_tokens=3))
+    with pytest.raises(ValueError, match=message):
+        engine.add_request("bad", {"prompt_token_ids": prompts[1]}, params)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += engine.step()
+    assert [o.request_id for o in outs if o.finished] == ["good"]
