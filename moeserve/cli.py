@@ -1,5 +1,6 @@
 """The `moeserve` command. Subcommands mirror vLLM's (`serve`, `generate`, `bench`); each lands
-with the issue that builds its stage. `inspect` shows how a checkpoint will be loaded."""
+with the issue that builds its stage. `inspect` shows how a checkpoint will be loaded;
+`generate` runs prompts through the engine offline."""
 
 from __future__ import annotations
 
@@ -27,6 +28,46 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+    """Flags named as vLLM names them; defaults are EngineConfig's (None = its default)."""
+    p.add_argument("model", help="path to a checkpoint directory in Hub layout")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    p.add_argument("--max-model-len", type=int, help="context length (default: the checkpoint's)")
+    p.add_argument("--max-num-seqs", type=int, help="most requests in one step")
+    p.add_argument("--max-num-batched-tokens", type=int, help="token budget of one step")
+    p.add_argument("--block-size", type=int, help="tokens per KV-cache block")
+    p.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks (default: from the memory budget)")
+    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
+                   default=None, help="turn automatic prefix caching off")
+    p.add_argument("--moe-backend", dest="expert_backend", help="expert compute backend (torch)")
+    p.add_argument("--num-redundant-experts", type=int, help="spare expert slots per MoE layer")
+    p.add_argument("--seed", type=int, help="seed of unseeded sampling")
+
+
+def _engine_config(args: argparse.Namespace):
+    from dataclasses import fields
+
+    from moeserve.engine.llm_engine import EngineConfig
+
+    values = {f.name: getattr(args, f.name) for f in fields(EngineConfig) if getattr(args, f.name, None) is not None}
+    return EngineConfig(**values)
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from moeserve.entrypoints.llm import LLM
+    from moeserve.sampling_params import SamplingParams
+
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            max_tokens=args.max_tokens, seed=args.sampling_seed, stop=tuple(args.stop or ()),
+                            ignore_eos=args.ignore_eos)
+    llm = LLM.from_config(_engine_config(args))
+    prompts = args.prompt or [sys.stdin.read()]
+    for out in llm.generate(prompts, params):
+        print(out.outputs[0].text)
+    return 0
+
+
 def _not_yet(name: str, issue: str):
     def run(args: argparse.Namespace) -> int:
         print(f"moeserve {name}: not implemented yet ({issue})", file=sys.stderr)
@@ -41,6 +82,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="show how a Hugging Face MoE checkpoint will be loaded")
     p.add_argument("model", help="path to a checkpoint directory in Hub layout")
     p.set_defaults(func=_inspect)
+    p = sub.add_parser("generate", help="generate from prompts offline and print the completions")
+    _add_engine_flags(p)
+    p.add_argument("--prompt", action="append", help="a prompt (repeatable; default: read stdin)")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--sampling-seed", type=int, help="seed of this request's sampling")
+    p.set_defaults(func=_generate)
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP/gRPC server")
     p.add_argument("model", nargs="?")
     p.set_defaults(func=_not_yet("serve", "the serving-front issue"))
@@ -51,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except CheckpointError as e:
+    except (CheckpointError, ValueError) as e:
         print(f"moeserve: {e}", file=sys.stderr)
         return 1
 
