@@ -11,8 +11,9 @@ sequence s lives in block `block_tables[s, p // B]` at offset `p % B`, i.e. flat
                  0                      seq_len - q_len               seq_len
     every new token attends to all keys at positions <= its own (and > pos - window)
 
-The torch path pads the step to [S, max_query_len] queries and [S, L] keys so that there is no
-per-sequence Python loop; the Triton kernels (kernels issue) read the blocks in place instead.
+The torch path pads each group of sequences (decodes; the rest) to [S, max_query_len] queries
+and [S, L] keys so that there is no per-sequence Python loop; the Triton kernels (kernels issue)
+read the blocks in place instead.
 """
 
 from __future__ import annotations
@@ -27,29 +28,38 @@ from moeserve.model.layers import RMSNorm, apply_rotary
 
 
 @dataclass(frozen=True)
+class AttentionGroup:
+    """Sequences attended in one padded batch: S_g sequences, T_g tokens.
+
+    `tokens` indexes the step's flat batch; `token_seq`/`token_index` place each of those
+    tokens in the padded [S_g, max_query_len] grid.
+    """
+
+    tokens: torch.Tensor  # [T_g] int64
+    seq_lens: torch.Tensor  # [S_g] int64
+    block_tables: torch.Tensor  # [S_g, max_blocks] int64
+    token_seq: torch.Tensor  # [T_g] int64
+    token_index: torch.Tensor  # [T_g] int64
+    max_query_len: int
+    max_seq_len: int
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     """One step's flat batch: S sequences, T new tokens in sequence order.
 
     Invariants: sequence s owns flat tokens query_start_loc[s] : query_start_loc[s + 1]; they sit
     at the last q_len(s) positions before seq_lens[s] (new tokens always extend the cached
-    prefix, so positions are contiguous from 0); block_tables[s] covers ceil(seq_lens[s] / B)
-    blocks. `token_seq`/`token_index` place each flat token in the padded [S, max_query_len] grid.
+    prefix, so positions are contiguous from 0); its block table covers ceil(seq_lens[s] / B)
+    blocks. Sequences are attended in at most two groups, decodes (one new token) and the rest,
+    so that padding to the longest query never multiplies a decode batch by a prefill's length.
     """
 
     positions: torch.Tensor  # [T] int64
     slot_mapping: torch.Tensor  # [T] int64
     query_start_loc: torch.Tensor  # [S + 1] int64
-    seq_lens: torch.Tensor  # [S] int64
-    block_tables: torch.Tensor  # [S, max_blocks] int64
-    token_seq: torch.Tensor  # [T] int64
-    token_index: torch.Tensor  # [T] int64
-    max_query_len: int
-    max_seq_len: int
+    groups: tuple[AttentionGroup, ...]
     block_size: int
-
-    @property
-    def num_seqs(self) -> int:
-        return self.seq_lens.shape[0]
 
     @classmethod
     def build(
@@ -66,29 +76,52 @@ class AttentionMetadata:
         for q, n, blocks in zip(query_lens, seq_lens, block_tables):
             if not 0 < q <= n or len(blocks) * block_size < n:
                 raise ValueError(f"bad sequence: query_len={q}, seq_len={n}, {len(blocks)} blocks of {block_size}")
-        width = max(len(b) for b in block_tables)
-        tables = torch.tensor([b + [0] * (width - len(b)) for b in block_tables], dtype=torch.int64)
         q_lens = torch.tensor(query_lens, dtype=torch.int64)
         s_lens = torch.tensor(seq_lens, dtype=torch.int64)
         qsl = torch.zeros(len(query_lens) + 1, dtype=torch.int64)
         qsl[1:] = torch.cumsum(q_lens, 0)
         num_tokens = int(qsl[-1])
-        token_seq = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens, output_size=num_tokens)
-        token_index = torch.arange(num_tokens) - qsl[token_seq]
-        positions = s_lens[token_seq] - q_lens[token_seq] + token_index
-        slots = tables[token_seq, positions // block_size] * block_size + positions % block_size
+        seq_of_token = torch.repeat_interleave(torch.arange(len(query_lens)), q_lens, output_size=num_tokens)
+        positions = s_lens[seq_of_token] - q_lens[seq_of_token] + (torch.arange(num_tokens) - qsl[seq_of_token])
+        # Flat slot of each token: its block's id * B + offset, read from its sequence's table.
+        flat_tables = torch.tensor([b for blocks in block_tables for b in blocks], dtype=torch.int64)
+        table_start = torch.tensor([0] + [len(b) for b in block_tables[:-1]], dtype=torch.int64).cumsum(0)
+        blocks = flat_tables[table_start[seq_of_token] + positions // block_size]
+        slots = blocks * block_size + positions % block_size
+
+        groups = []
+        for members in ([i for i, q in enumerate(query_lens) if q == 1], [i for i, q in enumerate(query_lens) if q > 1]):
+            if members:
+                groups.append(_group(members, query_lens, seq_lens, block_tables, qsl, device))
         return cls(
             positions=positions.to(device),
             slot_mapping=slots.to(device),
             query_start_loc=qsl.to(device),
-            seq_lens=s_lens.to(device),
-            block_tables=tables.to(device),
-            token_seq=token_seq.to(device),
-            token_index=token_index.to(device),
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
+            groups=tuple(groups),
             block_size=block_size,
         )
+
+
+def _group(members, query_lens, seq_lens, block_tables, qsl, device) -> AttentionGroup:
+    width = max(len(block_tables[i]) for i in members)
+    tables = torch.tensor([block_tables[i] + [0] * (width - len(block_tables[i])) for i in members],
+                          dtype=torch.int64)
+    q_lens = torch.tensor([query_lens[i] for i in members], dtype=torch.int64)
+    num_tokens = int(q_lens.sum())
+    token_seq = torch.repeat_interleave(torch.arange(len(members)), q_lens, output_size=num_tokens)
+    starts = torch.tensor([int(qsl[i]) for i in members], dtype=torch.int64)
+    group_start = torch.cumsum(q_lens, 0) - q_lens
+    token_index = torch.arange(num_tokens) - group_start[token_seq]
+    tokens = starts[token_seq] + token_index
+    return AttentionGroup(
+        tokens=tokens.to(device),
+        seq_lens=torch.tensor([seq_lens[i] for i in members], dtype=torch.int64, device=device),
+        block_tables=tables.to(device),
+        token_seq=token_seq.to(device),
+        token_index=token_index.to(device),
+        max_query_len=max(query_lens[i] for i in members),
+        max_seq_len=max(seq_lens[i] for i in members),
+    )
 
 
 class PagedKVCache:
@@ -123,24 +156,31 @@ def paged_attention(
     scale: float,
     window: int | None,
 ) -> torch.Tensor:
-    """q [T, H, Dh] against cached keys/values (already holding this step's tokens) -> [T, H, Dh].
+    """q [T, H, Dh] against cached keys/values (already holding this step's tokens) -> [T, H, Dh]."""
+    if len(meta.groups) == 1:
+        return _attend_group(q, key_cache, value_cache, meta, meta.groups[0], scale, window)
+    out = torch.empty_like(q)
+    for group in meta.groups:
+        out[group.tokens] = _attend_group(q[group.tokens], key_cache, value_cache, meta, group, scale, window)
+    return out
 
-    Softmax runs in fp32 and its result is cast to q's dtype before the value product, as
-    transformers' eager attention does.
-    """
-    S, Qmax, L, B = meta.num_seqs, meta.max_query_len, meta.max_seq_len, meta.block_size
-    T, H, Dh = q.shape
+
+def _attend_group(q, key_cache, value_cache, meta: AttentionMetadata, g: AttentionGroup, scale, window):
+    """q [T_g, H, Dh] of one group -> [T_g, H, Dh]. Softmax runs in fp32 and is cast to q's dtype
+    before the value product, as transformers' eager attention does."""
+    S, Qmax, L, B = g.seq_lens.shape[0], g.max_query_len, g.max_seq_len, meta.block_size
+    _, H, Dh = q.shape
     Hkv = key_cache.shape[2]
     G = H // Hkv
     nb = -(-L // B)
-    tables = meta.block_tables[:, :nb]  # [S, nb]
+    tables = g.block_tables[:, :nb]  # [S, nb]
     keys = key_cache[tables].reshape(S, nb * B, Hkv, Dh)[:, :L]  # [S, L, Hkv, Dh]
     values = value_cache[tables].reshape(S, nb * B, Hkv, Dh)[:, :L]  # [S, L, Hkv, Dh]
 
     q_pad = q.new_zeros(S, Qmax, H, Dh)
-    q_pad[meta.token_seq, meta.token_index] = q
+    q_pad[g.token_seq, g.token_index] = q
     q_pos = torch.full((S, Qmax), -1, dtype=torch.int64, device=q.device)
-    q_pos[meta.token_seq, meta.token_index] = meta.positions  # padding rows see no key
+    q_pos[g.token_seq, g.token_index] = meta.positions[g.tokens]  # padding rows see no key
     k_pos = torch.arange(L, device=q.device)
     allowed = k_pos[None, None, :] <= q_pos[:, :, None]  # [S, Qmax, L]
     if window is not None:
@@ -152,7 +192,7 @@ def paged_attention(
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     out = torch.matmul(probs.view(S, Hkv, G * Qmax, L), values.permute(0, 2, 1, 3))  # [S, Hkv, G*Qmax, Dh]
     out = out.view(S, Hkv, G, Qmax, Dh).permute(0, 3, 1, 2, 4).reshape(S, Qmax, H, Dh)
-    return out[meta.token_seq, meta.token_index]  # [T, H, Dh]
+    return out[g.token_seq, g.token_index]  # [T_g, H, Dh]
 
 
 class Attention(nn.Module):
