@@ -25,7 +25,7 @@ serve: $(STAMP)
 	$(VENV)/bin/moeserve serve
 
 bench: $(STAMP)
-	@echo "no benchmarks yet: bench/ is filled by the runtime and kernels issues"
+	$(PY) bench/throughput.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

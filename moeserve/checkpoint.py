@@ -32,8 +32,10 @@ _MIXTRAL_EXPERT_NAMES = {"gate": "w1", "up": "w3", "down": "w2"}
 _QWEN_EXPERT_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
-def _hub_to_moeserve(name: str) -> str:
-    return name.replace(".block_sparse_moe.", ".mlp.")
+def _hub_to_moeserve(name: str, config: ModelConfig) -> str:
+    if config.model_type == "mixtral":
+        return name.replace(".block_sparse_moe.", ".mlp.")
+    return name
 
 
 def _moeserve_to_hub(name: str, config: ModelConfig) -> str:
@@ -56,7 +58,10 @@ def weight_files(path: Path) -> list[Path]:
     """The safetensors files of a checkpoint, from its index when it has one."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (json.JSONDecodeError, AttributeError) as e:
+            raise CheckpointError(f"{index}: not a valid index ({e})") from e
         if not weight_map:
             raise CheckpointError(f"{index}: no weight_map")
         files = [path / f for f in sorted(set(weight_map.values()))]
@@ -73,22 +78,33 @@ def weight_files(path: Path) -> list[Path]:
     return files
 
 
+def _open(f: Path):
+    try:
+        return safe_open(str(f), framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{f.name}: not a readable safetensors file ({e})") from e
+
+
 def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
     seen: set[str] = set()
     with ExitStack() as stack:
         for f in files:
-            handle = stack.enter_context(safe_open(str(f), framework="pt", device="cpu"))
+            handle = stack.enter_context(_open(f))
             for name in handle.keys():
                 if name in seen:
                     raise CheckpointError(f"tensor {name} appears in more than one weight file")
                 seen.add(name)
-                yield name, handle.get_tensor(name)
+                try:
+                    tensor = handle.get_tensor(name)
+                except Exception as e:
+                    raise CheckpointError(f"{f.name}: tensor {name} cannot be read ({e})") from e
+                yield name, tensor
 
 
 def _checkpoint_dtype(config: ModelConfig, files: list[Path]) -> torch.dtype:
     if config.checkpoint_dtype:
         return parse_dtype(config.checkpoint_dtype)
-    with safe_open(str(files[0]), framework="pt", device="cpu") as handle:
+    with _open(files[0]) as handle:
         for name in handle.keys():
             dtype = handle.get_slice(name).get_dtype()
             mapped = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtype)
@@ -133,6 +149,7 @@ def _fill(model: MoEForCausalLM, config: ModelConfig, files: list[Path]) -> None
         expected.discard("lm_head.weight")
     stacked = {n for n in params if n.endswith((".mlp.w13", ".mlp.w2"))}
     expected -= stacked
+    loaded: set[str] = set()
     for moe in model.moe_layers:
         moe.w13.zero_()
         moe.w2.zero_()
@@ -145,13 +162,15 @@ def _fill(model: MoEForCausalLM, config: ModelConfig, files: list[Path]) -> None
     for hub_name, tensor in _iter_tensors(files):
         if _IGNORED_RE.search(hub_name):
             continue
-        name = _hub_to_moeserve(hub_name)
+        name = _hub_to_moeserve(hub_name, config)
         match = _EXPERT_RE.match(name)
         if match:
             layer, expert, proj = int(match[1]), int(match[2]), match[3]
             part = expert_part.get(proj)
             if layer not in moe_layer_ids or expert >= config.num_experts or part is None:
                 raise CheckpointError(f"unexpected tensor {hub_name} for a {config.architecture} with this config")
+            if (layer, expert, part) not in experts_needed:
+                raise CheckpointError(f"tensor {hub_name} appears twice (under two names)")
             mlp = model.model.layers[layer].mlp
             target = {"gate": mlp.w13[expert, :I], "up": mlp.w13[expert, I:], "down": mlp.w2[expert]}[part]
             _copy(hub_name, target, tensor)
@@ -159,10 +178,13 @@ def _fill(model: MoEForCausalLM, config: ModelConfig, files: list[Path]) -> None
             continue
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
+        if name in loaded:
+            raise CheckpointError(f"tensor {hub_name} appears twice (under two names)")
         if name not in expected:
             raise CheckpointError(f"unexpected tensor {hub_name} for a {config.architecture} with this config")
         _copy(hub_name, params[name], tensor)
         expected.discard(name)
+        loaded.add(name)
 
     missing = [_moeserve_to_hub(n, config) for n in sorted(expected)] + [
         _expert_hub_name(config, layer, e, part) for layer, e, part in sorted(experts_needed)
@@ -172,7 +194,12 @@ def _fill(model: MoEForCausalLM, config: ModelConfig, files: list[Path]) -> None
         raise CheckpointError(f"checkpoint is missing tensor(s): {', '.join(missing[:5])}{more}")
 
 
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _copy(hub_name: str, target: torch.Tensor, tensor: torch.Tensor) -> None:
+    if tensor.dtype not in _WEIGHT_DTYPES:
+        raise CheckpointError(f"tensor {hub_name} has dtype {tensor.dtype}; expected float32, bfloat16 or float16")
     if tuple(tensor.shape) != tuple(target.shape):
         raise CheckpointError(
             f"tensor {hub_name} has shape {list(tensor.shape)}, expected {list(target.shape)}"

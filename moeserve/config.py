@@ -198,7 +198,10 @@ class GenerationDefaults:
     @classmethod
     def from_pretrained(cls, path: str | Path, model_config: ModelConfig) -> GenerationDefaults:
         gen_path = Path(path) / "generation_config.json"
-        raw: dict[str, Any] = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        try:
+            raw: dict[str, Any] = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{gen_path}: not valid JSON ({e})") from e
         return cls(
             eos_token_ids=_as_id_tuple(raw.get("eos_token_id")) or model_config.eos_token_ids,
             bos_token_id=raw.get("bos_token_id", model_config.bos_token_id),
@@ -215,12 +218,25 @@ def _as_id_tuple(value: Any) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
+# Values transformers' config classes use when config.json omits the key.
+_FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mixtral": {"rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "rope_theta": 1e6},
+    "qwen2_moe": {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "rope_theta": 1e4,
+                  "max_window_layers": 28, "shared_expert_intermediate_size": 5632, "qkv_bias": True,
+                  "sliding_window": 4096},
+    "qwen3_moe": {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "rope_theta": 1e4, "sliding_window": 4096},
+    "olmoe": {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "rope_theta": 1e4},
+}
+
+
 class _Reader:
-    """config.json accessor whose errors name the family and the key."""
+    """config.json accessor: a missing key takes the family's transformers default; errors name
+    the family and the key."""
 
     def __init__(self, raw: dict[str, Any], family: str):
         self.raw = raw
         self.family = family
+        self.defaults = _FAMILY_DEFAULTS[family]
 
     def req(self, key: str) -> Any:
         if self.raw.get(key) is None:
@@ -237,6 +253,8 @@ class _Reader:
 
     def get(self, key: str, default: Any = None) -> Any:
         value = self.raw.get(key)
+        if value is None:
+            value = self.defaults.get(key)
         return default if value is None else value
 
 
@@ -261,19 +279,23 @@ def _detect_family(raw: dict[str, Any]) -> str:
     raise CheckpointError(f"unsupported architecture {named!r}; moeserve supports {supported}")
 
 
-def _rope(r: _Reader, head_dim: int, default_theta: float) -> RopeConfig:
+def _rope(r: _Reader, head_dim: int) -> RopeConfig:
     # transformers >= 5 writes rope_parameters; Hub configs carry rope_theta / rope_scaling.
-    params = dict(r.get("rope_parameters") or r.get("rope_scaling") or {})
+    # Precedence as in transformers: rope_scaling over rope_parameters; the dict's own
+    # rope_theta over the top-level one; a top-level original_max_position_embeddings over the
+    # dict's.
+    params = dict(r.raw.get("rope_scaling") or r.raw.get("rope_parameters") or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
-    theta = float(params.get("rope_theta", r.get("rope_theta", default_theta)))
+    theta = float(params.get("rope_theta") or r.get("rope_theta"))
     partial = float(params.get("partial_rotary_factor", r.get("partial_rotary_factor", 1.0)))
     if partial != 1.0:
         raise CheckpointError(f"partial_rotary_factor={partial} is not supported")
     if rope_type == "default":
         return RopeConfig("default", theta, head_dim)
     if rope_type == "yarn":
-        max_pos = int(r.req("max_position_embeddings"))
-        orig = int(params.get("original_max_position_embeddings") or max_pos)
+        max_pos = int(r.get("max_position_embeddings"))
+        orig = int(r.raw.get("original_max_position_embeddings") or params.get("original_max_position_embeddings")
+                   or max_pos)
         factor = params.get("factor")
         return RopeConfig(
             "yarn",
@@ -291,8 +313,12 @@ def _rope(r: _Reader, head_dim: int, default_theta: float) -> RopeConfig:
     raise CheckpointError(f"unsupported rope_type {rope_type!r}; moeserve supports 'default' and 'yarn'")
 
 
-def _common(r: _Reader, *, default_theta: float, head_dim: int | None = None) -> dict[str, Any]:
+def _common(r: _Reader, *, head_dim: int | None = None) -> dict[str, Any]:
     """Fields every family reads the same way."""
+    quant = r.raw.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
+        raise CheckpointError(f"quantized checkpoints are not supported (quantization_config: {method})")
     hidden, heads = int(r.req("hidden_size")), int(r.req("num_attention_heads"))
     kv_heads = int(r.get("num_key_value_heads", heads))
     if heads % kv_heads:
@@ -314,9 +340,9 @@ def _common(r: _Reader, *, default_theta: float, head_dim: int | None = None) ->
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        rms_norm_eps=float(r.get("rms_norm_eps", 1e-6)),
-        rope=_rope(r, head_dim, default_theta),
-        max_position_embeddings=int(r.get("max_position_embeddings", 4096)),
+        rms_norm_eps=float(r.get("rms_norm_eps")),
+        rope=_rope(r, head_dim),
+        max_position_embeddings=int(r.get("max_position_embeddings")),
         tie_word_embeddings=bool(r.get("tie_word_embeddings", False)),
         intermediate_size=int(r.req("intermediate_size")),
         num_experts=num_experts,
@@ -349,7 +375,7 @@ def _sliding_window_required(r: _Reader) -> int:
 
 
 def _parse_mixtral(r: _Reader) -> ModelConfig:
-    common = _common(r, default_theta=1e6, head_dim=r.get("head_dim"))
+    common = _common(r, head_dim=r.get("head_dim"))
     n = common["num_layers"]
     window = r.get("sliding_window")
     return ModelConfig(
@@ -368,31 +394,35 @@ def _parse_mixtral(r: _Reader) -> ModelConfig:
 
 
 def _parse_qwen2_moe(r: _Reader) -> ModelConfig:
-    common = _common(r, default_theta=1e4, head_dim=r.get("head_dim"))
+    common = _common(r, head_dim=r.get("head_dim"))
     n = common["num_layers"]
     # Qwen2-MoE writes sliding_window: 0 when the window is off: only use_sliding_window decides.
     windows: tuple[int | None, ...] = (None,) * n
     if r.get("use_sliding_window", False):
         window = _sliding_window_required(r)
-        max_window_layers = int(r.get("max_window_layers", n))
+        max_window_layers = int(r.get("max_window_layers"))
         layer_types = r.get("layer_types") or [
             "sliding_attention" if (i + 1) % 2 and i < max_window_layers else "full_attention" for i in range(n)
         ]
+        if len(layer_types) != n or not set(layer_types) <= {"sliding_attention", "full_attention"}:
+            raise CheckpointError(
+                f"layer_types must list {n} entries of 'full_attention' or 'sliding_attention', got {layer_types}"
+            )
         windows = tuple(window if t == "sliding_attention" else None for t in layer_types)
     return ModelConfig(
         **common,
         **_qwen_style(r, n, common["num_experts"]),
-        qkv_bias=bool(r.get("qkv_bias", True)),
+        qkv_bias=bool(r.get("qkv_bias")),
         o_bias=False,
         qk_norm="none",
         clip_qkv=None,
         sliding_windows=windows,
-        shared_expert_intermediate_size=int(r.get("shared_expert_intermediate_size", 0)),
+        shared_expert_intermediate_size=int(r.get("shared_expert_intermediate_size")),
     )
 
 
 def _parse_qwen3_moe(r: _Reader) -> ModelConfig:
-    common = _common(r, default_theta=1e4, head_dim=r.get("head_dim"))
+    common = _common(r, head_dim=r.get("head_dim"))
     n = common["num_layers"]
     window = _sliding_window_required(r) if r.get("use_sliding_window", False) else None
     bias = bool(r.get("attention_bias", False))
@@ -411,7 +441,7 @@ def _parse_qwen3_moe(r: _Reader) -> ModelConfig:
 def _parse_olmoe(r: _Reader) -> ModelConfig:
     # OLMoE's q_norm/k_norm sizes are hidden_size and (hidden/heads)*kv_heads, so its head_dim
     # is always hidden_size // num_attention_heads.
-    common = _common(r, default_theta=1e4)
+    common = _common(r)
     n = common["num_layers"]
     bias = bool(r.get("attention_bias", False))
     clip = r.get("clip_qkv")

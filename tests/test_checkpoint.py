@@ -192,3 +192,54 @@ def test_generation_defaults_sampling_values(qwen2):
     assert (defaults.eos_token_ids, defaults.temperature, defaults.top_p, defaults.top_k) == ((7, 8, 9), 0.7, 0.8, 20)
     (qwen2 / "generation_config.json").unlink()  # falls back to config.json's eos_token_id
     assert GenerationDefaults.from_pretrained(qwen2, ModelConfig.from_pretrained(qwen2)).eos_token_ids == (2, 0)
+
+
+def test_quantized_checkpoint_is_refused_by_name(qwen2):
+    _edit_config(qwen2, quantization_config={"quant_method": "fp8", "weight_block_size": [128, 128]})
+    with pytest.raises(CheckpointError, match=r"quantized checkpoints are not supported \(quantization_config: fp8\)"):
+        load_model(qwen2)
+
+
+def test_integer_tensor_is_refused(qwen2):
+    def edit(t):
+        name = "model.layers.0.self_attn.o_proj.weight"
+        t[name] = t[name].to(torch.int8)
+
+    _rewrite_weights(qwen2, edit)
+    with pytest.raises(CheckpointError, match=r"o_proj\.weight has dtype torch\.int8"):
+        load_model(qwen2)
+
+
+def test_corrupt_files_are_checkpoint_errors(checkpoints, tmp_path, qwen2):
+    sharded = _copy(checkpoints("mixtral"), tmp_path / "mixtral")
+    (sharded / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not a valid index"):
+        load_model(sharded)
+    weights = qwen2 / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_model(qwen2)
+    (qwen2 / "generation_config.json").write_text("{")
+    with pytest.raises(CheckpointError, match="generation_config.json: not valid JSON"):
+        GenerationDefaults.from_pretrained(qwen2, ModelConfig.from_pretrained(qwen2))
+
+
+@pytest.mark.parametrize("hub", ["model.layers.0.block_sparse_moe.experts.0.w1.weight",
+                                 "model.layers.1.block_sparse_moe.gate.weight"])
+def test_mixtral_tensor_under_both_names_is_refused(hub, checkpoints, tmp_path):
+    """Mixtral's block_sparse_moe.* and mlp.* name the same tensor: both present is an error,
+    not a silent overwrite."""
+    path = _copy(checkpoints("mixtral"), tmp_path / "mixtral")
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    shard = path / index["weight_map"][hub]
+    tensors = load_file(shard)
+    tensors[hub.replace(".block_sparse_moe.", ".mlp.")] = tensors[hub].clone()
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="appears twice"):
+        load_model(path)
+
+
+def test_layer_types_of_the_wrong_length(qwen2):
+    _edit_config(qwen2, use_sliding_window=True, sliding_window=8, layer_types=["full_attention"] * 3)
+    with pytest.raises(CheckpointError, match="layer_types must list 4 entries"):
+        load_model(qwen2)

@@ -1,0 +1,169 @@
+"""Offline throughput: moeserve against transformers' batched `generate`, same checkpoint, same requests.
+
+Workload (seeded): N requests, prompt lengths uniform in [min_prompt, max_prompt] tokens of
+random ids, output lengths uniform in [min_output, max_output], EOS ignored, each request its
+own length, greedy. moeserve runs them through continuous batching, each with its own
+max_tokens. transformers runs them as left-padded batches of --hf-batch-size with one
+max_new_tokens per batch (the longest request's): that padding and the shared length are its
+real cost, so only each request's own output tokens count as useful on both sides.
+
+Checkpoint: Mixtral shape scaled down (hidden 512, 8 layers, 8 experts, top-2, intermediate
+1024, 8 heads / 2 KV heads), random weights, made with transformers' class. --smoke uses a
+tiny model and 4 short requests, to keep the script working in `make test`.
+
+Writes JSON (machine description, workload, both runs, ratio) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SCALED_MIXTRAL = dict(hidden_size=512, num_hidden_layers=8, intermediate_size=1024, num_local_experts=8,
+                      num_experts_per_tok=2, num_attention_heads=8, num_key_value_heads=2,
+                      max_position_embeddings=1024)
+SMOKE_MIXTRAL = dict(num_hidden_layers=2, max_position_embeddings=128)
+
+
+def machine() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def workload(args: argparse.Namespace, vocab_size: int) -> list[tuple[list[int], int]]:
+    rng = random.Random(args.seed)
+    return [
+        ([rng.randrange(3, vocab_size) for _ in range(rng.randint(args.min_prompt, args.max_prompt))],
+         rng.randint(args.min_output, args.max_output))
+        for _ in range(args.num_requests)
+    ]
+
+
+def run_moeserve(path: Path, requests, args) -> dict:
+    from moeserve import LLM, SamplingParams
+
+    llm = LLM(str(path), dtype=args.dtype, device=args.device, max_num_seqs=max(len(requests), 1),
+              max_model_len=args.max_prompt + args.max_output + 1)
+    warm = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    llm.generate([{"prompt_token_ids": requests[0][0]}], warm)
+    prompts = [{"prompt_token_ids": p} for p, _ in requests]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for _, n in requests]
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    produced = sum(len(o.outputs[0].token_ids) for o in outs)
+    assert produced == sum(n for _, n in requests), "moeserve must produce exactly the requested tokens"
+    return {"elapsed_s": elapsed, "output_tokens": produced, "output_tokens_per_s": produced / elapsed,
+            "requests_per_s": len(requests) / elapsed,
+            "num_preemptions": llm.engine.scheduler.num_preemptions}
+
+
+def run_transformers(path: Path, requests, args) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(args.device).eval()
+
+    def generate(batch):
+        width = max(len(p) for p, _ in batch)
+        ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in batch], device=args.device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in batch], device=args.device)
+        new = max(n for _, n in batch)
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+                                 do_sample=False, pad_token_id=0)
+        return out.shape[1] - width
+
+    generate(requests[:1])  # warm-up
+    start = time.perf_counter()
+    generated = 0
+    for i in range(0, len(requests), args.hf_batch_size):
+        batch = requests[i : i + args.hf_batch_size]
+        generated += generate(batch) * len(batch)
+    elapsed = time.perf_counter() - start
+    useful = sum(n for _, n in requests)
+    return {"elapsed_s": elapsed, "output_tokens": useful, "output_tokens_per_s": useful / elapsed,
+            "requests_per_s": len(requests) / elapsed, "generated_tokens_including_padding": generated,
+            "batch_size": args.hf_batch_size}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, help="checkpoint directory (default: make the scaled-down Mixtral)")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--min-prompt", type=int, default=16)
+    p.add_argument("--max-prompt", type=int, default=256)
+    p.add_argument("--min-output", type=int, default=16)
+    p.add_argument("--max-output", type=int, default=256)
+    p.add_argument("--hf-batch-size", type=int, default=64)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--smoke", action="store_true", help="tiny model, 4 short requests")
+    p.add_argument("--out", type=Path, help="JSON file to write (default: bench/results/throughput-<device>.json)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.num_requests, args.min_prompt, args.max_prompt, args.min_output, args.max_output = 4, 4, 12, 4, 12
+    if min(args.num_requests, args.min_prompt, args.min_output) < 1 or args.max_prompt < args.min_prompt \
+            or args.max_output < args.min_output:
+        p.error("lengths and --num-requests must be >= 1, and each max >= its min")
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = args.model
+        shape = SMOKE_MIXTRAL if args.smoke else SCALED_MIXTRAL
+        if path is None:
+            from moeserve.testing.checkpoints import make_tiny_checkpoint
+
+            path = make_tiny_checkpoint("mixtral", Path(tmp) / "mixtral-scaled", **shape)
+        from moeserve import ModelConfig
+
+        requests = workload(args, ModelConfig.from_pretrained(path).vocab_size)
+        ours = run_moeserve(path, requests, args)
+        theirs = run_transformers(path, requests, args)
+
+    result = {
+        "benchmark": "offline_throughput",
+        "machine": machine(),
+        "device": args.device,
+        "model": {"checkpoint": str(args.model) if args.model else "scaled-down Mixtral, random weights",
+                  "shape": shape if args.model is None else None, "dtype": args.dtype},
+        "workload": {k: getattr(args, k) for k in ("num_requests", "min_prompt", "max_prompt", "min_output",
+                                                   "max_output", "seed", "smoke")},
+        "moeserve": ours,
+        "transformers": theirs,
+        "ratio_output_tokens_per_s": ours["output_tokens_per_s"] / theirs["output_tokens_per_s"],
+    }
+    out = args.out or Path(__file__).parent / "results" / f"throughput-{args.device.split(':')[0]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"moeserve {ours['output_tokens_per_s']:.1f} tok/s, transformers {theirs['output_tokens_per_s']:.1f} "
+          f"tok/s, ratio {result['ratio_output_tokens_per_s']:.2f}x -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
