@@ -186,3 +186,29 @@ def test_bad_sampling_params_fail_alone(params, message, checkpoints, prompts):
     while engine.has_unfinished_requests():
         outs += engine.step()
     assert [o.request_id for o in outs if o.finished] == ["good"]
+
+
+def test_priority_orders_admission(checkpoints, prompts):
+    engine = LLMEngine(EngineConfig(checkpoints("mixtral"), max_model_len=64, max_num_seqs=1))
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    engine.add_request("low-first", {"prompt_token_ids": prompts[1]}, params, priority=5)
+    engine.add_request("low-second", {"prompt_token_ids": prompts[2]}, params, priority=5)
+    engine.add_request("high", {"prompt_token_ids": prompts[3]}, params, priority=0)
+    order = []
+    while engine.has_unfinished_requests():
+        order += [o.request_id for o in engine.step() if o.finished]
+    assert order == ["high", "low-first", "low-second"]  # priority first, then arrival (FCFS)
+
+
+def test_preemption_takes_the_lowest_priority_first(checkpoints, prompts):
+    # Room for ~1.5 sequences: one of the two must be preempted as they grow.
+    engine = LLMEngine(EngineConfig(checkpoints("mixtral"), max_model_len=48, block_size=4, num_kv_blocks=14,
+                                    enable_prefix_caching=False))
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    engine.add_request("early-low", {"prompt_token_ids": prompts[4][:6]}, params, priority=1)
+    engine.add_request("late-high", {"prompt_token_ids": prompts[5][:6]}, params, priority=0)
+    requests = dict(engine.scheduler.requests)
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.scheduler.num_preemptions > 0
+    assert requests["late-high"].num_preemptions == 0 and requests["early-low"].num_preemptions > 0
