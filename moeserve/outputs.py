@@ -30,3 +30,4 @@ class RequestOutput:
     outputs: tuple[CompletionOutput, ...]
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    queue_time_s: float | None = None  # from arrival to first scheduled

@@ -3,30 +3,37 @@
 The loop owns the LLMEngine; callers never touch it. Commands (add, abort, shutdown) go through
 a queue that the loop drains between steps, so a step never races an add or an abort, and an
 abort releases the request's blocks before the next step starts. Each request's outputs go to
-its own queue. When there is no work the loop blocks on the command queue (no busy wait).
-Input validation runs on the caller's thread, so a bad request raises there at once.
+its own sink (a callable, called on the loop's thread). When there is no work the loop blocks on
+the command queue (no busy wait). Input validation runs on the caller's thread, so a bad
+request raises there at once. A request the engine fails on gets a RequestFailedError in its
+sink; the loop goes on.
 """
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from moeserve.engine.llm_engine import EngineConfig, LLMEngine, Prompt
+from moeserve.engine.llm_engine import EngineConfig, LLMEngine, Prompt, RequestFailure
 from moeserve.outputs import RequestOutput
 from moeserve.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
 _SHUTDOWN = object()
+Sink = Callable[[RequestOutput | BaseException], None]
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this request (and only this request)."""
 
 
 class RequestStream:
-    """Outputs of one request, in order; iteration ends after the finished one. An engine-side
-    failure arrives as the exception it raised."""
+    """A blocking iterator over one request's outputs; ends after the finished one."""
 
-    def __init__(self, request_id: str):
-        self.request_id = request_id
+    def __init__(self) -> None:
         self._queue: queue.Queue[RequestOutput | BaseException] = queue.Queue()
 
     def put(self, item: RequestOutput | BaseException) -> None:
@@ -50,23 +57,33 @@ class EngineCoreClient:
     def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None):
         self.engine = engine or LLMEngine(config)
         self._commands: queue.Queue[Any] = queue.Queue()
-        self._streams: dict[str, RequestStream] = {}
+        self._sinks: dict[str, Sink] = {}
         self._lock = threading.Lock()
-        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="moeserve-engine-core", daemon=True)
         self._thread.start()
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | dict | None = None,
-                    priority: int = 0) -> RequestStream:
-        group = self.engine.process_request(request_id, prompt, params, priority)  # raises on bad input
-        stream = RequestStream(request_id)
+    @property
+    def num_in_flight(self) -> int:
         with self._lock:
-            if request_id in self._streams:
+            return len(self._sinks)
+
+    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | dict | None = None,
+                    priority: int = 0, sink: Sink | None = None) -> RequestStream | None:
+        """Queue a request; its outputs go to `sink`, or to the returned RequestStream."""
+        if not self.is_alive():
+            raise RuntimeError("the engine loop is not running")
+        group = self.engine.process_request(request_id, prompt, params, priority)  # raises on bad input
+        stream = None
+        if sink is None:
+            stream = RequestStream()
+            sink = stream.put
+        with self._lock:
+            if request_id in self._sinks:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            self._streams[request_id] = stream
+            self._sinks[request_id] = sink
         self._commands.put(("add", group))
         return stream
 
@@ -93,10 +110,12 @@ class EngineCoreClient:
             if not engine.has_unfinished_requests():
                 continue
             for out in engine.step():
+                failed = isinstance(out, RequestFailure)
                 with self._lock:
-                    stream = self._streams.pop(out.request_id, None) if out.finished else self._streams.get(out.request_id)
-                if stream is not None:
-                    stream.put(out)
+                    done = failed or out.finished
+                    sink = self._sinks.pop(out.request_id, None) if done else self._sinks.get(out.request_id)
+                if sink is not None:
+                    sink(RequestFailedError(out.message) if failed else out)
 
     def _apply(self, kind: str, payload: Any) -> None:
         if kind == "add":
@@ -104,10 +123,10 @@ class EngineCoreClient:
                 self.engine.add_processed(payload)
             except ValueError as e:
                 with self._lock:
-                    stream = self._streams.pop(payload.request_id, None)
-                if stream is not None:
-                    stream.put(e)
+                    sink = self._sinks.pop(payload.request_id, None)
+                if sink is not None:
+                    sink(e)
         elif kind == "abort":
             self.engine.abort_request(payload)
             with self._lock:
-                self._streams.pop(payload, None)
+                self._sinks.pop(payload, None)

@@ -7,7 +7,9 @@ prefix cache and are reported together under the parent id.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +19,7 @@ from moeserve.checkpoint import load_model
 from moeserve.config import GenerationDefaults
 from moeserve.engine.block_manager import BlockManager
 from moeserve.engine.detokenizer import IncrementalDetokenizer
+from moeserve.engine.load_monitor import LoadMonitor
 from moeserve.engine.model_runner import ModelRunner
 from moeserve.engine.request import Request, RequestStatus
 from moeserve.engine.sampler import Sampler
@@ -27,6 +30,7 @@ from moeserve.sampling_params import SamplingParams
 from moeserve.tokenizer import Tokenizer
 
 Prompt = str | list[int] | dict[str, Any]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,18 @@ class _Group:
     prompt: str | None
     prompt_token_ids: list[int]
     children: list[Request]
+    arrival_time: float = field(default_factory=time.monotonic)
+    first_scheduled_time: float | None = None
     num_cached_tokens: int = 0
     last_sent: dict[str, int] = field(default_factory=dict)  # child id -> tokens already reported
+
+
+@dataclass(frozen=True)
+class RequestFailure:
+    """A request the engine could not serve: it is released; the others go on."""
+
+    request_id: str
+    message: str
 
 
 class LLMEngine:
@@ -93,6 +107,8 @@ class LLMEngine:
             self.block_manager,
         )
         self.runner = ModelRunner(self.model, self.kv_cache, Sampler(config.seed), self.eos_token_ids)
+        device = next(self.model.parameters()).device
+        self.load_monitor = LoadMonitor(self.model_config.num_moe_layers, self.model_config.num_experts, device)
         self._groups: dict[str, _Group] = {}
         self._parent: dict[str, str] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -170,22 +186,52 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return bool(self._groups)
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[RequestOutput | RequestFailure]:
+        """One engine step. An exception in the batch's forward fails the requests of that batch;
+        one in a request's own post-processing fails that request alone. Either way the failed
+        requests are released and the engine stays usable."""
         sched = self.scheduler.schedule()
-        new_starts = {d.request_id: d.num_computed_tokens for d in sched.new_requests}
-        sampled = self.runner.execute(sched)
-        for child_id, computed in new_starts.items():
-            group = self._groups[self._parent[child_id]]
-            group.num_cached_tokens = max(group.num_cached_tokens, computed)
+        now = time.monotonic()
+        for new in sched.new_requests:
+            group = self._groups[self._parent[new.request_id]]
+            group.first_scheduled_time = group.first_scheduled_time or now
+            group.num_cached_tokens = max(group.num_cached_tokens, new.num_computed_tokens)
+        try:
+            sampled = self.runner.execute(sched)
+        except Exception as e:
+            logger.exception("engine step failed; failing the %d requests in it", len(sched.num_scheduled_tokens))
+            batch = {self._parent[r] for r in sched.num_scheduled_tokens if r in self._parent}
+            return [self._fail(self._groups[g], e) for g in batch if g in self._groups]
+        if sched.num_scheduled_tokens:
+            self.load_monitor.update(self.model.expert_load())
+        results: list[RequestOutput | RequestFailure] = []
         touched: dict[str, None] = {}
         for req in self.scheduler.update_from_output(sched, sampled):
-            detok = self._detok[req.request_id]
-            stop = detok.add_token(req.output_token_ids[-1])
-            if stop is not None and len(req.output_token_ids) >= req.sampling_params.min_tokens:
-                req.stop_reason = stop
-                self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
-            touched[self._parent[req.request_id]] = None
-        return [self._output(self._groups[g]) for g in touched]
+            group_id = self._parent.get(req.request_id)
+            if group_id is None or group_id not in self._groups:
+                continue  # its group failed earlier in this step
+            try:
+                detok = self._detok[req.request_id]
+                stop = detok.add_token(req.output_token_ids[-1])
+                if stop is not None and len(req.output_token_ids) >= req.sampling_params.min_tokens:
+                    req.stop_reason = stop
+                    self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+                touched[group_id] = None
+            except Exception as e:
+                logger.exception("request %s failed", group_id)
+                touched.pop(group_id, None)
+                results.append(self._fail(self._groups[group_id], e))
+        for group_id in touched:
+            try:
+                results.append(self._output(self._groups[group_id]))
+            except Exception as e:
+                logger.exception("request %s failed", group_id)
+                results.append(self._fail(self._groups[group_id], e))
+        return results
+
+    def _fail(self, group: _Group, error: Exception) -> RequestFailure:
+        self.abort_request(group.request_id)
+        return RequestFailure(group.request_id, f"{type(error).__name__}: {error}")
 
     def abort_request(self, request_id: str) -> None:
         """Abort a caller's request (all its samples); its blocks are free when this returns."""
@@ -229,5 +275,6 @@ class LLMEngine:
             del self._groups[group.request_id]
             for child in group.children:
                 self._forget(child.request_id)
+        queue_time = None if group.first_scheduled_time is None else group.first_scheduled_time - group.arrival_time
         return RequestOutput(group.request_id, group.prompt, tuple(group.prompt_token_ids), tuple(outputs), done,
-                             group.num_cached_tokens)
+                             group.num_cached_tokens, queue_time)

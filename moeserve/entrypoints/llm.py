@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any
 
-from moeserve.engine.llm_engine import EngineConfig, LLMEngine, Prompt
+from moeserve.engine.llm_engine import EngineConfig, LLMEngine, Prompt, RequestFailure
 from moeserve.outputs import RequestOutput
 from moeserve.sampling_params import SamplingParams
 
@@ -58,6 +58,8 @@ class LLM:
         try:
             while len(done) < len(groups):
                 for out in self.engine.step():
+                    if isinstance(out, RequestFailure):
+                        raise RuntimeError(f"request {out.request_id} failed in the engine: {out.message}")
                     if out.finished:
                         done[out.request_id] = out
         finally:

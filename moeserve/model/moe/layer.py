@@ -42,7 +42,7 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor, k: torch.Tensor, load: LoadRecorder) -> torch.Tensor:
         routing = self.gate(x, k)  # ids/weights [T, K]
         slots = self.placement.slots_for(routing.expert_ids)  # [T, K]
-        load.record(self.moe_layer, routing.expert_ids, slots)
+        load.record(self.moe_layer, routing.expert_ids, slots, routing.logits)
         out = self.backend(x, slots, routing.weights, self.w13, self.w2)  # [T, D]
         if self.shared_expert is not None:
             out = out + F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

@@ -19,6 +19,8 @@ class ExpertLoad:
 
     logical: torch.Tensor  # [L_moe, E] int64
     physical: torch.Tensor  # [L_moe, P] int64
+    gate_entropy: torch.Tensor  # [L_moe] fp32, summed over the step's tokens (nats)
+    num_tokens: int  # tokens that entered each MoE layer
 
 
 class LoadRecorder(nn.Module):
@@ -29,15 +31,24 @@ class LoadRecorder(nn.Module):
         self.num_experts, self.num_slots = num_experts, num_slots
         self.register_buffer("logical", torch.zeros(num_moe_layers, num_experts, dtype=torch.int64))
         self.register_buffer("physical", torch.zeros(num_moe_layers, num_slots, dtype=torch.int64))
+        self.register_buffer("entropy", torch.zeros(num_moe_layers, dtype=torch.float32))
+        self.num_tokens = 0
 
     def reset_state(self) -> None:
         self.logical.zero_()
         self.physical.zero_()
+        self.entropy.zero_()
+        self.num_tokens = 0
 
-    def record(self, moe_layer: int, expert_ids: torch.Tensor, slots: torch.Tensor) -> None:
-        """expert_ids [T, K] in [0, E], slots [T, K] in [0, P]; the sentinels E and P are not counted."""
+    def record(self, moe_layer: int, expert_ids: torch.Tensor, slots: torch.Tensor, logits: torch.Tensor) -> None:
+        """expert_ids [T, K] in [0, E], slots [T, K] in [0, P] (the sentinels E and P are not
+        counted), gate logits [T, E]."""
         self.logical[moe_layer] += torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts + 1)[:-1]
         self.physical[moe_layer] += torch.bincount(slots.reshape(-1), minlength=self.num_slots + 1)[:-1]
+        logp = torch.log_softmax(logits.float(), dim=-1)  # [T, E]
+        self.entropy[moe_layer] += -(logp.exp() * logp).sum()
+        self.num_tokens = expert_ids.shape[0]
 
     def snapshot(self) -> ExpertLoad:
-        return ExpertLoad(logical=self.logical.clone(), physical=self.physical.clone())
+        return ExpertLoad(logical=self.logical.clone(), physical=self.physical.clone(),
+                          gate_entropy=self.entropy.clone(), num_tokens=self.num_tokens)
