@@ -28,9 +28,13 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
+def _add_engine_flags(p: argparse.ArgumentParser, model_optional: bool = False) -> None:
     """Flags named as vLLM names them; defaults are EngineConfig's (None = its default)."""
-    p.add_argument("model", help="path to a checkpoint directory in Hub layout")
+    if model_optional:
+        p.add_argument("model", nargs="?", help="path to a checkpoint directory in Hub layout "
+                       "(default: the embedded default model)")
+    else:
+        p.add_argument("model", help="path to a checkpoint directory in Hub layout")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     p.add_argument("--max-model-len", type=int, help="context length (default: the checkpoint's)")
@@ -68,12 +72,38 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _not_yet(name: str, issue: str):
-    def run(args: argparse.Namespace) -> int:
-        print(f"moeserve {name}: not implemented yet ({issue})", file=sys.stderr)
-        return 2
+def _default_model() -> str:
+    """The embedded default model; until the project ships a trained one, a small random Mixtral
+    made on first use (with transformers, a [dev] dependency) in the user's cache."""
+    import logging
+    import os
+    from pathlib import Path
 
-    return run
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moeserve" / "tiny-random-mixtral"
+    if not (cache / "config.json").is_file():
+        from moeserve.testing.checkpoints import make_tiny_checkpoint
+
+        make_tiny_checkpoint("mixtral", cache)
+    logging.getLogger("moeserve.server").warning(
+        "no model given and no trained default model is embedded yet: serving a small RANDOM checkpoint "
+        "made at %s (its text is noise)", cache)
+    return str(cache)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from moeserve.entrypoints.server import ServerConfig, serve
+
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.model is None:
+        args.model = _default_model()
+    server = ServerConfig(host=args.host, port=args.port, grpc_port=args.grpc_port, api_keys=tuple(args.api_key or ()),
+                          served_model_name=args.served_model_name, expert_metrics=args.expert_metrics,
+                          shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
+    asyncio.run(serve(_engine_config(args), server))
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,9 +123,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--sampling-seed", type=int, help="seed of this request's sampling")
     p.set_defaults(func=_generate)
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP/gRPC server")
-    p.add_argument("model", nargs="?")
-    p.set_defaults(func=_not_yet("serve", "the serving-front issue"))
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (and gRPC with --grpc-port)")
+    _add_engine_flags(p, model_optional=True)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port")
+    p.add_argument("--grpc-port", type=int, help="gRPC port (off when not given)")
+    p.add_argument("--api-key", action="append", help="accepted bearer key for /v1/* (repeatable); none = open")
+    p.add_argument("--served-model-name", help="model name in the API (default: the model path)")
+    p.add_argument("--expert-metrics", choices=["off", "layer", "expert"], default="layer",
+                   help="MoE series in /metrics: off, per layer, or per (layer, expert)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds SIGTERM waits for requests in flight before exiting")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_serve)
     return parser
 
 

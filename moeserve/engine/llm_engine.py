@@ -86,6 +86,7 @@ class LLMEngine:
         self.model_config = self.model.config
         self.tokenizer = Tokenizer(config.model)
         generation = GenerationDefaults.from_pretrained(config.model, self.model_config)
+        self.generation_defaults = generation
         eos = set(generation.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)

@@ -1,0 +1,93 @@
+"""The gRPC front (proto/moeserve.proto): Generate and GenerateStream over the same AsyncEngine
+as HTTP, plus grpc.health.v1 and server reflection. A cancelled RPC or an exceeded deadline
+cancels the handler, which aborts the request (its blocks are free before the next step)."""
+
+from __future__ import annotations
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from moeserve.engine.core import RequestFailedError
+from moeserve.entrypoints.async_engine import AsyncEngine
+from moeserve.grpc_gen import moeserve_pb2 as pb
+from moeserve.grpc_gen import moeserve_pb2_grpc as pb_grpc
+from moeserve.outputs import RequestOutput
+from moeserve.sampling_params import SamplingParams
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+_OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+             "repetition_penalty", "seed", "min_tokens", "ignore_eos", "logprobs", "skip_special_tokens")
+
+
+def sampling_params(options: pb.SamplingOptions) -> SamplingParams:
+    values = {name: getattr(options, name) for name in _OPTIONAL if options.HasField(name)}
+    if options.stop:
+        values["stop"] = tuple(options.stop)
+    if options.stop_token_ids:
+        values["stop_token_ids"] = tuple(options.stop_token_ids)
+    return SamplingParams(**values)
+
+
+def _response(out: RequestOutput, delta: bool) -> pb.GenerateResponse:
+    c = out.outputs[0]
+    tokens = c.delta_token_ids if delta else c.token_ids
+    logprobs = []
+    if c.logprobs is not None:
+        start = len(c.token_ids) - len(tokens)
+        for token, lp in zip(tokens, c.logprobs[start:]):
+            logprobs.append(pb.TokenLogprob(token_id=token, logprob=lp[token], top=lp))
+    return pb.GenerateResponse(
+        request_id=out.request_id, text=c.delta_text if delta else c.text, token_ids=list(tokens),
+        logprobs=logprobs, finish_reason=c.finish_reason or "", prompt_tokens=len(out.prompt_token_ids),
+        completion_tokens=len(c.token_ids),
+    )
+
+
+class GenerationServicer(pb_grpc.GenerationServicer):
+    def __init__(self, engine: AsyncEngine):
+        self.engine = engine
+
+    async def _stream(self, request: pb.GenerateRequest, context):
+        try:
+            params = sampling_params(request.sampling)
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if params.n != 1:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "n must be 1 over gRPC")
+        which = request.WhichOneof("prompt")
+        if which is None:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request has no prompt (text or token_ids)")
+        prompt = request.text if which == "text" else {"prompt_token_ids": list(request.token_ids.ids)}
+        request_id = request.request_id or self.engine.new_request_id("grpc")
+        try:
+            async for out in self.engine.generate(request_id, prompt, params, request.priority):
+                yield out
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except RequestFailedError as e:
+            await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed this request: {e}")
+
+    async def Generate(self, request, context):
+        final = None
+        async for out in self._stream(request, context):
+            final = out
+        return _response(final, delta=False)
+
+    async def GenerateStream(self, request, context):
+        async for out in self._stream(request, context):
+            yield _response(out, delta=True)
+
+
+async def start_grpc_server(engine: AsyncEngine, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Start serving; returns the server and the port it bound (port 0 picks a free one)."""
+    server = grpc.aio.server()
+    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(engine), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    return server, bound

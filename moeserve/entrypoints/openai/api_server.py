@@ -1,0 +1,335 @@
+"""The OpenAI-compatible HTTP API (FastAPI): completions, chat completions, models, health,
+readiness and metrics. Errors use OpenAI's shape {"error": {message, type, param, code}}:
+400 for anything wrong with the request (never FastAPI's 422), 401 without a valid key, 404 for
+another model name, 500 when the engine fails the request, 503 while draining or when the
+engine loop is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+
+from moeserve.engine.core import RequestFailedError
+from moeserve.entrypoints.async_engine import AsyncEngine
+from moeserve.entrypoints.openai.protocol import UNSUPPORTED_FIELDS, ChatCompletionRequest, CompletionRequest
+from moeserve.outputs import CompletionOutput, RequestOutput
+from moeserve.sampling_params import SamplingParams
+
+_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+                500: "InternalServerError", 503: "ServiceUnavailableError"}
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param = status, message, param
+
+
+def error_response(status: int, message: str, param: str | None = None, headers=None) -> JSONResponse:
+    body = {"error": {"message": message, "type": _ERROR_TYPES.get(status, "APIError"), "param": param,
+                      "code": status}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+@dataclass
+class ServerState:
+    """What the routes share: the engine front, the served name, keys, and the draining flag."""
+
+    engine: AsyncEngine
+    model_name: str
+    api_keys: tuple[str, ...] = ()
+    draining: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def _key_ok(header: str | None, keys: tuple[str, ...]) -> bool:
+    """Constant time in the key's content: every configured key is compared, no early exit."""
+    presented = (header or "").removeprefix("Bearer ").encode()
+    ok = False
+    for key in keys:
+        ok |= hmac.compare_digest(presented, key.encode())
+    return ok and (header or "").startswith("Bearer ")
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise APIError(400, f"the request body is not valid UTF-8 (byte {e.start})") from e
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise APIError(400, f"the request body is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    return body
+
+
+def _parse(model: type[BaseModel], body: dict[str, Any]) -> Any:
+    for key in body:
+        if key in UNSUPPORTED_FIELDS:
+            raise APIError(400, f"'{key}' is not supported by moeserve", param=key)
+        if key not in model.model_fields:
+            raise APIError(400, f"unknown field '{key}'", param=key)
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(x) for x in first["loc"])
+        raise APIError(400, f"invalid '{loc}': {first['msg']}", param=loc) from e
+
+
+def _usage(outputs: list[RequestOutput]) -> dict[str, int]:
+    prompt = sum(len(o.prompt_token_ids) for o in outputs)
+    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Interleave several requests' outputs as they come. Leaving early (client gone) cancels
+    every pump, which aborts every request."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
+        try:
+            async for out in stream:
+                await queue.put((i, out))
+        except Exception as e:
+            await queue.put((i, e))
+        finally:
+            await queue.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _Handler:
+    """One completions/chat request: tokenised prompts, sampling params, response shaping."""
+
+    def __init__(self, state: ServerState, chat: bool, body: Any, prompts: list[list[int]], params: SamplingParams):
+        self.state, self.chat, self.body, self.prompts, self.params = state, chat, body, prompts, params
+        self.tokenizer = state.engine.engine.tokenizer
+        self.id = state.engine.new_request_id("chatcmpl" if chat else "cmpl")
+        self.created = int(time.time())
+        self.object = "chat.completion" if chat else "text_completion"
+
+    def streams(self) -> list[AsyncIterator[RequestOutput]]:
+        return [
+            self.state.engine.generate(f"{self.id}-{i}", {"prompt_token_ids": p}, self.params, self.body.priority)
+            for i, p in enumerate(self.prompts)
+        ]
+
+    def _logprobs(self, c: CompletionOutput, start: int) -> dict[str, Any] | None:
+        if c.logprobs is None:
+            return None
+        tokens = c.token_ids[start:]
+        entries = c.logprobs[start : start + len(tokens)]
+        text = [self.tokenizer.decode([t], skip_special_tokens=False) for t in tokens]
+        if self.chat:
+            return {"content": [
+                {"token": s, "logprob": lp[t], "bytes": list(s.encode()),
+                 "top_logprobs": [{"token": self.tokenizer.decode([k], skip_special_tokens=False), "logprob": v,
+                                   "bytes": list(self.tokenizer.decode([k], skip_special_tokens=False).encode())}
+                                  for k, v in sorted(lp.items(), key=lambda kv: -kv[1])[: self.params.logprobs]]}
+                for s, t, lp in zip(text, tokens, entries)
+            ]}
+        offsets, pos = [], 0
+        for s in text:
+            offsets.append(pos)
+            pos += len(s)
+        return {"tokens": text, "token_logprobs": [lp[t] for t, lp in zip(tokens, entries)],
+                "top_logprobs": [{self.tokenizer.decode([k], skip_special_tokens=False): v for k, v in lp.items()}
+                                 for lp in entries],
+                "text_offset": offsets}
+
+    def _choice(self, index: int, c: CompletionOutput) -> dict[str, Any]:
+        choice: dict[str, Any] = {"index": index, "logprobs": self._logprobs(c, 0), "finish_reason": c.finish_reason,
+                                  "stop_reason": c.stop_reason}
+        if self.chat:
+            choice["message"] = {"role": "assistant", "content": c.text}
+        else:
+            choice["text"] = c.text
+        return choice
+
+    async def full(self) -> dict[str, Any]:
+        finals: dict[int, RequestOutput] = {}
+        async for i, out in _merge(self.streams()):
+            if out.finished:
+                finals[i] = out
+        outs = [finals[i] for i in range(len(self.prompts))]
+        n = self.params.n
+        choices = [self._choice(i * n + c.index, c) for i, o in enumerate(outs) for c in o.outputs]
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.state.model_name,
+                "choices": choices, "usage": _usage(outs)}
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+        body: dict[str, Any] = {"id": self.id, "object": self.object + ("" if not self.chat else ".chunk"),
+                                "created": self.created, "model": self.state.model_name, "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+    async def sse(self) -> AsyncIterator[str]:
+        n = self.params.n
+        sent_role: set[int] = set()
+        sent_tokens: dict[int, int] = {}
+        finals: dict[int, RequestOutput] = {}
+        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        try:
+            async for i, out in _merge(self.streams()):
+                if out.finished:
+                    finals[i] = out
+                choices = []
+                for c in out.outputs:
+                    index = i * n + c.index
+                    if not c.delta_token_ids and not c.delta_text and not c.finished:
+                        continue
+                    if c.finished and sent_tokens.get(index) == -1:
+                        continue  # its finish chunk is out already
+                    start = len(c.token_ids) - len(c.delta_token_ids)
+                    choice: dict[str, Any] = {"index": index, "logprobs": self._logprobs(c, start) if c.delta_token_ids
+                                              else None, "finish_reason": c.finish_reason}
+                    if self.chat:
+                        delta: dict[str, Any] = {"content": c.delta_text}
+                        if index not in sent_role:
+                            delta["role"] = "assistant"
+                            sent_role.add(index)
+                        choice["delta"] = delta
+                    else:
+                        choice["text"] = c.delta_text
+                        choice["stop_reason"] = c.stop_reason
+                    sent_tokens[index] = -1 if c.finished else len(c.token_ids)
+                    choices.append(choice)
+                if choices:
+                    yield self._chunk(choices)
+            if include_usage:
+                yield self._chunk([], _usage([finals[i] for i in sorted(finals)]))
+        except RequestFailedError as e:
+            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'InternalServerError', 'param': None, 'code': 500}})}\n\n"
+        yield "data: [DONE]\n\n"
+
+
+def build_app(state: ServerState) -> FastAPI:
+    app = FastAPI(title="moeserve", docs_url=None, redoc_url=None)
+    app.state.server = state
+    engine = state.engine
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc.status, exc.message, exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        return error_response(400, str(exc))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
+
+    @app.middleware("http")
+    async def _gate(request: Request, call_next):
+        if request.url.path.startswith("/v1/"):
+            if state.draining:
+                engine.metrics.reject("draining")
+                return error_response(503, "the server is shutting down", headers={"Retry-After": "5"})
+            if state.api_keys and not _key_ok(request.headers.get("authorization"), state.api_keys):
+                engine.metrics.reject("auth")
+                return error_response(401, "invalid or missing API key (Authorization: Bearer <key>)")
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        if engine.is_alive():
+            return Response(status_code=200)
+        return error_response(503, "the engine loop is not running")
+
+    @app.get("/ready")
+    async def ready():
+        if engine.is_alive() and not state.draining:
+            return Response(status_code=200)
+        return error_response(503, "not ready")
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "moeserve",
+                "max_model_len": engine.engine.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    def _prepare(req: CompletionRequest | ChatCompletionRequest, prompts: list[Any], chat: bool) -> _Handler:
+        if req.model is not None and req.model != state.model_name:
+            raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{state.model_name}'",
+                           param="model")
+        try:
+            params = req.sampling_params(engine.engine.generation_defaults)
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
+        tok, limit = engine.engine.tokenizer, engine.engine.max_model_len
+        token_lists = []
+        for p in prompts:
+            ids = list(p["prompt_token_ids"]) if isinstance(p, dict) else tok.encode(p, add_special_tokens=not chat)
+            try:
+                engine.validate("validation", {"prompt_token_ids": ids}, params)
+            except ValueError as e:
+                raise APIError(400, str(e), param="messages" if chat else "prompt") from e
+            if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
+                raise APIError(400, f"this model's maximum context length is {limit} tokens; the request asks for "
+                                    f"{len(ids)} prompt + {params.max_tokens} completion tokens",
+                               param="max_tokens")
+            token_lists.append(ids)
+        return _Handler(state, chat, req, token_lists, params)
+
+    async def _respond(handler: _Handler, stream: bool):
+        if stream:
+            return StreamingResponse(handler.sse(), media_type="text/event-stream")
+        try:
+            return await handler.full()
+        except RequestFailedError as e:
+            raise APIError(500, f"the engine failed this request: {e}") from e
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = _parse(CompletionRequest, await _json_body(request))
+        return await _respond(_prepare(req, req.prompts(), chat=False), req.stream)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        req = _parse(ChatCompletionRequest, await _json_body(request))
+        tok = engine.engine.tokenizer
+        try:
+            text = tok.apply_chat_template([m.as_template_input() for m in req.messages], req.add_generation_prompt,
+                                           **(req.chat_template_kwargs or {}))
+        except Exception as e:
+            raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from e
+        return await _respond(_prepare(req, [text], chat=True), req.stream)
+
+    return app

@@ -1,0 +1,157 @@
+"""Prometheus metrics, named `moeserve:*`, in a registry owned by one server (no globals).
+
+Request-level series (TTFT, inter-token latency, ...) are observed by the front as outputs
+arrive. Engine and MoE series are read from the engine when Prometheus scrapes (a custom
+collector), so the step loop never spends time on metrics and per-(layer, expert) series cost
+nothing until scraped. `expert_metrics` bounds the MoE series: "off" (none), "layer" (per MoE
+layer: routed tokens, balancedness, gate entropy, K in force), "expert" (also per (layer,
+expert) routed-token counters: L_moe x E series).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from moeserve.engine.llm_engine import LLMEngine
+
+logger = logging.getLogger(__name__)
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                    40.0, 80.0)
+EXPERT_METRICS = ("off", "layer", "expert")
+
+
+class _EngineCollector(Collector):
+    def __init__(self, engine: LLMEngine, model_name: str, expert_metrics: str, gpu: _GpuTelemetry | None):
+        self.engine = engine
+        self.model_name = model_name
+        self.expert_metrics = expert_metrics
+        self.gpu = gpu
+
+    def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
+        g = GaugeMetricFamily(name, doc, labels=["model_name"])
+        g.add_metric([self.model_name], value)
+        return g
+
+    def collect(self) -> Iterator[Metric]:
+        e = self.engine
+        sched, bm = e.scheduler, e.block_manager
+        running = len(sched.running)
+        yield self._gauge("moeserve:num_requests_running", "Requests in the running batch.", running)
+        yield self._gauge("moeserve:num_requests_waiting", "Requests waiting to be scheduled.",
+                          len(sched.requests) - running)
+        yield self._gauge("moeserve:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
+                          1 - bm.num_free_blocks / bm.num_blocks)
+        yield self._gauge("moeserve:num_free_kv_blocks", "KV-cache blocks free (cached or empty).", bm.num_free_blocks)
+        c = CounterMetricFamily("moeserve:num_preemptions", "Requests preempted to free KV blocks.",
+                                labels=["model_name"])
+        c.add_metric([self.model_name], sched.num_preemptions)
+        yield c
+        c = CounterMetricFamily("moeserve:prefix_cache_hits", "KV blocks reused from the prefix cache.",
+                                labels=["model_name"])
+        c.add_metric([self.model_name], bm.stats.hits)
+        yield c
+        if self.expert_metrics != "off":
+            yield from self._moe()
+        if self.gpu is not None:
+            yield from self.gpu.collect(self.model_name)
+
+    def _moe(self) -> Iterator[Metric]:
+        monitor, model = self.engine.load_monitor, self.engine.model
+        layers = [str(i) for i in model.config.moe_layer_ids]  # decoder-layer index of each MoE layer
+        per_layer = {
+            "routed": monitor.layer_tokens.tolist(),
+            "balance": monitor.balancedness(),
+            "entropy": monitor.mean_gate_entropy(),
+            "k": model.top_k.tolist(),
+        }
+        routed = CounterMetricFamily("moeserve:moe_layer_tokens", "Tokens that entered each MoE layer.",
+                                     labels=["model_name", "layer"])
+        balance = GaugeMetricFamily("moeserve:moe_balancedness",
+                                    "Mean / max of recent per-expert load (1 = even), per MoE layer.",
+                                    labels=["model_name", "layer"])
+        entropy = GaugeMetricFamily("moeserve:moe_gate_entropy", "Mean entropy (nats) of the gate per token.",
+                                    labels=["model_name", "layer"])
+        top_k = GaugeMetricFamily("moeserve:moe_top_k", "Experts per token in force.", labels=["model_name", "layer"])
+        for i, layer in enumerate(layers):
+            routed.add_metric([self.model_name, layer], per_layer["routed"][i])
+            balance.add_metric([self.model_name, layer], per_layer["balance"][i])
+            entropy.add_metric([self.model_name, layer], per_layer["entropy"][i])
+            top_k.add_metric([self.model_name, layer], per_layer["k"][i])
+        yield from (routed, balance, entropy, top_k)
+        if self.expert_metrics == "expert":
+            experts = CounterMetricFamily("moeserve:expert_routed_tokens",
+                                          "Tokens routed to each expert (each token counts once per chosen expert).",
+                                          labels=["model_name", "layer", "expert"])
+            for layer, row in zip(layers, monitor.routed_tokens.tolist()):
+                for expert, value in enumerate(row):
+                    experts.add_metric([self.model_name, layer, str(expert)], value)
+            yield experts
+
+
+class _GpuTelemetry:
+    """NVML readings; built only when NVML answers (on a CPU machine its error is caught once)."""
+
+    def __init__(self, pynvml, handles):
+        self.nvml, self.handles = pynvml, handles
+
+    @classmethod
+    def probe(cls) -> _GpuTelemetry | None:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            return cls(pynvml, handles) if handles else None
+        except Exception as e:  # no pynvml, no driver, no GPU
+            logger.info("GPU telemetry off: %s", e)
+            return None
+
+    def collect(self, model_name: str) -> Iterator[Metric]:
+        util = GaugeMetricFamily("moeserve:gpu_utilization_perc", "GPU utilisation (0-1).",
+                                 labels=["model_name", "gpu"])
+        mem = GaugeMetricFamily("moeserve:gpu_memory_used_bytes", "GPU memory in use.", labels=["model_name", "gpu"])
+        for i, h in enumerate(self.handles):
+            util.add_metric([model_name, str(i)], self.nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100)
+            mem.add_metric([model_name, str(i)], self.nvml.nvmlDeviceGetMemoryInfo(h).used)
+        yield from (util, mem)
+
+
+class ServerMetrics:
+    """All series of one server. Request-level ones are observed through the methods below."""
+
+    def __init__(self, engine: LLMEngine, model_name: str, expert_metrics: str = "layer"):
+        if expert_metrics not in EXPERT_METRICS:
+            raise ValueError(f"expert_metrics must be one of {EXPERT_METRICS}, got {expert_metrics!r}")
+        self.model_name = model_name
+        self.registry = CollectorRegistry()
+        labels = ["model_name"]
+
+        def histogram(name: str, doc: str) -> Histogram:
+            return Histogram(name, doc, labels, buckets=_LATENCY_BUCKETS, registry=self.registry)
+
+        self.prompt_tokens = Counter("moeserve:prompt_tokens", "Prompt tokens of finished requests.", labels,
+                                     registry=self.registry)
+        self.generation_tokens = Counter("moeserve:generation_tokens", "Generated tokens.", labels,
+                                         registry=self.registry)
+        self.ttft = histogram("moeserve:time_to_first_token_seconds", "Time to first token.")
+        self.tpot = histogram("moeserve:time_per_output_token_seconds",
+                              "(e2e - ttft) / (output tokens - 1), per request.")
+        self.itl = histogram("moeserve:inter_token_latency_seconds", "Time between streamed outputs.")
+        self.e2e = histogram("moeserve:e2e_request_latency_seconds", "Arrival to last token.")
+        self.queue_time = histogram("moeserve:request_queue_time_seconds", "Arrival to first scheduled.")
+        self.request_success = Counter("moeserve:request_success", "Finished requests by finish reason.",
+                                       labels + ["finished_reason"], registry=self.registry)
+        self.request_failure = Counter("moeserve:request_failure", "Requests the engine failed (HTTP 500).",
+                                       labels, registry=self.registry)
+        self.rejections = Counter("moeserve:admission_rejections", "Requests refused before reaching the engine.",
+                                  labels + ["reason"], registry=self.registry)
+        self.registry.register(_EngineCollector(engine, model_name, expert_metrics, _GpuTelemetry.probe()))
+
+    def reject(self, reason: str) -> None:
+        self.rejections.labels(self.model_name, reason).inc()
