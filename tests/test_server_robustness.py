@@ -1,0 +1,149 @@
+"""A server that survives its clients: keys, graceful SIGTERM, failures confined to one request."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from moeserve.engine.core import EngineCoreClient
+from moeserve.engine.llm_engine import EngineConfig
+from moeserve.entrypoints.async_engine import AsyncEngine
+from moeserve.entrypoints.openai.api_server import ServerState, build_app
+from moeserve.metrics import ServerMetrics
+from server_utils import free_port, start_server
+
+pytestmark = pytest.mark.slow
+
+
+def test_api_keys_guard_v1_only(checkpoints, tmp_path):
+    log = tmp_path / "server.log"
+    server = start_server(str(checkpoints("mixtral")), "--max-model-len", "64", "--api-key", "k-one",
+                          "--api-key", "k-two", log_path=str(log))
+    try:
+        url = server.url
+        assert httpx.get(f"{url}/v1/models").status_code == 401
+        wrong = httpx.get(f"{url}/v1/models", headers={"Authorization": "Bearer k-three"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["type"] == "AuthenticationError"
+        assert httpx.get(f"{url}/v1/models", headers={"Authorization": "k-one"}).status_code == 401
+        for key in ("k-one", "k-two"):
+            assert httpx.get(f"{url}/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2},
+                       headers={"Authorization": "Bearer k-two"})
+        assert r.status_code == 200
+        assert httpx.get(f"{url}/health").status_code == 200 and httpx.get(f"{url}/metrics").status_code == 200
+    finally:
+        assert server.stop() == 0
+    assert "API is open" not in log.read_text()
+
+
+def test_sigterm_drains_then_exits_zero(checkpoints, tmp_path):
+    log = tmp_path / "server.log"
+    server = start_server(str(checkpoints("mixtral")), "--max-model-len", "512", "--shutdown-timeout", "60",
+                          log_path=str(log))
+    body = {"prompt": "def f(x):", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    started: list[int] = []
+    all_started = threading.Event()
+
+    async def consume(client):
+        text, finish = "", None
+        async with client.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            seen = False
+            async for line in r.aiter_lines():
+                if line.startswith("data: {"):
+                    choice = json.loads(line[6:])["choices"][0]
+                    text += choice["text"]
+                    finish = choice["finish_reason"] or finish
+                    if not seen:
+                        seen = True
+                        started.append(1)
+                        if len(started) == 8:
+                            all_started.set()
+        return finish
+
+    async def run():
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+            return await asyncio.gather(*(consume(client) for _ in range(8)))
+
+    results: list = []
+    worker = threading.Thread(target=lambda: results.extend(asyncio.run(run())))
+    worker.start()
+    assert all_started.wait(timeout=60)  # every stream is running
+    server.proc.send_signal(15)
+    time.sleep(0.2)
+    refused = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 2})
+    assert refused.status_code == 503 and refused.headers["retry-after"]
+    assert httpx.get(f"{server.url}/ready").status_code == 503
+    worker.join(timeout=120)
+    assert results == ["length"] * 8  # every request in flight ran to its end
+    assert server.proc.wait(timeout=60) == 0
+    assert "API is open" in log.read_text()  # started without --api-key, and said so
+
+
+class _InProcessServer:
+    """The real app on a real uvicorn, in this process, so a test can reach into the engine."""
+
+    def __init__(self, model: str):
+        self.client = EngineCoreClient(EngineConfig(model, max_model_len=64))
+        metrics = ServerMetrics(self.client.engine, "tiny")
+        self.state = ServerState(AsyncEngine(self.client, metrics), "tiny")
+        self.port = free_port()
+        self.server = uvicorn.Server(uvicorn.Config(build_app(self.state), host="127.0.0.1", port=self.port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self):
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.client.shutdown()
+
+
+def test_engine_failure_fails_only_that_request(checkpoints):
+    server = _InProcessServer(str(checkpoints("mixtral")))
+    try:
+        engine = server.client.engine
+        poison = 451
+        decode = engine.tokenizer.decode
+
+        def faulty_decode(ids, skip_special_tokens=True):  # fault injection: one request's detokenisation fails
+            if poison in ids:
+                raise RuntimeError("injected detokenizer fault")
+            return decode(ids, skip_special_tokens=skip_special_tokens)
+
+        engine.tokenizer.decode = faulty_decode
+        start_free = engine.block_manager.num_free_blocks
+
+        async def run():
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+                good = [client.post("/v1/completions", json={"prompt": [5, 6, 7, i], "max_tokens": 6})
+                        for i in range(8, 12)]
+                bad = client.post("/v1/completions", json={"prompt": [5, 6, poison], "max_tokens": 6})
+                return await asyncio.gather(bad, *good)
+
+        bad, *good = asyncio.run(run())
+        assert bad.status_code == 500
+        assert "injected detokenizer fault" in bad.json()["error"]["message"]
+        assert bad.json()["error"]["type"] == "InternalServerError"
+        assert [r.status_code for r in good] == [200] * 4
+        assert all(r.json()["usage"]["completion_tokens"] == 6 for r in good)
+        assert httpx.get(f"{server.url}/health").status_code == 200
+        again = httpx.post(f"{server.url}/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 3})
+        assert again.status_code == 200
+        assert engine.block_manager.num_free_blocks == start_free
+
+        server.client.shutdown()  # the loop really gone: now, and only now, /health says so
+        assert httpx.get(f"{server.url}/health").status_code == 503
+        assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "x"}).status_code == 500
+    finally:
+        server.close()
