@@ -30,3 +30,14 @@ def test_throughput_rejects_bad_arguments():
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--num-requests", "0"],
                             capture_output=True, text=True)
     assert result.returncode == 2 and "must be >= 1" in result.stderr
+
+
+def test_serve_overhead_smoke_writes_well_formed_json(tmp_path):
+    out = tmp_path / "serve.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "serve_overhead.py"), "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["offline"]["output_tokens"] == data["http"]["output_tokens"] > 0
+    assert data["ratio_http_over_offline"] == data["http"]["output_tokens_per_s"] / data["offline"]["output_tokens_per_s"]
+    assert data["machine"]["cpu_count"] >= 1

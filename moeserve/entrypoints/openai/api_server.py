@@ -100,7 +100,11 @@ def _usage(outputs: list[RequestOutput]) -> dict[str, int]:
 
 async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
     """Interleave several requests' outputs as they come. Leaving early (client gone) cancels
-    every pump, which aborts every request."""
+    every pump, which aborts every request. One request (the usual case) needs no pump."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(i: int, stream: AsyncIterator[RequestOutput]) -> None:
