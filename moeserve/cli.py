@@ -99,6 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.model is None:
         args.model = _default_model()
+        args.served_model_name = args.served_model_name or "moeserve-default"
     server = ServerConfig(host=args.host, port=args.port, grpc_port=args.grpc_port, api_keys=tuple(args.api_key or ()),
                           served_model_name=args.served_model_name, expert_metrics=args.expert_metrics,
                           shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
