@@ -254,3 +254,11 @@ def test_64_concurrent_streams_complete(server):
     assert len(results) == 64
     for done, tokens, usage in results:
         assert done and usage is not None and tokens == usage["completion_tokens"] > 0
+
+
+def test_grpc_reflection_lists_the_services(server):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert {"moeserve.v1.Generation", "grpc.health.v1.Health"} <= services
