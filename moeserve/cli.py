@@ -72,6 +72,15 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    try:
+        from moeserve.bench import serve as bench_serve
+    except ImportError as e:
+        print(f"moeserve bench needs the [bench] extra (httpx, matplotlib): {e}", file=sys.stderr)
+        return 2
+    return bench_serve.main(args.rest) if args.what == "serve" else bench_serve.compare_main(args.rest)
+
+
 def _default_model() -> str:
     """The embedded default model; until the project ships a trained one, a small random Mixtral
     made on first use (with transformers, a [dev] dependency) in the user's cache."""
@@ -124,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--sampling-seed", type=int, help="seed of this request's sampling")
     p.set_defaults(func=_generate)
+    p = sub.add_parser("bench", add_help=False,
+                       help="load-test a server (bench serve --help) or compare two runs (bench compare A B)")
+    p.add_argument("what", choices=["serve", "compare"])
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=_bench)
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (and gRPC with --grpc-port)")
     _add_engine_flags(p, model_optional=True)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")

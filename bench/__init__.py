@@ -1,0 +1,1 @@
+"""Benchmarks and the load-test harness (`moeserve bench serve`), importable as `moeserve.bench`."""

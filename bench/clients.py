@@ -1,0 +1,159 @@
+"""How to send: one streamed request over an OpenAI-compatible HTTP API or moeserve's gRPC,
+timed on the client. TTFT = first content chunk - send; ITL = gap between content chunks;
+E2E = last byte - send; output tokens from the server's `usage` when it reports it (else chunks)."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+from moeserve.bench.workload import RequestSpec
+
+
+@dataclass
+class RequestResult:
+    index: int
+    sent_at: float  # seconds since the run started
+    ok: bool = False
+    status: int | None = None  # HTTP status; gRPC codes are mapped (UNAVAILABLE 503, RESOURCE_EXHAUSTED 429)
+    error: str | None = None
+    ttft: float | None = None
+    itl: list[float] = field(default_factory=list)
+    e2e: float | None = None
+    prompt_tokens: int = 0
+    output_tokens: int = 0
+
+    @property
+    def tpot(self) -> float | None:
+        """(E2E - TTFT) / (output tokens - 1), as vLLM defines it."""
+        if not self.ok or self.ttft is None or self.output_tokens < 2:
+            return None
+        return (self.e2e - self.ttft) / (self.output_tokens - 1)
+
+
+@dataclass(frozen=True)
+class HttpTarget:
+    base_url: str
+    endpoint: str  # "completions" | "chat"
+    model: str
+    api_key: str | None = None
+    temperature: float = 0.0
+    ignore_eos: bool = True
+
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+
+    def body(self, spec: RequestSpec) -> dict:
+        common = {"model": self.model, "max_tokens": spec.output_len, "temperature": self.temperature,
+                  "stream": True, "stream_options": {"include_usage": True}}
+        if self.ignore_eos:
+            common["ignore_eos"] = True
+        if self.endpoint == "chat":
+            text = spec.prompt if isinstance(spec.prompt, str) else " ".join(map(str, spec.prompt))
+            return {**common, "messages": [{"role": "user", "content": text}]}
+        return {**common, "prompt": spec.prompt}
+
+    async def send(self, client: httpx.AsyncClient, index: int, spec: RequestSpec, sent_at: float) -> RequestResult:
+        result = RequestResult(index, sent_at)
+        path = "/v1/chat/completions" if self.endpoint == "chat" else "/v1/completions"
+        start = time.perf_counter()
+        first = last = None
+        chunks, usage = 0, None
+        try:
+            async with client.stream("POST", path, json=self.body(spec), headers=self.headers()) as r:
+                result.status = r.status_code
+                if r.status_code != 200:
+                    text = (await r.aread()).decode(errors="replace")
+                    result.error = _error_message(text) or f"HTTP {r.status_code}"
+                    return result
+                async for line in r.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:].strip()
+                    if data == "[DONE]":
+                        break
+                    chunk = json.loads(data)
+                    if "error" in chunk:
+                        result.error = _error_message(data) or "error event in stream"
+                        return result
+                    for choice in chunk.get("choices") or []:
+                        text = choice.get("text") or (choice.get("delta") or {}).get("content")
+                        if text:
+                            now = time.perf_counter()
+                            if first is None:
+                                first = now
+                            else:
+                                result.itl.append(now - last)
+                            last = now
+                            chunks += 1
+                    usage = chunk.get("usage") or usage
+            end = time.perf_counter()
+        except (httpx.HTTPError, json.JSONDecodeError) as e:
+            result.error = f"{type(e).__name__}: {e}"
+            return result
+        result.ok = first is not None
+        if not result.ok:
+            result.error = "the stream carried no tokens"
+            return result
+        result.ttft, result.e2e = first - start, end - start
+        result.output_tokens = usage["completion_tokens"] if usage else chunks
+        result.prompt_tokens = usage["prompt_tokens"] if usage else (spec.input_len or 0)
+        return result
+
+
+def _error_message(text: str) -> str | None:
+    try:
+        err = json.loads(text).get("error")
+        return err.get("message") if isinstance(err, dict) else str(err)
+    except (json.JSONDecodeError, AttributeError):
+        return text[:200] or None
+
+
+@dataclass(frozen=True)
+class GrpcTarget:
+    """moeserve's gRPC GenerateStream (proto/moeserve.proto)."""
+
+    address: str
+    temperature: float = 0.0
+    ignore_eos: bool = True
+
+    async def send(self, channel, index: int, spec: RequestSpec, sent_at: float) -> RequestResult:
+        import grpc
+
+        from moeserve.grpc_gen import moeserve_pb2 as pb
+        from moeserve.grpc_gen import moeserve_pb2_grpc as pb_grpc
+
+        result = RequestResult(index, sent_at)
+        options = pb.SamplingOptions(max_tokens=spec.output_len, temperature=self.temperature,
+                                     ignore_eos=self.ignore_eos)
+        if isinstance(spec.prompt, str):
+            request = pb.GenerateRequest(text=spec.prompt, sampling=options)
+        else:
+            request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=spec.prompt), sampling=options)
+        start = time.perf_counter()
+        first = last = None
+        try:
+            async for reply in pb_grpc.GenerationStub(channel).GenerateStream(request):
+                if reply.token_ids:
+                    now = time.perf_counter()
+                    if first is None:
+                        first = now
+                    else:
+                        result.itl.append(now - last)
+                    last = now
+                result.output_tokens, result.prompt_tokens = reply.completion_tokens, reply.prompt_tokens
+        except grpc.aio.AioRpcError as e:
+            result.status = {grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+                             grpc.StatusCode.INVALID_ARGUMENT: 400}.get(e.code(), 500)
+            result.error = f"{e.code().name}: {e.details()}"
+            return result
+        end = time.perf_counter()
+        result.status, result.ok = 200, first is not None
+        if result.ok:
+            result.ttft, result.e2e = first - start, end - start
+        else:
+            result.error = "the stream carried no tokens"
+        return result
