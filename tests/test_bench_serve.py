@@ -201,3 +201,28 @@ def test_thirty_second_run_against_moeserve(checkpoints, tmp_path):
         run["summary"]["total_output_tokens"]
     pngs = [Path(p) for p in record["plots"]]
     assert len(pngs) >= 2 and all(p.read_bytes()[:4] == b"\x89PNG" for p in pngs)
+
+
+def test_trace_replay_sends_at_the_trace_times(stand_in, checkpoints, tmp_path):
+    trace = tmp_path / "trace.jsonl"
+    times = [100.0, 100.2, 100.5, 101.0]
+    trace.write_text("".join(json.dumps({"timestamp": t, "input_len": 8, "output_len": 2}) + "\n" for t in times))
+    out = tmp_path / "trace.json"
+    r = _bench("serve", "--base-url", stand_in, "--dataset", "trace", "--dataset-path", str(trace), "--tokenizer",
+               str(checkpoints("mixtral")), "--out", str(out), "--save-detail", "--no-progress", "--no-plots")
+    assert r.returncode == 0, r.stderr
+    sent = [req["sent_at"] for req in json.loads(out.read_text())["runs"][0]["requests"]]
+    assert all(abs(s - (t - times[0])) < 0.02 for s, t in zip(sent, times)), sent
+
+
+def test_slo_search_keeps_the_highest_passing_rate(stand_in, tmp_path):
+    data = _prompts(tmp_path, ["a", "b", "c", "d"], 2)
+    out = tmp_path / "search.json"
+    r = _bench("serve", "--base-url", stand_in, "--dataset", "jsonl", "--dataset-path", str(data), "--slo",
+               "ttft:450ms", "--slo-search", "2:32", "--search-steps", "2", "--out", str(out), "--no-progress",
+               "--no-plots")
+    assert r.returncode == 0, r.stderr
+    runs = json.loads(out.read_text())["runs"]
+    rates = [run["load"]["request_rate"] for run in runs]
+    assert rates[0] == pytest.approx(8.0) and rates[1] > rates[0]  # geometric bisection upward after a pass
+    assert runs[-1].get("best") and "highest rate meeting the SLO" in r.stdout
