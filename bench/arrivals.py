@@ -11,20 +11,13 @@ import random
 
 
 def gamma_arrivals(num: int, rate: float, burstiness: float, seed: int) -> list[float]:
-    if rate <= 0 or burstiness <= 0:
-        raise ValueError("the request rate and burstiness must be > 0")
-    rng = random.Random(seed)
-    t, times = 0.0, []
-    for _ in range(num):
-        times.append(t)
-        t += rng.gammavariate(burstiness, 1.0 / (rate * burstiness))
-    return times
+    return ramp_arrivals(num, rate, rate, burstiness, seed)
 
 
 def ramp_arrivals(num: int, start: float, end: float, burstiness: float, seed: int) -> list[float]:
     """Request i is sent at the rate start + (end - start) * i / num."""
-    if start <= 0 or end <= 0:
-        raise ValueError("ramp rates must be > 0")
+    if start <= 0 or end <= 0 or burstiness <= 0:
+        raise ValueError("request rates and burstiness must be > 0")
     rng = random.Random(seed)
     t, times = 0.0, []
     for i in range(num):

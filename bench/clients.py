@@ -34,6 +34,24 @@ class RequestResult:
         return (self.e2e - self.ttft) / (self.output_tokens - 1)
 
 
+class _TokenClock:
+    """Arrival times of content-carrying chunks: the first, the gaps, the count."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.last: float | None = None
+        self.chunks = 0
+
+    def tick(self, result: RequestResult) -> None:
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = now
+        else:
+            result.itl.append(now - self.last)
+        self.last = now
+        self.chunks += 1
+
+
 @dataclass(frozen=True)
 class HttpTarget:
     base_url: str
@@ -60,8 +78,7 @@ class HttpTarget:
         result = RequestResult(index, sent_at)
         path = "/v1/chat/completions" if self.endpoint == "chat" else "/v1/completions"
         start = time.perf_counter()
-        first = last = None
-        chunks, usage = 0, None
+        clock, usage = _TokenClock(), None
         try:
             async with client.stream("POST", path, json=self.body(spec), headers=self.headers()) as r:
                 result.status = r.status_code
@@ -82,24 +99,18 @@ class HttpTarget:
                     for choice in chunk.get("choices") or []:
                         text = choice.get("text") or (choice.get("delta") or {}).get("content")
                         if text:
-                            now = time.perf_counter()
-                            if first is None:
-                                first = now
-                            else:
-                                result.itl.append(now - last)
-                            last = now
-                            chunks += 1
+                            clock.tick(result)
                     usage = chunk.get("usage") or usage
             end = time.perf_counter()
         except (httpx.HTTPError, json.JSONDecodeError) as e:
             result.error = f"{type(e).__name__}: {e}"
             return result
-        result.ok = first is not None
+        result.ok = clock.first is not None
         if not result.ok:
             result.error = "the stream carried no tokens"
             return result
-        result.ttft, result.e2e = first - start, end - start
-        result.output_tokens = usage["completion_tokens"] if usage else chunks
+        result.ttft, result.e2e = clock.first - start, end - start
+        result.output_tokens = usage["completion_tokens"] if usage else clock.chunks
         result.prompt_tokens = usage["prompt_tokens"] if usage else (spec.input_len or 0)
         return result
 
@@ -134,16 +145,11 @@ class GrpcTarget:
         else:
             request = pb.GenerateRequest(token_ids=pb.TokenIds(ids=spec.prompt), sampling=options)
         start = time.perf_counter()
-        first = last = None
+        clock = _TokenClock()
         try:
             async for reply in pb_grpc.GenerationStub(channel).GenerateStream(request):
                 if reply.token_ids:
-                    now = time.perf_counter()
-                    if first is None:
-                        first = now
-                    else:
-                        result.itl.append(now - last)
-                    last = now
+                    clock.tick(result)
                 result.output_tokens, result.prompt_tokens = reply.completion_tokens, reply.prompt_tokens
         except grpc.aio.AioRpcError as e:
             result.status = {grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
@@ -151,9 +157,9 @@ class GrpcTarget:
             result.error = f"{e.code().name}: {e.details()}"
             return result
         end = time.perf_counter()
-        result.status, result.ok = 200, first is not None
+        result.status, result.ok = 200, clock.first is not None
         if result.ok:
-            result.ttft, result.e2e = first - start, end - start
+            result.ttft, result.e2e = clock.first - start, end - start
         else:
             result.error = "the stream carried no tokens"
         return result

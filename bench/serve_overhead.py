@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from throughput import SCALED_MIXTRAL, SMOKE_MIXTRAL, machine, workload  # noqa: E402
+from throughput import add_workload_args, checkpoint_and_workload, machine, model_description  # noqa: E402
 
 
 def _free_port() -> int:
@@ -100,16 +100,8 @@ def run_http(path: Path, requests, args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, help="checkpoint directory (default: make the scaled-down Mixtral)")
-    p.add_argument("--num-requests", type=int, default=64)
+    add_workload_args(p)
     p.add_argument("--concurrency", type=int, default=64)
-    p.add_argument("--min-prompt", type=int, default=16)
-    p.add_argument("--max-prompt", type=int, default=256)
-    p.add_argument("--min-output", type=int, default=16)
-    p.add_argument("--max-output", type=int, default=256)
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--smoke", action="store_true", help="tiny model, 4 short requests")
     p.add_argument("--out", type=Path, help="JSON file to write (default: bench/results/serve_overhead-cpu.json)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -119,22 +111,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("counts and lengths must be >= 1")
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.model
-        shape = SMOKE_MIXTRAL if args.smoke else SCALED_MIXTRAL
-        if path is None:
-            from moeserve.testing.checkpoints import make_tiny_checkpoint
-
-            path = make_tiny_checkpoint("mixtral", Path(tmp) / "mixtral-scaled", **shape)
-        from moeserve import ModelConfig
-
-        requests = workload(args, ModelConfig.from_pretrained(path).vocab_size)
+        path, shape, requests = checkpoint_and_workload(args, tmp)
         offline = run_offline(path, requests, args)
         http = run_http(path, requests, args)
     result = {
         "benchmark": "serve_overhead",
         "machine": machine(),
-        "model": {"checkpoint": str(args.model) if args.model else "scaled-down Mixtral, random weights",
-                  "shape": shape if args.model is None else None, "dtype": args.dtype},
+        "model": model_description(args, shape),
         "workload": {k: getattr(args, k) for k in ("num_requests", "concurrency", "min_prompt", "max_prompt",
                                                    "min_output", "max_output", "seed", "smoke")},
         "offline": offline,

@@ -63,6 +63,25 @@ def workload(args: argparse.Namespace, vocab_size: int) -> list[tuple[list[int],
     ]
 
 
+def checkpoint_and_workload(args: argparse.Namespace, tmp: str) -> tuple[Path, dict | None, list]:
+    """The checkpoint (--model, or a scaled-down/smoke Mixtral made in `tmp`), its shape when
+    made here, and the seeded requests."""
+    from moeserve import ModelConfig
+
+    path, shape = args.model, None
+    if path is None:
+        from moeserve.testing.checkpoints import make_tiny_checkpoint
+
+        shape = SMOKE_MIXTRAL if args.smoke else SCALED_MIXTRAL
+        path = make_tiny_checkpoint("mixtral", Path(tmp) / "mixtral-scaled", **shape)
+    return path, shape, workload(args, ModelConfig.from_pretrained(path).vocab_size)
+
+
+def model_description(args: argparse.Namespace, shape: dict | None) -> dict:
+    return {"checkpoint": str(args.model) if args.model else "scaled-down Mixtral, random weights",
+            "shape": shape, "dtype": args.dtype}
+
+
 def run_moeserve(path: Path, requests, args) -> dict:
     from moeserve import LLM, SamplingParams
 
@@ -111,19 +130,24 @@ def run_transformers(path: Path, requests, args) -> dict:
             "batch_size": args.hf_batch_size}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    """The checkpoint and workload options both benchmarks share."""
     p.add_argument("--model", type=Path, help="checkpoint directory (default: make the scaled-down Mixtral)")
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--min-prompt", type=int, default=16)
     p.add_argument("--max-prompt", type=int, default=256)
     p.add_argument("--min-output", type=int, default=16)
     p.add_argument("--max-output", type=int, default=256)
-    p.add_argument("--hf-batch-size", type=int, default=64)
     p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--smoke", action="store_true", help="tiny model, 4 short requests")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_workload_args(p)
+    p.add_argument("--hf-batch-size", type=int, default=64)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, help="JSON file to write (default: bench/results/throughput-<device>.json)")
     args = p.parse_args(argv)
     if args.smoke:
@@ -133,15 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("lengths and --num-requests must be >= 1, and each max >= its min")
 
     with tempfile.TemporaryDirectory() as tmp:
-        path = args.model
-        shape = SMOKE_MIXTRAL if args.smoke else SCALED_MIXTRAL
-        if path is None:
-            from moeserve.testing.checkpoints import make_tiny_checkpoint
-
-            path = make_tiny_checkpoint("mixtral", Path(tmp) / "mixtral-scaled", **shape)
-        from moeserve import ModelConfig
-
-        requests = workload(args, ModelConfig.from_pretrained(path).vocab_size)
+        path, shape, requests = checkpoint_and_workload(args, tmp)
         ours = run_moeserve(path, requests, args)
         theirs = run_transformers(path, requests, args)
 
@@ -149,8 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "offline_throughput",
         "machine": machine(),
         "device": args.device,
-        "model": {"checkpoint": str(args.model) if args.model else "scaled-down Mixtral, random weights",
-                  "shape": shape if args.model is None else None, "dtype": args.dtype},
+        "model": model_description(args, shape),
         "workload": {k: getattr(args, k) for k in ("num_requests", "min_prompt", "max_prompt", "min_output",
                                                    "max_output", "seed", "smoke")},
         "moeserve": ours,
