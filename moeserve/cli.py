@@ -81,22 +81,31 @@ def _bench(args: argparse.Namespace) -> int:
     return bench_serve.main(args.rest) if args.what == "serve" else bench_serve.compare_main(args.rest)
 
 
-def _default_model() -> str:
-    """The embedded default model; until the project ships a trained one, a small random Mixtral
-    made on first use (with transformers, a [dev] dependency) in the user's cache."""
+EMBEDDED_MODEL = "moeserve-tiny-moe"
+
+
+def _default_model() -> tuple[str, str]:
+    """(path, served name) of the embedded default model: models/moeserve-tiny-moe of the source
+    tree (or of /opt/moeserve in the Docker image). Without it (a tree that does not ship the
+    weights), a small random Mixtral is made on first use in the user's cache, with a warning."""
     import logging
     import os
     from pathlib import Path
 
+    log = logging.getLogger("moeserve.server")
+    for root in (Path(__file__).resolve().parents[1], Path("/opt/moeserve")):
+        path = root / "models" / EMBEDDED_MODEL
+        if (path / "config.json").is_file():
+            log.info("serving the embedded default model %s", path)
+            return str(path), EMBEDDED_MODEL
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "moeserve" / "tiny-random-mixtral"
     if not (cache / "config.json").is_file():
         from moeserve.testing.checkpoints import make_tiny_checkpoint
 
         make_tiny_checkpoint("mixtral", cache)
-    logging.getLogger("moeserve.server").warning(
-        "no model given and no trained default model is embedded yet: serving a small RANDOM checkpoint "
-        "made at %s (its text is noise)", cache)
-    return str(cache)
+    log.warning("the embedded default model is missing: serving a small RANDOM checkpoint made at %s "
+                "(its text is noise)", cache)
+    return str(cache), "tiny-random-mixtral"
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -107,8 +116,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.model is None:
-        args.model = _default_model()
-        args.served_model_name = args.served_model_name or "moeserve-default"
+        args.model, name = _default_model()
+        args.served_model_name = args.served_model_name or name
     server = ServerConfig(host=args.host, port=args.port, grpc_port=args.grpc_port, api_keys=tuple(args.api_key or ()),
                           served_model_name=args.served_model_name, expert_metrics=args.expert_metrics,
                           shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)

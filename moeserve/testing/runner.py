@@ -7,6 +7,7 @@ time. Several sequences can step together, mixing prefill and decode in one flat
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
@@ -14,6 +15,22 @@ import torch
 from moeserve.model.attention import AttentionMetadata, PagedKVCache
 from moeserve.model.decoder import MoEForCausalLM
 from moeserve.testing.equality import GreedyTrace
+
+
+@torch.inference_mode()
+def perplexity(model: MoEForCausalLM, token_ids: list[int], seq: int = 256) -> float:
+    """exp(mean next-token cross-entropy) over `token_ids`, in independent windows of `seq`
+    tokens (the same windows transformers-side evaluation uses)."""
+    total, count = 0.0, 0
+    for start in range(0, len(token_ids) - 1, seq):
+        window = token_ids[start : start + seq + 1]
+        if len(window) < 2:
+            break
+        logits = ReferenceRunner(model, num_blocks=-(-seq // 16) + 1).step({0: window[:-1]})[0].float()
+        target = torch.tensor(window[1:], device=logits.device)
+        total += torch.nn.functional.cross_entropy(logits, target, reduction="sum").item()
+        count += len(window) - 1
+    return math.exp(total / count)
 
 
 class ReferenceRunner:

@@ -1,0 +1,57 @@
+"""The committed default model (models/moeserve-tiny-moe), as moeserve and transformers load it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeserve import LLM, SamplingParams, Tokenizer, load_model
+from moeserve.testing.runner import perplexity
+
+MODEL = Path(__file__).resolve().parents[1] / "models" / "moeserve-tiny-moe"
+pytestmark = pytest.mark.skipif(not (MODEL / "config.json").is_file(), reason="default model not trained yet")
+
+
+@pytest.fixture(scope="module")
+def stats():
+    return json.loads((MODEL / "training.json").read_text())
+
+
+def _heldout_ids(n: int) -> list[int]:
+    return Tokenizer(MODEL).encode((MODEL / "heldout.txt").read_text(), add_special_tokens=False)[:n]
+
+
+def test_fixed_greedy_completion_reads_like_python(stats):
+    sample = stats["sample"]
+    out = LLM(str(MODEL), dtype="float32").generate(sample["prompt"], SamplingParams(temperature=0, max_tokens=64))
+    text = out[0].outputs[0].text
+    assert text == sample["greedy_64_tokens"]
+    assert "return" in text or "if " in text or "=" in text
+
+
+def test_heldout_perplexity_matches_transformers_and_beats_uniform(stats):
+    from transformers import AutoModelForCausalLM
+
+    ids = _heldout_ids(1024)
+    ours = perplexity(load_model(MODEL, dtype="float32"), ids)
+    hf = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
+    total = count = 0
+    with torch.inference_mode():
+        for start in range(0, len(ids) - 1, 256):
+            window = torch.tensor(ids[start : start + 257])
+            logits = hf(window[None, :-1]).logits[0].float()
+            total += torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum").item()
+            count += window.numel() - 1
+    theirs = float(torch.tensor(total / count).exp())
+    assert abs(ours / theirs - 1) < 0.01
+    assert ours < stats["uniform_ppl"] / 20  # far below the uniform baseline
+    assert ours == pytest.approx(stats["heldout_ppl_k2"], rel=0.5)  # a 1k-token slice of the 40k evaluated
+
+
+def test_bf16_weights_load_as_committed():
+    model = load_model(MODEL)  # dtype auto: the checkpoint's bf16
+    assert next(model.parameters()).dtype == torch.bfloat16 and model.config.tie_word_embeddings
+    assert sum(p.numel() for p in model.parameters()) < 10_000_000
