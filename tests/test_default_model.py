@@ -47,8 +47,10 @@ def test_heldout_perplexity_matches_transformers_and_beats_uniform(stats):
             count += window.numel() - 1
     theirs = float(torch.tensor(total / count).exp())
     assert abs(ours / theirs - 1) < 0.01
-    assert ours < stats["uniform_ppl"] / 20  # far below the uniform baseline
-    assert ours == pytest.approx(stats["heldout_ppl_k2"], rel=0.5)  # a 1k-token slice of the 40k evaluated
+    # The whole held-out set gives the model card's figure, far below the uniform baseline.
+    full = perplexity(load_model(MODEL, dtype="float32"), _heldout_ids(stats["heldout_tokens"]))
+    assert full == pytest.approx(stats["heldout_ppl_k2"], rel=0.01)
+    assert full < stats["uniform_ppl"] / 100
 
 
 def test_bf16_weights_load_as_committed():
