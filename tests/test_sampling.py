@@ -17,7 +17,7 @@ def llm(checkpoints):
 
 
 def _row(params: SamplingParams, outputs=(), prompt=(), eos=frozenset({2})) -> SamplingRow:
-    return SamplingRow(params, list(prompt), list(outputs), eos)
+    return SamplingRow(params, list(prompt) + list(outputs), len(prompt), eos)
 
 
 # ---- the sampler on hand-made logits ----

@@ -77,8 +77,7 @@ class ModelRunner:
         rows = []
         for req_id in sample_ids:
             s = self.requests[req_id]
-            rows.append(SamplingRow(s.params, s.token_ids[: s.num_prompt_tokens], s.token_ids[s.num_prompt_tokens :],
-                                    self.eos_token_ids))
+            rows.append(SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, self.eos_token_ids))
         sampled = self.sampler(logits, rows)
         for req_id, (token, _) in zip(sample_ids, sampled):
             self.requests[req_id].token_ids.append(token)

@@ -20,12 +20,25 @@ from moeserve.sampling_params import SamplingParams
 
 @dataclass(frozen=True)
 class SamplingRow:
-    """What the sampler needs of one request."""
+    """What the sampler needs of one request: its tokens so far (prompt then outputs), shared
+    with the runner rather than copied, since only penalties look past their count."""
 
     params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    token_ids: list[int]
+    num_prompt_tokens: int
     eos_token_ids: frozenset[int]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
 
 
 def _seeded_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
@@ -47,7 +60,7 @@ class Sampler:
 
         for i, r in enumerate(rows):
             p = r.params
-            if len(r.output_token_ids) < p.min_tokens:
+            if r.num_output_tokens < p.min_tokens:
                 banned = [t for t in (*r.eos_token_ids, *p.stop_token_ids) if t < V]
                 logits[i, banned] = float("-inf")
             if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
@@ -62,7 +75,7 @@ class Sampler:
             for j, i in enumerate(random_rows):
                 seed = rows[i].params.seed
                 gen = (
-                    _seeded_generator(seed, len(rows[i].output_token_ids), device)
+                    _seeded_generator(seed, rows[i].num_output_tokens, device)
                     if seed is not None
                     else _seeded_generator(self._seed, self._step * 1_000_003 + i, device)
                 )

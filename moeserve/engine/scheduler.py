@@ -111,7 +111,10 @@ class Scheduler:
                 if victim is req:
                     break
             else:
-                bm.cache_full_blocks(req.block_table, req.all_token_ids[: req.num_computed_tokens + n], req.block_keys)
+                filled = (req.num_computed_tokens + n) // bm.block_size
+                if bm.enable_prefix_caching and len(req.block_keys) < filled:  # a block just filled
+                    bm.cache_full_blocks(req.block_table, req.all_token_ids[: req.num_computed_tokens + n],
+                                         req.block_keys)
                 cached_data.append(CachedRequestData(req.request_id, tuple(req.block_table[old_blocks:]), req.num_computed_tokens))
                 scheduled[req.request_id] = n
                 budget -= n
