@@ -29,7 +29,8 @@ class SparseMoE(nn.Module):
         D, I, E = config.hidden_size, config.moe_intermediate_size, config.num_experts
         self.moe_layer = moe_layer
         self.intermediate_size = I
-        self.gate = Router(D, E, config.top_k, config.renormalize, config.router_weights_fp32)
+        self.gate = Router(D, E, config.top_k, config.renormalize, config.router_weights_fp32,
+                           select=backend.select_experts)
         self.w13 = nn.Parameter(torch.empty(num_slots, 2 * I, D), requires_grad=False)  # [P, 2I, D]
         self.w2 = nn.Parameter(torch.empty(num_slots, D, I), requires_grad=False)  # [P, D, I]
         self.placement = ExpertPlacement(E, num_slots)

@@ -13,6 +13,7 @@ the top expert's raw softmax probability.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -29,26 +30,48 @@ class Routing:
     logits: torch.Tensor  # [T, E] model dtype
 
 
-class Router(nn.Module):
-    """softmax(x W^T) in fp32 -> top-K. The gate matmul runs in the model dtype."""
+def select_experts_torch(
+    logits: torch.Tensor, top_k: int, k: torch.Tensor, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T, E] -> (weights [T, K] fp32, ids [T, K] int64 in [0, E]); the reference that the
+    fused router kernel (moeserve.kernels.router) is tested against."""
+    E = logits.shape[-1]
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
+    top_w, top_ids = torch.topk(probs, top_k, dim=-1)  # [T, K] x2
+    active = torch.arange(top_k, device=logits.device) < k  # [K]
+    top_w = top_w * active
+    if renormalize:
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+    return top_w, torch.where(active, top_ids, E)
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, renormalize: bool, weights_fp32: bool):
+
+SelectExperts = Callable[[torch.Tensor, int, torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]]
+
+
+class Router(nn.Module):
+    """softmax(x W^T) in fp32 -> top-K. The gate matmul runs in the model dtype; `select` (the
+    expert backend's, torch or a fused kernel) does everything after the logits."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        renormalize: bool,
+        weights_fp32: bool,
+        select: SelectExperts = select_experts_torch,
+    ):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size), requires_grad=False)  # [E, D]
         self.num_experts = num_experts
         self.top_k = top_k
         self.renormalize = renormalize
         self.weights_fp32 = weights_fp32
+        self.select = select
 
     def forward(self, x: torch.Tensor, k: torch.Tensor) -> Routing:
         logits = F.linear(x, self.weight)  # [T, E]
-        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
-        top_w, top_ids = torch.topk(probs, self.top_k, dim=-1)  # [T, K] x2
-        active = torch.arange(self.top_k, device=x.device) < k  # [K]
-        top_w = top_w * active
-        if self.renormalize:
-            top_w = top_w / top_w.sum(dim=-1, keepdim=True)
+        top_w, top_ids = self.select(logits, self.top_k, k, self.renormalize)  # [T, K] x2
         if not self.weights_fp32:
             top_w = top_w.to(logits.dtype)
-        top_ids = torch.where(active, top_ids, self.num_experts)
         return Routing(expert_ids=top_ids, weights=top_w, logits=logits)

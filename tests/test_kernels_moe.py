@@ -1,0 +1,209 @@
+"""MoE kernels (alignment, fused grouped GEMM, router) and the grouped_mm backend against torch.
+
+On the CPU these run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1), on a GPU
+compiled. fp32 results must agree to fp32 rounding of a different summation order. Half-precision
+results are held to the torch backend's own accuracy: both are compared with an fp64 evaluation
+of the same formula, and the kernel's error may be at most twice torch's plus one unit of the
+dtype's resolution at the output's scale. A wrong row, block or weight is off by O(1) and fails.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeserve.model.moe.experts import GroupedMMExpertBackend, TorchExpertBackend
+from moeserve.model.moe.router import select_experts_torch
+
+triton = pytest.importorskip("triton")
+
+from moeserve.kernels.configs import MoEKernelConfig, default_moe_config, get_moe_config  # noqa: E402
+from moeserve.kernels.fused_moe import fused_experts  # noqa: E402
+from moeserve.kernels.moe_align import moe_align_block_size  # noqa: E402
+from moeserve.kernels.router import fused_topk  # noqa: E402
+
+HALF = (torch.bfloat16, torch.float16)
+# Small blocks on purpose: several row and column blocks per slot, and a reduction with a tail.
+SMALL = MoEKernelConfig(block_m=16, block_n=32, block_k=32)
+
+
+def _problem(T, K, P, D, I, dtype, device, seed=0, empty_slots=(), inactive=0.0):
+    """Random x, slots (never in `empty_slots`; a fraction `inactive` of choices set to P),
+    weights, w13, w2. Each token's K slots are distinct, as top-K's are."""
+    g = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor([s for s in range(P) if s not in empty_slots])
+    # Uneven load: slot popularity drawn from a skewed distribution.
+    popularity = torch.rand(len(allowed), generator=g) ** 3 + 0.01
+    slots = torch.stack([allowed[torch.multinomial(popularity, K, replacement=False, generator=g)] for _ in range(T)])
+    if inactive:
+        slots[torch.rand(T, K, generator=g) < inactive] = P
+    weights = torch.rand(T, K, generator=g)
+    weights = weights / weights.sum(-1, keepdim=True)
+    x = torch.randn(T, D, generator=g)
+    w13 = torch.randn(P, 2 * I, D, generator=g) / D**0.5
+    w2 = torch.randn(P, D, I, generator=g) / I**0.5
+    return tuple(t.to(device) for t in (x.to(dtype), slots, weights, w13.to(dtype), w2.to(dtype)))
+
+
+def _fp64_reference(x, slots, weights, w13, w2):
+    x, w13, w2, weights = x.double(), w13.double(), w2.double(), weights.double()
+    P = w13.shape[0]
+    out = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for k, s in enumerate(slots[t].tolist()):
+            if s < P:
+                gate, up = (w13[s] @ x[t]).chunk(2)
+                out[t] += weights[t, k] * (w2[s] @ (F.silu(gate) * up))
+    return out
+
+
+def _assert_agrees(got, expected, inputs):
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        return
+    exact = _fp64_reference(*(t.cpu() for t in inputs))
+    err_got = (got.cpu().double() - exact).abs().max().item()
+    err_ref = (expected.cpu().double() - exact).abs().max().item()
+    resolution = torch.finfo(got.dtype).eps * exact.abs().max().item()
+    assert err_got <= 2 * err_ref + resolution, (err_got, err_ref, resolution)
+
+
+@pytest.mark.parametrize("T,K,P,block_m", [(1, 1, 4, 16), (5, 2, 6, 4), (40, 2, 8, 16), (13, 3, 5, 8)])
+def test_alignment_groups_every_token_slot_once_in_padded_blocks(T, K, P, block_m, device):
+    _, slots, *_ = _problem(T, K, P, 8, 8, torch.float32, device, empty_slots=(1,), inactive=0.2)
+    a = moe_align_block_size(slots, P, block_m)
+    ids, blocks = a.sorted_token_ids.cpu(), a.block_slot.cpu()
+    flat = slots.reshape(-1).cpu()
+    N = flat.numel()
+    M_pad = int(a.num_tokens_padded)
+    counts = torch.bincount(flat, minlength=P + 1)[:P]
+    assert M_pad == int(((counts + block_m - 1) // block_m * block_m).sum())
+    assert ids.numel() % block_m == 0 and ids.numel() >= M_pad and blocks.numel() == ids.numel() // block_m
+    assert (ids[M_pad:] == N).all() and (blocks[M_pad // block_m :] == -1).all()
+    active = sorted(i for i in range(N) if flat[i] < P)
+    assert sorted(i for i in ids[:M_pad].tolist() if i < N) == active  # each active token-slot once
+    for b in range(M_pad // block_m):
+        members = [i for i in ids[b * block_m : (b + 1) * block_m].tolist() if i < N]
+        assert members and all(int(flat[i]) == int(blocks[b]) for i in members)
+        assert members == sorted(members)  # stable: token order kept within a slot
+
+
+def test_alignment_skips_blocks_of_slots_on_other_ranks(device):
+    _, slots, *_ = _problem(20, 2, 6, 8, 8, torch.float32, device)
+    local = torch.tensor([0, -1, 1, -1, 2, -1], device=device)  # this rank holds slots 0, 2, 4
+    a = moe_align_block_size(slots, 6, 8, local_slot=local)
+    plain = moe_align_block_size(slots, 6, 8)
+    expect = torch.where(plain.block_slot >= 0, local.to(torch.int32)[plain.block_slot.clamp(min=0).long()], -1)
+    assert torch.equal(a.block_slot, expect)
+
+
+@pytest.mark.parametrize("T,K,P,block_m,local", [(1, 2, 8, 16, False), (7, 2, 6, 4, True), (64, 8, 128, 16, False),
+                                                  (300, 2, 8, 64, True)])
+def test_alignment_kernel_and_torch_ops_build_the_same_layout(T, K, P, block_m, local, device):
+    from moeserve.kernels import moe_align
+
+    _, slots, *_ = _problem(T, K, P, 8, 8, torch.float32, device, empty_slots=(1,), inactive=0.1)
+    local_slot = torch.randperm(P, device=device) - P // 3 if local else None  # some slots remote (< 0)
+    if local_slot is not None:
+        local_slot = local_slot.clamp(min=-1)
+    flat = slots.reshape(-1)
+    m_max = -(-(flat.numel() + P * (block_m - 1)) // block_m) * block_m
+    nb = m_max // block_m
+    a = moe_align._align_kernel(flat, P, block_m, m_max, nb, triton.next_power_of_2(P + 1),
+                                triton.next_power_of_2(nb), local_slot)
+    b = moe_align._align_torch(flat, P, block_m, m_max, local_slot)
+    assert torch.equal(a.num_tokens_padded, b.num_tokens_padded)
+    assert torch.equal(a.sorted_token_ids, b.sorted_token_ids)
+    assert torch.equal(a.block_slot, b.block_slot)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "T,K,P,D,I,empty,inactive",
+    [
+        (1, 1, 4, 64, 32, (), 0.0),  # one decode token, T < BLOCK_M
+        (3, 2, 8, 48, 40, (2, 5), 0.0),  # reductions with tails, experts with zero tokens
+        (37, 2, 8, 64, 48, (0,), 0.25),  # uneven load, inactive choices (K lowered for some)
+        (24, 1, 6, 32, 64, (), 0.0),  # K = 1
+    ],
+)
+def test_fused_experts_match_torch_backend(T, K, P, D, I, empty, inactive, dtype, device):
+    inputs = _problem(T, K, P, D, I, dtype, device, empty_slots=empty, inactive=inactive)
+    expected = TorchExpertBackend()(*inputs)
+    got = fused_experts(*inputs, config=SMALL)
+    _assert_agrees(got, expected, inputs)
+
+
+def test_fused_experts_with_default_config_and_large_blocks(device):
+    inputs = _problem(9, 2, 4, 64, 64, torch.bfloat16, device)
+    got = fused_experts(*inputs)  # default config: one block covers everything
+    _assert_agrees(got, TorchExpertBackend()(*inputs), inputs)
+
+
+def test_fused_experts_expert_parallel_computes_only_local_slots(device):
+    x, slots, weights, w13, w2 = _problem(16, 2, 6, 32, 32, torch.float32, device)
+    mine = [0, 2, 4]
+    local = torch.tensor([0, -1, 1, -1, 2, -1], device=device)
+    got = fused_experts(x, slots, weights, w13[mine], w2[mine], local_slot=local, config=SMALL)
+    remote_dropped = torch.where(local[slots.clamp(max=5)] >= 0, slots, 6)
+    expected = TorchExpertBackend()(x, remote_dropped, weights, w13, w2)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_experts_rejects_mismatched_shapes(device):
+    x, slots, weights, w13, w2 = _problem(4, 2, 4, 32, 16, torch.float32, device)
+    with pytest.raises(ValueError, match="bad shapes"):
+        fused_experts(x, slots, weights, w13[:, :-1], w2)
+    with pytest.raises(ValueError, match="dtype"):
+        fused_experts(x.half(), slots, weights, w13, w2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,E,K,k,renorm", [(1, 8, 2, 2, True), (7, 12, 2, 1, True), (70, 8, 4, 3, False),
+                                            (5, 16, 1, 1, False), (33, 60, 4, 4, True)])
+def test_router_kernel_matches_torch_topk(T, E, K, k, renorm, dtype, device):
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(T * E)).to(dtype).to(device)
+    k_t = torch.tensor(k, device=device)
+    w_ref, ids_ref = select_experts_torch(logits, K, k_t, renorm)
+    w, ids = fused_topk(logits, K, k_t, renorm)
+    assert torch.equal(ids, ids_ref)
+    assert (ids[:, k:] == E).all() and (w[:, k:] == 0).all()
+    torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-7)
+
+
+def test_router_kernel_sigmoid_scoring(device):
+    logits = torch.randn(9, 16, generator=torch.Generator().manual_seed(1)).to(device)
+    w, ids = fused_topk(logits, 4, torch.tensor(4), renormalize=True, scoring="sigmoid")
+    top, top_ids = torch.topk(torch.sigmoid(logits), 4, dim=-1)
+    assert torch.equal(ids, top_ids)
+    torch.testing.assert_close(w, top / top.sum(-1, keepdim=True), rtol=1e-6, atol=1e-7)
+
+
+def test_router_kernel_rejects_bad_arguments(device):
+    with pytest.raises(ValueError, match="top_k"):
+        fused_topk(torch.randn(3, 4, device=device), 5, torch.tensor(1), True)
+    with pytest.raises(ValueError, match="scoring"):
+        fused_topk(torch.randn(3, 4, device=device), 2, torch.tensor(1), True, scoring="relu")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_mm_backend_matches_torch_backend(dtype, device):
+    inputs = _problem(29, 2, 8, 64, 32, dtype, device, empty_slots=(3,), inactive=0.2)
+    _assert_agrees(GroupedMMExpertBackend()(*inputs), TorchExpertBackend()(*inputs), inputs)
+
+
+def test_config_table_lookup_picks_smallest_tabulated_m_at_least_the_batch(tmp_path, monkeypatch):
+    from moeserve.kernels import configs
+
+    table = {"device": "Test GPU", "shapes": {configs.shape_key(8, 64, 32, torch.bfloat16): {
+        "16": MoEKernelConfig(16, 32, 64).to_json(), "256": MoEKernelConfig(64, 64, 32, group_m=8).to_json()}}}
+    import json
+
+    monkeypatch.setattr(configs, "CONFIG_DIR", tmp_path)
+    configs.device_file("Test GPU").write_text(json.dumps(table))
+    get = lambda m: get_moe_config(8, 64, 32, m, torch.bfloat16, device_name="Test GPU")  # noqa: E731
+    assert get(1) == get(16) == MoEKernelConfig(16, 32, 64)
+    assert get(17) == get(4096) == MoEKernelConfig(64, 64, 32, group_m=8)
+    assert get_moe_config(8, 64, 64, 1, torch.bfloat16, device_name="Test GPU") == default_moe_config(8, 1)
