@@ -1,10 +1,10 @@
 """Triton kernels, imported as `moeserve.kernels` (see pyproject's package-dir mapping).
 
-    moe_align    top-K slots -> token-slots grouped and padded per slot (device ops, no host sync)
-    fused_moe    grouped GEMM for expert micro-batches (gate_up + SiLU·mul, down + routing weight)
-    router       softmax/sigmoid + top-K + renormalisation in one pass
-    attention    paged decode (split-KV) and variable-length prefill over the paged KV cache
-    configs      block sizes per shape: a tuned JSON table per GPU, a heuristic default
+    moe_align        top-K slots -> token-slots grouped and padded per slot (device ops, no host sync)
+    fused_moe        grouped GEMM for expert micro-batches (gate_up + SiLU·mul, down + routing weight)
+    router           softmax/sigmoid + top-K + renormalisation in one pass
+    paged_attention  split-KV decode and variable-length prefill over the paged KV cache
+    configs          block sizes per shape: a tuned JSON table per GPU, a heuristic default
 
 Each kernel has a torch counterpart it is tested against under TRITON_INTERPRET=1 on the CPU.
 Importing this package needs no triton; importing a kernel module does.

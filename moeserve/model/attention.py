@@ -12,8 +12,8 @@ sequence s lives in block `block_tables[s, p // B]` at offset `p % B`, i.e. flat
     every new token attends to all keys at positions <= its own (and > pos - window)
 
 The torch path pads each group of sequences (decodes; the rest) to [S, max_query_len] queries
-and [S, L] keys so that there is no per-sequence Python loop; the Triton kernels (kernels issue)
-read the blocks in place instead.
+and [S, L] keys so that there is no per-sequence Python loop; the triton backend
+(moeserve.kernels.paged_attention) reads the blocks in place instead, one launch per group.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ class AttentionGroup:
     """
 
     tokens: torch.Tensor  # [T_g] int64
+    query_start_loc: torch.Tensor  # [S_g + 1] int64, sequence i owns tokens[qsl[i]:qsl[i + 1]]
     seq_lens: torch.Tensor  # [S_g] int64
     block_tables: torch.Tensor  # [S_g, max_blocks] int64
     token_seq: torch.Tensor  # [T_g] int64
@@ -113,8 +114,11 @@ def _group(members, query_lens, seq_lens, block_tables, qsl, device) -> Attentio
     group_start = torch.cumsum(q_lens, 0) - q_lens
     token_index = torch.arange(num_tokens) - group_start[token_seq]
     tokens = starts[token_seq] + token_index
+    group_qsl = torch.zeros(len(members) + 1, dtype=torch.int64)
+    group_qsl[1:] = torch.cumsum(q_lens, 0)
     return AttentionGroup(
         tokens=tokens.to(device),
+        query_start_loc=group_qsl.to(device),
         seq_lens=torch.tensor([seq_lens[i] for i in members], dtype=torch.int64, device=device),
         block_tables=tables.to(device),
         token_seq=token_seq.to(device),
@@ -195,12 +199,28 @@ def _attend_group(q, key_cache, value_cache, meta: AttentionMetadata, g: Attenti
     return out[g.token_seq, g.token_index]  # [T_g, H, Dh]
 
 
+ATTENTION_BACKENDS = ("torch", "triton")
+
+
+def get_attention_backend(name: str):
+    """The paged-attention function of a backend; all share paged_attention's signature."""
+    if name == "torch":
+        return paged_attention
+    if name == "triton":
+        from moeserve.kernels.paged_attention import paged_attention_triton
+
+        return paged_attention_triton
+    raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(ATTENTION_BACKENDS)}")
+
+
 class Attention(nn.Module):
     """q/k/v projections, optional q/k RMSNorm ('head': per head, Qwen3; 'full': over the whole
     projection, OLMoE), optional clamp, RoPE, cache write, paged attention, output projection."""
 
-    def __init__(self, config: ModelConfig, layer_id: int):
+    def __init__(self, config: ModelConfig, layer_id: int, backend: str = "torch"):
         super().__init__()
+        self.backend = backend
+        self.attend = get_attention_backend(backend)
         D, H, Hkv, Dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, Dh
         self.scale = Dh**-0.5
@@ -241,5 +261,5 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         key_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
         value_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
-        out = paged_attention(q, key_cache, value_cache, meta, self.scale, self.window)  # [T, H, Dh]
+        out = self.attend(q, key_cache, value_cache, meta, self.scale, self.window)  # [T, H, Dh]
         return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))  # [T, D]

@@ -1,0 +1,333 @@
+"""Paged attention: split-KV decode and variable-length causal prefill, reading the cache in place.
+
+Shape legend (shared/DESIGN.md) plus: S sequences, B tokens per KV block, H query heads, Hkv KV
+heads, G = H / Hkv, Dh head dim, L a sequence's length (cached prefix + this step's tokens).
+
+Cache layout (moeserve.model.attention): key/value [num_blocks, B, Hkv, Dh]; position p of
+sequence s is at block block_tables[s, p // B], offset p % B. A tile of BLOCK_N positions is
+gathered through the block table, so any B works and nothing is copied into contiguous tensors.
+
+Visibility, as in the torch path: the query at position p sees key j iff j <= p and
+(window is None or j > p - window). Scores and softmax are fp32 (online softmax, flash style);
+the output is cast to q's dtype.
+
+    decode  (one new token per sequence)   grid (S, Hkv, SPLITS)
+        program = one sequence, the G query heads of one KV head (each K/V tile loaded once for
+        all G), one contiguous range of KV tiles. With SPLITS > 1 (few sequences, long context:
+        flash-decoding) each split writes (max, sum, acc) to fp32 scratch and
+        `decode_reduce_kernel` merges them.
+    prefill (q_len >= 1, after a cached prefix)   grid (S * Q_BLOCKS, H)
+        program = BLOCK_M consecutive queries of one sequence and one head; KV tiles above the
+        block's last query (causal) or below its first query's window are never loaded.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from moeserve.kernels import interpreting
+from moeserve.kernels.numerics import emulate_bf16, round_to
+
+NEG_BIG = -1.0e30  # running max start: finite, so fully masked tiles give exp(0) * 0, not NaN
+
+
+@triton.jit
+def _dot(a, b, DOT_FP32: tl.constexpr, FP32_IEEE: tl.constexpr):
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    if FP32_IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
+def decode_kernel(
+    # Pointers
+    q_ptr,  # [S, H, Dh] one query per sequence
+    k_cache_ptr,  # [num_blocks, B, Hkv, Dh]
+    v_cache_ptr,
+    block_tables_ptr,  # [S, max_blocks]
+    seq_lens_ptr,  # [S]
+    out_ptr,  # [S, H, Dh] (SPLITS == 1)
+    part_m_ptr,  # [S, H, SPLITS] fp32 (SPLITS > 1)
+    part_l_ptr,  # [S, H, SPLITS] fp32
+    part_acc_ptr,  # [S, H, SPLITS, Dh] fp32
+    # Dimensions and strides
+    scale,
+    window,  # 0 = no window
+    G,
+    Dh,
+    tiles_per_split,
+    stride_qs, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_bt,
+    # Meta-parameters
+    B: tl.constexpr,
+    SPLITS: tl.constexpr,
+    BLOCK_G: tl.constexpr,  # >= max(G, 16)
+    BLOCK_N: tl.constexpr,  # KV positions per tile
+    BLOCK_D: tl.constexpr,  # >= Dh
+    DOT_FP32: tl.constexpr,
+    FP32_IEEE: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+):
+    s = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    L = tl.load(seq_lens_ptr + s)
+    pos = L - 1
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    heads = kvh * G + offs_g  # [BG]
+    g_mask = offs_g < G
+    d_mask = offs_d < Dh
+    q = tl.load(q_ptr + s * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BG, BD]
+
+    lo = split * tiles_per_split * BLOCK_N
+    hi = tl.minimum(lo + tiles_per_split * BLOCK_N, L)
+    if window > 0:
+        lo = tl.maximum(lo, (tl.maximum(pos - window + 1, 0) // BLOCK_N) * BLOCK_N)
+    m_i = tl.full((BLOCK_G,), NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        p = start + offs_n  # [BN] positions
+        valid = p < hi
+        if window > 0:
+            valid = valid & (p > pos - window)
+        block = tl.load(block_tables_ptr + s * stride_bt + p // B, mask=valid, other=0).to(tl.int64)
+        kv_off = block * stride_kb + (p % B) * stride_kt + kvh * stride_kh  # [BN]
+        k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=valid[:, None] & d_mask[None, :],
+                    other=0.0)  # [BN, BD]
+        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=valid[:, None] & d_mask[None, :],
+                    other=0.0)
+        scores = _dot(q, tl.trans(k), DOT_FP32, FP32_IEEE) * scale  # [BG, BN]
+        scores = tl.where(valid[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        prob = tl.exp(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(prob, axis=1)
+        acc = acc * alpha[:, None] + _dot(prob.to(v.dtype), v, DOT_FP32, FP32_IEEE)
+        m_i = m_new
+
+    if SPLITS == 1:
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + s * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+                 round_to(out, out_ptr.dtype.element_ty, EMULATE_BF16).to(out_ptr.dtype.element_ty),
+                 mask=g_mask[:, None] & d_mask[None, :])
+    else:
+        row = (s * G * tl.num_programs(1) + heads) * SPLITS + split  # [BG] index into [S, H, SPLITS]
+        tl.store(part_m_ptr + row, m_i, mask=g_mask)
+        tl.store(part_l_ptr + row, l_i, mask=g_mask)
+        tl.store(part_acc_ptr + row[:, None] * Dh + offs_d[None, :], acc, mask=g_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def decode_reduce_kernel(
+    part_m_ptr,  # [S, H, SPLITS] fp32
+    part_l_ptr,
+    part_acc_ptr,  # [S, H, SPLITS, Dh] fp32
+    out_ptr,  # [S, H, Dh]
+    H,
+    Dh,
+    stride_os, stride_oh,
+    SPLITS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+):
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    offs = tl.arange(0, SPLITS)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < Dh
+    row = (s * H + h) * SPLITS + offs  # [SPLITS]
+    m = tl.load(part_m_ptr + row)
+    l_part = tl.load(part_l_ptr + row)
+    acc = tl.load(part_acc_ptr + row[:, None] * Dh + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+    m_all = tl.max(m, axis=0)
+    w = tl.exp(m - m_all)  # [SPLITS]; splits that saw no key have l = 0, acc = 0
+    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_part * w, axis=0)  # [BD]
+    tl.store(out_ptr + s * stride_os + h * stride_oh + offs_d,
+             round_to(out, out_ptr.dtype.element_ty, EMULATE_BF16).to(out_ptr.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def prefill_kernel(
+    # Pointers
+    q_ptr,  # [T_g, H, Dh]
+    k_cache_ptr,  # [num_blocks, B, Hkv, Dh]
+    v_cache_ptr,
+    block_tables_ptr,  # [S, max_blocks]
+    seq_lens_ptr,  # [S]
+    query_start_ptr,  # [S + 1] offsets into q's rows
+    out_ptr,  # [T_g, H, Dh]
+    # Dimensions and strides
+    scale,
+    window,  # 0 = no window
+    G,
+    Dh,
+    q_blocks,  # query blocks per sequence in the grid (ceil(max_query_len / BLOCK_M))
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_bt,
+    # Meta-parameters
+    B: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    FP32_IEEE: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+):
+    s = tl.program_id(0) // q_blocks
+    qb = tl.program_id(0) % q_blocks
+    h = tl.program_id(1)
+    kvh = h // G
+    q_start = tl.load(query_start_ptr + s)
+    q_len = tl.load(query_start_ptr + s + 1) - q_start
+    if qb * BLOCK_M >= q_len:
+        return
+    L = tl.load(seq_lens_ptr + s)
+    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_mask = offs_m < q_len
+    d_mask = offs_d < Dh
+    q_pos = L - q_len + offs_m  # [BM]
+    rows = (q_start + offs_m).to(tl.int64)
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # [BM, BD]
+
+    hi = tl.minimum(L - q_len + (qb + 1) * BLOCK_M, L)  # past the block's last query
+    lo = L * 0
+    if window > 0:
+        lo = (tl.maximum(L - q_len + qb * BLOCK_M - window + 1, 0) // BLOCK_N) * BLOCK_N
+    m_i = tl.full((BLOCK_M,), NEG_BIG, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        p = start + offs_n  # [BN]
+        in_seq = p < hi
+        block = tl.load(block_tables_ptr + s * stride_bt + p // B, mask=in_seq, other=0).to(tl.int64)
+        kv_off = block * stride_kb + (p % B) * stride_kt + kvh * stride_kh
+        k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=in_seq[:, None] & d_mask[None, :],
+                    other=0.0)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=in_seq[:, None] & d_mask[None, :],
+                    other=0.0)
+        visible = in_seq[None, :] & (p[None, :] <= q_pos[:, None])  # [BM, BN]
+        if window > 0:
+            visible = visible & (p[None, :] > q_pos[:, None] - window)
+        scores = _dot(q, tl.trans(k), DOT_FP32, FP32_IEEE) * scale
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        prob = tl.exp(scores - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(prob, axis=1)
+        acc = acc * alpha[:, None] + _dot(prob.to(v.dtype), v, DOT_FP32, FP32_IEEE)
+        m_i = m_new
+
+    out = acc / tl.where(m_mask, l_i, 1.0)[:, None]
+    tl.store(out_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+             round_to(out, out_ptr.dtype.element_ty, EMULATE_BF16).to(out_ptr.dtype.element_ty),
+             mask=m_mask[:, None] & d_mask[None, :])
+
+
+def decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n: int) -> int:
+    """Enough programs to fill a GPU (~2 waves of 132 SMs) when S * Hkv alone does not, with at
+    least 4 tiles per split; a power of two (the reduce kernel's arange)."""
+    programs = num_seqs * num_kv_heads
+    if programs >= 264 or interpreting():
+        return 1
+    want = -(-264 // programs)
+    cap = max(1, max_seq_len // (4 * block_n))
+    return min(triton.next_power_of_2(min(want, cap)), 64) if cap > 1 else 1
+
+
+def paged_decode(
+    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, max_seq_len: int, scale: float, window: int | None, num_splits: int | None = None,
+) -> torch.Tensor:
+    """q [S, H, Dh] (each sequence's one new token, at position seq_len - 1) -> [S, H, Dh]."""
+    S, H, Dh = q.shape
+    _, B, Hkv, _ = key_cache.shape
+    G = H // Hkv
+    block_n = 32 if interpreting() else 64
+    splits = num_splits or decode_splits(S, Hkv, max_seq_len, block_n)
+    tiles = -(-max_seq_len // block_n)
+    tiles_per_split = -(-tiles // splits)
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    part_m = part_l = part_acc = out  # unused when splits == 1
+    if splits > 1:
+        part_m = torch.empty(S, H, splits, dtype=torch.float32, device=q.device)
+        part_l = torch.empty_like(part_m)
+        part_acc = torch.empty(S, H, splits, Dh, dtype=torch.float32, device=q.device)
+    fp32 = q.dtype == torch.float32
+    block_d = triton.next_power_of_2(Dh)
+    decode_kernel[(S, Hkv, splits)](
+        q, key_cache, value_cache, block_tables, seq_lens, out, part_m, part_l, part_acc,
+        scale, window or 0, G, Dh, tiles_per_split,
+        q.stride(0), q.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        block_tables.stride(0),
+        B=B, SPLITS=splits, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=block_d,
+        DOT_FP32=interpreting() and not fp32, FP32_IEEE=fp32 and not interpreting(),
+        EMULATE_BF16=emulate_bf16(q.dtype),
+    )
+    if splits > 1:
+        decode_reduce_kernel[(S, H)](
+            part_m, part_l, part_acc, out, H, Dh, out.stride(0), out.stride(1),
+            SPLITS=splits, BLOCK_D=block_d, EMULATE_BF16=emulate_bf16(q.dtype),
+        )
+    return out
+
+
+def paged_prefill(
+    q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int, scale: float, window: int | None,
+) -> torch.Tensor:
+    """q [T_g, H, Dh], sequence s owning rows query_start_loc[s]:[s + 1] at its last positions
+    -> [T_g, H, Dh]."""
+    T, H, Dh = q.shape
+    S = seq_lens.shape[0]
+    _, B, Hkv, _ = key_cache.shape
+    block_m, block_n = (16, 32) if interpreting() else (64, 64)
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    q_blocks = -(-max_query_len // block_m)
+    fp32 = q.dtype == torch.float32
+    prefill_kernel[(S * q_blocks, H)](
+        q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out,
+        scale, window or 0, H // Hkv, Dh, q_blocks,
+        q.stride(0), q.stride(1),
+        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
+        block_tables.stride(0),
+        B=B, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(Dh),
+        DOT_FP32=interpreting() and not fp32, FP32_IEEE=fp32 and not interpreting(),
+        EMULATE_BF16=emulate_bf16(q.dtype),
+    )
+    return out
+
+
+def paged_attention_triton(q, key_cache, value_cache, meta, scale: float, window: int | None) -> torch.Tensor:
+    """Same contract as moeserve.model.attention.paged_attention: q [T, H, Dh] against the cache
+    (already holding this step's keys/values) -> [T, H, Dh]. One decode launch (+ reduce) for
+    the decode group, one prefill launch for the rest."""
+    if key_cache.stride(3) != 1 or value_cache.stride() != key_cache.stride():
+        raise ValueError("key and value caches must share a layout with contiguous head dims")
+    out = torch.empty_like(q) if len(meta.groups) > 1 else None
+    for g in meta.groups:
+        q_g = q[g.tokens] if out is not None else q
+        if g.max_query_len == 1:
+            o = paged_decode(q_g, key_cache, value_cache, g.block_tables, g.seq_lens, g.max_seq_len, scale, window)
+        else:
+            o = paged_prefill(q_g, key_cache, value_cache, g.block_tables, g.seq_lens, g.query_start_loc,
+                              g.max_query_len, scale, window)
+        if out is None:
+            return o
+        out[g.tokens] = o
+    return out

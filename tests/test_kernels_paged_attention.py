@@ -1,0 +1,101 @@
+"""Triton paged attention (decode with splits, variable-length prefill) against the torch path.
+
+CPU: Triton's interpreter (tests/conftest.py). fp32 must agree to fp32 rounding; half precision
+is held to the torch path's own accuracy against an fp64 evaluation (see test_kernels_moe.py).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from moeserve.model.attention import AttentionMetadata, get_attention_backend, paged_attention
+
+pytest.importorskip("triton")
+
+from moeserve.kernels.paged_attention import paged_attention_triton, paged_decode  # noqa: E402
+
+
+def _batch(seqs, H, Hkv, Dh, B, dtype, device, seed=0):
+    """seqs: (cached tokens, new tokens) per sequence -> q [T, H, Dh], caches, metadata, with
+    shuffled block tables and this step's keys/values already written (as Attention does)."""
+    g = torch.Generator().manual_seed(seed)
+    free = list(range(sum(-(-(c + n) // B) for c, n in seqs) + 3))
+    random.Random(seed).shuffle(free)
+    num_blocks = len(free)
+    key = torch.randn(num_blocks, B, Hkv, Dh, generator=g)
+    value = torch.randn(num_blocks, B, Hkv, Dh, generator=g)
+    tables = [[free.pop() for _ in range(-(-(c + n) // B))] for c, n in seqs]
+    meta = AttentionMetadata.build([n for _, n in seqs], [c + n for c, n in seqs], tables, B, device)
+    q = torch.randn(sum(n for _, n in seqs), H, Dh, generator=g)
+    return q.to(device, dtype), key.to(device, dtype), value.to(device, dtype), meta
+
+
+def _check(got, expected, q, key, value, meta, scale, window):
+    assert got.shape == expected.shape and got.dtype == expected.dtype
+    assert torch.isfinite(got).all()
+    if got.dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        return
+    exact = paged_attention(q.double().cpu(), key.double().cpu(), value.double().cpu(),
+                            _to_cpu(meta), scale, window)
+    err_got = (got.cpu().double() - exact).abs().max().item()
+    err_ref = (expected.cpu().double() - exact).abs().max().item()
+    resolution = torch.finfo(got.dtype).eps * exact.abs().max().item()
+    assert err_got <= 2 * err_ref + resolution, (err_got, err_ref, resolution)
+
+
+def _to_cpu(meta: AttentionMetadata) -> AttentionMetadata:
+    from dataclasses import fields, replace
+
+    def move(obj):
+        return replace(obj, **{f.name: getattr(obj, f.name).cpu() for f in fields(obj)
+                               if isinstance(getattr(obj, f.name), torch.Tensor)})
+
+    return replace(move(meta), groups=tuple(move(g) for g in meta.groups))
+
+
+MIXED = [(0, 9), (6, 7), (13, 1), (3, 1), (0, 1), (20, 18)]  # fresh and chunked prefills, decodes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("H,Hkv,B", [(4, 2, 4), (2, 2, 16)])
+def test_mixed_batch_matches_torch_path(H, Hkv, B, window, dtype, device):
+    Dh = 16
+    q, key, value, meta = _batch(MIXED, H, Hkv, Dh, B, dtype, device)
+    expected = paged_attention(q, key, value, meta, Dh**-0.5, window)
+    got = paged_attention_triton(q, key, value, meta, Dh**-0.5, window)
+    _check(got, expected, q, key, value, meta, Dh**-0.5, window)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 40])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_decode_with_long_contexts_and_splits(splits, window, dtype, device):
+    """Contexts over several tiles; with 4 splits some splits see no visible key (window)."""
+    H, Hkv, Dh, B = 8, 2, 32, 8
+    seqs = [(99, 1), (64, 1), (5, 1), (130, 1)]
+    q, key, value, meta = _batch(seqs, H, Hkv, Dh, B, dtype, device, seed=splits)
+    (g,) = meta.groups
+    expected = paged_attention(q, key, value, meta, Dh**-0.5, window)
+    got = paged_decode(q, key, value, g.block_tables, g.seq_lens, g.max_seq_len, Dh**-0.5, window,
+                       num_splits=splits)
+    _check(got, expected, q, key, value, meta, Dh**-0.5, window)
+
+
+def test_prefill_longer_than_one_query_block_with_prefix(device):
+    """Queries over several BLOCK_M blocks after a cached prefix; head dim not a power of two."""
+    H, Hkv, Dh, B = 2, 1, 24, 16
+    q, key, value, meta = _batch([(37, 45), (0, 3)], H, Hkv, Dh, B, torch.float32, device, seed=3)
+    expected = paged_attention(q, key, value, meta, Dh**-0.5, None)
+    got = paged_attention_triton(q, key, value, meta, Dh**-0.5, None)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_unknown_attention_backend_is_refused():
+    assert get_attention_backend("triton") is paged_attention_triton
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
+        get_attention_backend("flash")
