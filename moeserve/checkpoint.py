@@ -119,10 +119,12 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     num_redundant_experts: int = 0,
-    expert_backend: str = "torch",
+    expert_backend: str = "auto",
+    attention_backend: str = "auto",
 ) -> MoEForCausalLM:
     """Build the model on the meta device, materialise it on `device` in `dtype` ('auto' follows
-    the checkpoint), then fill every parameter from the checkpoint."""
+    the checkpoint), then fill every parameter from the checkpoint. Backends 'auto': triton
+    kernels on CUDA (when triton is installed), torch elsewhere."""
     path = Path(path)
     config = ModelConfig.from_pretrained(path)
     files = weight_files(path)
@@ -130,8 +132,9 @@ def load_model(
     if num_redundant_experts < 0:
         raise ValueError(f"num_redundant_experts must be >= 0, got {num_redundant_experts}")
 
+    expert_backend, attention_backend = resolve_backends(expert_backend, attention_backend, device)
     with torch.device("meta"):
-        model = MoEForCausalLM(config, num_redundant_experts, expert_backend)
+        model = MoEForCausalLM(config, num_redundant_experts, expert_backend, attention_backend)
     model.to_empty(device=device)
     model.to(torch_dtype)
     model.tie_weights()
@@ -139,6 +142,26 @@ def load_model(
     _fill(model, config, files)
     model.eval()
     return model
+
+
+def resolve_backends(expert_backend: str, attention_backend: str, device: str | torch.device) -> tuple[str, str]:
+    """'auto' -> the device's default; a triton backend where no kernel can run is a ValueError
+    (at start, not at the first request)."""
+    from moeserve.kernels import triton_usable
+    from moeserve.model.attention import ATTENTION_BACKENDS
+    from moeserve.model.moe.experts import EXPERT_BACKENDS, default_expert_backend
+
+    default = default_expert_backend(device)
+    expert_backend = default if expert_backend == "auto" else expert_backend
+    attention_backend = default if attention_backend == "auto" else attention_backend
+    for kind, name, known in (("moe", expert_backend, EXPERT_BACKENDS), ("attention", attention_backend,
+                                                                         ATTENTION_BACKENDS)):
+        if name not in known:
+            raise ValueError(f"unknown {kind} backend {name!r}; choose auto, {', '.join(known)}")
+        if name == "triton" and not triton_usable(device):
+            raise ValueError(f"the triton {kind} backend needs triton and a CUDA device (or TRITON_INTERPRET=1 "
+                             f"for the CPU interpreter); device is {device}")
+    return expert_backend, attention_backend
 
 
 @torch.no_grad()

@@ -44,7 +44,10 @@ def _add_engine_flags(p: argparse.ArgumentParser, model_optional: bool = False) 
     p.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks (default: from the memory budget)")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    default=None, help="turn automatic prefix caching off")
-    p.add_argument("--moe-backend", dest="expert_backend", help="expert compute backend (torch)")
+    p.add_argument("--moe-backend", dest="expert_backend", choices=["auto", "torch", "triton", "grouped_mm"],
+                   help="expert compute: auto (triton on CUDA, torch on CPU), torch, triton, grouped_mm")
+    p.add_argument("--attention-backend", choices=["auto", "torch", "triton"],
+                   help="paged attention: auto (triton on CUDA, torch on CPU), torch, triton")
     p.add_argument("--num-redundant-experts", type=int, help="spare expert slots per MoE layer")
     p.add_argument("--seed", type=int, help="seed of unseeded sampling")
 

@@ -49,7 +49,8 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None  # default: 90% of free GPU memory, or <= 1 GiB on CPU
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
-    expert_backend: str = "torch"
+    expert_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
+    attention_backend: str = "auto"
     num_redundant_experts: int = 0
     seed: int = 0
 
@@ -82,6 +83,7 @@ class LLMEngine:
         self.model = load_model(
             config.model, dtype=config.dtype, device=config.device,
             num_redundant_experts=config.num_redundant_experts, expert_backend=config.expert_backend,
+            attention_backend=config.attention_backend,
         )
         self.model_config = self.model.config
         self.tokenizer = Tokenizer(config.model)

@@ -17,14 +17,15 @@ from torch import nn
 from moeserve.config import ModelConfig
 from moeserve.model.attention import Attention, AttentionMetadata, PagedKVCache
 from moeserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
-from moeserve.model.moe import ExpertLoad, LoadRecorder, SparseMoE, get_expert_backend
+from moeserve.model.moe import ExpertBackend, ExpertLoad, LoadRecorder, SparseMoE, get_expert_backend
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, moe_layer: int | None, num_slots: int, backend):
+    def __init__(self, config: ModelConfig, layer_id: int, moe_layer: int | None, num_slots: int,
+                 backend: ExpertBackend, attention_backend: str):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_id)
+        self.self_attn = Attention(config, layer_id, attention_backend)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.moe_layer = moe_layer
         self.mlp: SparseMoE | GatedMLP
@@ -37,12 +38,13 @@ class DecoderLayer(nn.Module):
 class _Backbone(nn.Module):
     """Holds the `model.` prefix of the Hub parameter names."""
 
-    def __init__(self, config: ModelConfig, num_slots: int, backend):
+    def __init__(self, config: ModelConfig, num_slots: int, backend: ExpertBackend, attention_backend: str):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         moe_index = {layer: i for i, layer in enumerate(config.moe_layer_ids)}
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, moe_index.get(i), num_slots, backend) for i in range(config.num_layers)
+            DecoderLayer(config, i, moe_index.get(i), num_slots, backend, attention_backend)
+            for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -53,12 +55,19 @@ class MoEForCausalLM(nn.Module):
     placement maps, and the load counters of the last forward.
     """
 
-    def __init__(self, config: ModelConfig, num_redundant_experts: int = 0, expert_backend: str = "torch"):
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_redundant_experts: int = 0,
+        expert_backend: str = "torch",
+        attention_backend: str = "torch",
+    ):
         super().__init__()
         self.config = config
         self.num_slots = config.num_experts + num_redundant_experts
+        self.expert_backend, self.attention_backend = expert_backend, attention_backend
         backend = get_expert_backend(expert_backend)
-        self.model = _Backbone(config, self.num_slots, backend)
+        self.model = _Backbone(config, self.num_slots, backend, attention_backend)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.rotary = RotaryEmbedding(config.rope)
