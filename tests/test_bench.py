@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -41,3 +44,39 @@ def test_serve_overhead_smoke_writes_well_formed_json(tmp_path):
     assert data["offline"]["output_tokens"] == data["http"]["output_tokens"] > 0
     assert data["ratio_http_over_offline"] == data["http"]["output_tokens_per_s"] / data["offline"]["output_tokens_per_s"]
     assert data["machine"]["cpu_count"] >= 1
+
+
+def test_moe_kernels_smoke_writes_well_formed_json(tmp_path):
+    out = tmp_path / "moe_kernels.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "moe_kernels.py"), "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["ceilings"]["copy_gbs"] > 0 and data["ceilings"]["matmul_tflops"] > 0
+    assert [row["M"] for row in data["moe"]] == [1, 16]
+    for row in data["moe"]:
+        assert {"torch", "triton"} <= set(row["backends"])
+        for run in row["backends"].values():
+            assert run["ms"] > 0 and run["tflops"] == row["flops"] / run["ms"] / 1e9
+        assert row["triton_speedup_vs_loop"] == row["backends"]["torch"]["ms"] / row["backends"]["triton"]["ms"]
+    assert len(data["attention"]) == 2 and all(r["backends"]["triton"]["gbs"] > 0 for r in data["attention"])
+
+
+def test_tune_kernels_smoke_writes_a_table_the_lookup_reads(tmp_path):
+    from moeserve.kernels.configs import MoEKernelConfig, load_table
+
+    out = tmp_path / "table.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "tune_kernels.py"), "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    table = load_table(out)
+    assert list(table) == ["P=4,I=64,D=64,dtype=bfloat16"]
+    assert set(table["P=4,I=64,D=64,dtype=bfloat16"]) == {1, 8}
+    assert all(isinstance(c, MoEKernelConfig) for c in table["P=4,I=64,D=64,dtype=bfloat16"].values())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the full runs are allowed")
+def test_kernel_benchmarks_refuse_full_runs_without_a_gpu():
+    for script in ("moe_kernels.py", "tune_kernels.py"):
+        result = subprocess.run([sys.executable, str(ROOT / "bench" / script)], capture_output=True, text=True)
+        assert result.returncode == 2 and "--smoke" in result.stderr
