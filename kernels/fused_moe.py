@@ -72,7 +72,7 @@ def fused_moe_kernel(
     num_in_group = GROUP_M * num_pid_n
     group = pid // num_in_group
     first_m = group * GROUP_M
-    group_m = min(num_pid_m - first_m, GROUP_M)
+    group_m = tl.minimum(num_pid_m - first_m, GROUP_M)
     if group_m <= 0:
         return
     pid_m = first_m + (pid % num_in_group) % group_m

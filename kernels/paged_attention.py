@@ -30,7 +30,7 @@ import triton.language as tl
 from moeserve.kernels import interpreting
 from moeserve.kernels.numerics import emulate_bf16, round_to
 
-NEG_BIG = -1.0e30  # running max start: finite, so fully masked tiles give exp(0) * 0, not NaN
+NEG_BIG = tl.constexpr(-1.0e30)  # running max start: finite, so fully masked tiles give exp(0) * 0, not NaN
 
 
 @triton.jit
@@ -76,7 +76,7 @@ def decode_kernel(
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
-    L = tl.load(seq_lens_ptr + s)
+    L = tl.load(seq_lens_ptr + s).to(tl.int32)
     pos = L - 1
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -187,11 +187,11 @@ def prefill_kernel(
     qb = tl.program_id(0) % q_blocks
     h = tl.program_id(1)
     kvh = h // G
-    q_start = tl.load(query_start_ptr + s)
-    q_len = tl.load(query_start_ptr + s + 1) - q_start
+    q_start = tl.load(query_start_ptr + s).to(tl.int32)
+    q_len = tl.load(query_start_ptr + s + 1).to(tl.int32) - q_start
     if qb * BLOCK_M >= q_len:
         return
-    L = tl.load(seq_lens_ptr + s)
+    L = tl.load(seq_lens_ptr + s).to(tl.int32)
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)

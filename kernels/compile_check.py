@@ -1,0 +1,119 @@
+"""Compile every kernel for a GPU architecture without a GPU: `python -m moeserve.kernels.compile_check`.
+
+The interpreter checks what a kernel computes but is lenient about types and layouts; this runs
+Triton's real pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas Triton ships) for
+sm_90 (Hopper) by default, at the constexpr combinations the launchers use, and reports each
+kernel's shared memory and the matrix instructions in its PTX (wgmma on Hopper, mma before).
+Must run with TRITON_INTERPRET unset: the kernels are decorated at import time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kernel: str  # module:function
+    pointers: dict[str, str]  # argument -> Triton pointer type, e.g. "*bf16"
+    constexprs: dict[str, object]
+    num_warps: int = 4
+    num_stages: int = 3
+
+
+def _moe(act: bool, dtype: str, ieee: bool, bm: int, bn: int, bk: int, warps: int, stages: int) -> Variant:
+    return Variant(
+        f"fused_moe[{'gate_up' if act else 'down'},{dtype},{bm}x{bn}x{bk}]",
+        "moeserve.kernels.fused_moe:fused_moe_kernel",
+        {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "weights_ptr": "*fp32",
+         "sorted_ids_ptr": "*i32", "block_slot_ptr": "*i32", "num_padded_ptr": "*i32"},
+        dict(A_ROW_DIV=2 if act else 1, ACT=act, MUL_WEIGHT=not act, DOT_FP32=False, FP32_IEEE=ieee,
+             EMULATE_BF16=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
+        warps, stages,
+    )
+
+
+def _attention(kind: str, dtype: str, **extra) -> Variant:
+    cache = {"k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}", "block_tables_ptr": "*i64",
+             "seq_lens_ptr": "*i64"}
+    common = dict(DOT_FP32=False, FP32_IEEE=dtype == "fp32", EMULATE_BF16=False, B=16, BLOCK_D=128)
+    if kind == "decode":
+        return Variant(f"decode[{dtype},splits={extra['SPLITS']}]", "moeserve.kernels.paged_attention:decode_kernel",
+                       {"q_ptr": f"*{dtype}", **cache, "out_ptr": f"*{dtype}", "part_m_ptr": "*fp32",
+                        "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32"},
+                       dict(common, BLOCK_G=16, BLOCK_N=64, **extra))
+    return Variant(f"prefill[{dtype}]", "moeserve.kernels.paged_attention:prefill_kernel",
+                   {"q_ptr": f"*{dtype}", **cache, "query_start_ptr": "*i64", "out_ptr": f"*{dtype}"},
+                   dict(common, BLOCK_M=64, BLOCK_N=64), 4, 2)
+
+
+VARIANTS = (
+    _moe(True, "bf16", False, 16, 64, 128, 4, 4),  # decode-sized blocks
+    _moe(False, "bf16", False, 16, 64, 128, 4, 4),
+    _moe(True, "bf16", False, 128, 128, 64, 8, 3),  # prefill-sized blocks
+    _moe(False, "bf16", False, 128, 128, 64, 8, 3),
+    _moe(True, "fp16", False, 64, 64, 64, 4, 4),
+    _moe(True, "fp32", True, 64, 64, 32, 4, 3),
+    Variant("moe_align", "moeserve.kernels.moe_align:moe_align_kernel",
+            {"slots_ptr": "*i64", "sorted_ids_ptr": "*i32", "block_slot_ptr": "*i32", "num_padded_ptr": "*i32",
+             "local_slot_ptr": "*i64", "shift_ptr": "*i32"},
+            dict(HAS_LOCAL=True, BM=16, BLOCK_N=512, BLOCK_P=256, BLOCK_B=256, FILL=1024)),
+    Variant("router[softmax,K=8,E=128]", "moeserve.kernels.router:topk_router_kernel",
+            {"logits_ptr": "*bf16", "k_ptr": "*i64", "weights_ptr": "*fp32", "ids_ptr": "*i64"},
+            dict(TOP_K=8, SIGMOID=False, RENORMALIZE=True, BLOCK_T=32, BLOCK_E=128)),
+    _attention("decode", "bf16", SPLITS=1),
+    _attention("decode", "bf16", SPLITS=8),
+    _attention("decode", "fp32", SPLITS=1),
+    Variant("decode_reduce", "moeserve.kernels.paged_attention:decode_reduce_kernel",
+            {"part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32", "out_ptr": "*bf16"},
+            dict(SPLITS=8, BLOCK_D=128, EMULATE_BF16=False)),
+    _attention("prefill", "bf16"),
+    _attention("prefill", "fp16"),
+)
+
+
+def compile_variant(v: Variant, arch: int) -> dict:
+    import importlib
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    module, name = v.kernel.split(":")
+    fn = getattr(importlib.import_module(module), name)
+    names = fn.arg_names
+    scalars = {"scale": "fp32"}
+    signature = {n: v.pointers.get(n) or ("constexpr" if n in v.constexprs else scalars.get(n, "i32"))
+                 for n in names}
+    constexprs = {(names.index(k),): value for k, value in v.constexprs.items()}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": v.num_warps, "num_stages": v.num_stages})
+    ptx = compiled.asm["ptx"]
+    return {"shared_bytes": compiled.metadata.shared, "wgmma": "wgmma.mma_async" in ptx,
+            "mma": "mma.sync" in ptx, "cubin_bytes": len(compiled.asm["cubin"])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", type=int, default=90, help="compute capability x10 (90 = H100/H200, 80 = A100)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = p.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        p.error("unset TRITON_INTERPRET: the interpreter replaces the kernels at import time")
+    report = {v.name: compile_variant(v, args.arch) for v in VARIANTS}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for name, info in report.items():
+            print(f"{name:40s} shared {info['shared_bytes']:6d} B  wgmma {info['wgmma']!s:5s}  mma {info['mma']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
