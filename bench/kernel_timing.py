@@ -5,6 +5,7 @@ Shape legend (shared/DESIGN.md); M = T tokens in the batch.
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import time
@@ -91,3 +92,28 @@ def matmul_tflops(device: str, n: int, dtype: torch.dtype) -> float:
     b = torch.randn(n, n, device=device).to(dtype)
     ms = time_ms(lambda: a @ b, device)
     return 2 * n**3 / ms / 1e9
+
+
+def add_shape_args(p: argparse.ArgumentParser, default_m: tuple[int, ...]) -> None:
+    p.add_argument("--shapes", default="mixtral-8x7b,qwen3-30b-a3b", help=f"comma list of {', '.join(SHAPES)}")
+    p.add_argument("--m", default=",".join(map(str, default_m)), help="comma list of token counts")
+    p.add_argument("--smoke", action="store_true", help="the tiny shape only (CPU: Triton interpreter), for make test")
+
+
+def parse_shape_args(p: argparse.ArgumentParser, args: argparse.Namespace,
+                     smoke_m: tuple[int, ...]) -> tuple[str, list[str], tuple[int, ...]]:
+    """-> (device, shape names, Ms); exits with a usage error on bad values or a full run
+    without a GPU (its numbers would be the interpreter's)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    shapes = [s for s in args.shapes.split(",") if s]
+    try:
+        ms = tuple(int(v) for v in args.m.split(","))
+    except ValueError:
+        p.error("--m must be a comma list of integers")
+    if args.smoke:
+        shapes, ms = ["tiny"], smoke_m
+    if not shapes or any(s not in SHAPES for s in shapes) or any(m < 1 for m in ms):
+        p.error(f"--shapes must name some of {', '.join(SHAPES)} and --m values be >= 1")
+    if device == "cpu" and not args.smoke:
+        p.error("this needs a CUDA GPU; use --smoke on the CPU")
+    return device, shapes, ms

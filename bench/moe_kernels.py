@@ -28,7 +28,15 @@ from pathlib import Path
 
 import torch
 
-from moeserve.bench.kernel_timing import SHAPES, copy_bandwidth_gbs, matmul_tflops, routed_inputs, time_ms
+from moeserve.bench.kernel_timing import (
+    SHAPES,
+    add_shape_args,
+    copy_bandwidth_gbs,
+    matmul_tflops,
+    parse_shape_args,
+    routed_inputs,
+    time_ms,
+)
 from moeserve.bench.throughput import machine
 
 FULL_M = (1, 16, 64, 256, 1024, 4096)
@@ -97,27 +105,12 @@ def bench_attention(spec: dict, dtype: torch.dtype, device: str, block_size: int
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="mixtral-8x7b,qwen3-30b-a3b", help=f"comma list of {', '.join(SHAPES)}")
-    p.add_argument("--m", default=",".join(map(str, FULL_M)), help="comma list of token counts")
+    add_shape_args(p, FULL_M)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--no-attention", dest="attention", action="store_false")
-    p.add_argument("--smoke", action="store_true", help="tiny shapes (CPU: Triton interpreter), for make test")
     p.add_argument("--out", type=Path, help="JSON to write (default: bench/results/moe_kernels-<device>.json)")
     args = p.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        shapes = [s for s in args.shapes.split(",") if s]
-        ms = tuple(int(v) for v in args.m.split(","))
-    except ValueError:
-        p.error("--m must be a comma list of integers")
-    if args.smoke:
-        shapes, ms = ["tiny"], (1, 16)
-    if not shapes or any(s not in SHAPES for s in shapes):
-        p.error(f"--shapes must name some of {', '.join(SHAPES)}")
-    if any(m < 1 for m in ms):
-        p.error("--m values must be >= 1")
-    if device == "cpu" and not args.smoke:
-        p.error("the full benchmark needs a CUDA GPU; use --smoke on the CPU")
+    device, shapes, ms = parse_shape_args(p, args, smoke_m=(1, 16))
     dtype = getattr(torch, args.dtype)
 
     ceilings = {

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from moeserve.bench.kernel_timing import SHAPES, routed_inputs, time_ms
+from moeserve.bench.kernel_timing import SHAPES, add_shape_args, parse_shape_args, routed_inputs, time_ms
 from moeserve.bench.throughput import machine
 
 SMEM_BYTES = 200 * 1024  # of the H100's 227 KiB per block, leaving room for the epilogue
@@ -80,26 +80,13 @@ def tune_shape(shape_name: str, ms: tuple[int, ...], dtype: torch.dtype, device:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shapes", default="mixtral-8x7b,qwen3-30b-a3b", help=f"comma list of {', '.join(SHAPES)}")
-    p.add_argument("--m", default=",".join(map(str, FULL_M)))
+    add_shape_args(p, FULL_M)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    p.add_argument("--smoke", action="store_true", help="tiny shape, two configs (CPU: Triton interpreter)")
     p.add_argument("--out", type=Path, help="table to write (default: kernels/configs/<GPU name>.json)")
     args = p.parse_args(argv)
     from moeserve.kernels.configs import device_file, shape_key
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    shapes = [s for s in args.shapes.split(",") if s]
-    try:
-        ms = tuple(int(v) for v in args.m.split(","))
-    except ValueError:
-        p.error("--m must be a comma list of integers")
-    if args.smoke:
-        shapes, ms = ["tiny"], (1, 8)
-    if not shapes or any(s not in SHAPES for s in shapes) or any(m < 1 for m in ms):
-        p.error(f"--shapes must name some of {', '.join(SHAPES)} and --m values be >= 1")
-    if device == "cpu" and not args.smoke:
-        p.error("tuning needs a CUDA GPU; use --smoke on the CPU")
+    device, shapes, ms = parse_shape_args(p, args, smoke_m=(1, 8))
     dtype = getattr(torch, args.dtype)
     name = machine().get("gpu", "cpu-interpreter")
     out = args.out or device_file(name)

@@ -43,6 +43,31 @@ def _dot(a, b, DOT_FP32: tl.constexpr, FP32_IEEE: tl.constexpr):
 
 
 @triton.jit
+def _kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, s, p, valid, kvh, offs_d, d_mask,
+             stride_kb, stride_kt, stride_kh, stride_bt, B: tl.constexpr):
+    """Keys and values [BN, BD] of sequence s at positions p (zeros where not valid)."""
+    block = tl.load(block_tables_ptr + s * stride_bt + p // B, mask=valid, other=0).to(tl.int64)
+    kv_off = block * stride_kb + (p % B) * stride_kt + kvh * stride_kh  # [BN]
+    mask = valid[:, None] & d_mask[None, :]
+    k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    return k, v
+
+
+@triton.jit
+def _softmax_step(q, k, v, visible, m_i, l_i, acc, scale, DOT_FP32: tl.constexpr, FP32_IEEE: tl.constexpr):
+    """One online-softmax update of (running max, running sum, acc) with a tile of keys."""
+    scores = _dot(q, tl.trans(k), DOT_FP32, FP32_IEEE) * scale  # [rows, BN]
+    scores = tl.where(visible, scores, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    prob = tl.exp(scores - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(prob, axis=1)
+    acc = acc * alpha[:, None] + _dot(prob.to(v.dtype), v, DOT_FP32, FP32_IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def decode_kernel(
     # Pointers
     q_ptr,  # [S, H, Dh] one query per sequence
@@ -99,20 +124,9 @@ def decode_kernel(
         valid = p < hi
         if window > 0:
             valid = valid & (p > pos - window)
-        block = tl.load(block_tables_ptr + s * stride_bt + p // B, mask=valid, other=0).to(tl.int64)
-        kv_off = block * stride_kb + (p % B) * stride_kt + kvh * stride_kh  # [BN]
-        k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=valid[:, None] & d_mask[None, :],
-                    other=0.0)  # [BN, BD]
-        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=valid[:, None] & d_mask[None, :],
-                    other=0.0)
-        scores = _dot(q, tl.trans(k), DOT_FP32, FP32_IEEE) * scale  # [BG, BN]
-        scores = tl.where(valid[None, :], scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        prob = tl.exp(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(prob, axis=1)
-        acc = acc * alpha[:, None] + _dot(prob.to(v.dtype), v, DOT_FP32, FP32_IEEE)
-        m_i = m_new
+        k, v = _kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, s, p, valid, kvh, offs_d, d_mask,
+                        stride_kb, stride_kt, stride_kh, stride_bt, B)  # [BN, BD] x2
+        m_i, l_i, acc = _softmax_step(q, k, v, valid[None, :], m_i, l_i, acc, scale, DOT_FP32, FP32_IEEE)
 
     if SPLITS == 1:
         out = acc / l_i[:, None]
@@ -212,23 +226,12 @@ def prefill_kernel(
     for start in range(lo, hi, BLOCK_N):
         p = start + offs_n  # [BN]
         in_seq = p < hi
-        block = tl.load(block_tables_ptr + s * stride_bt + p // B, mask=in_seq, other=0).to(tl.int64)
-        kv_off = block * stride_kb + (p % B) * stride_kt + kvh * stride_kh
-        k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=in_seq[:, None] & d_mask[None, :],
-                    other=0.0)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=in_seq[:, None] & d_mask[None, :],
-                    other=0.0)
+        k, v = _kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, s, p, in_seq, kvh, offs_d, d_mask,
+                        stride_kb, stride_kt, stride_kh, stride_bt, B)  # [BN, BD] x2
         visible = in_seq[None, :] & (p[None, :] <= q_pos[:, None])  # [BM, BN]
         if window > 0:
             visible = visible & (p[None, :] > q_pos[:, None] - window)
-        scores = _dot(q, tl.trans(k), DOT_FP32, FP32_IEEE) * scale
-        scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        prob = tl.exp(scores - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(prob, axis=1)
-        acc = acc * alpha[:, None] + _dot(prob.to(v.dtype), v, DOT_FP32, FP32_IEEE)
-        m_i = m_new
+        m_i, l_i, acc = _softmax_step(q, k, v, visible, m_i, l_i, acc, scale, DOT_FP32, FP32_IEEE)
 
     out = acc / tl.where(m_mask, l_i, 1.0)[:, None]
     tl.store(out_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
