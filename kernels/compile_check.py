@@ -4,7 +4,10 @@ The interpreter checks what a kernel computes but is lenient about types and lay
 Triton's real pipeline (TTIR -> TTGIR -> LLVM -> PTX -> cubin with the ptxas Triton ships) for
 sm_90 (Hopper) by default, at the constexpr combinations the launchers use, and reports each
 kernel's shared memory and the matrix instructions in its PTX (wgmma on Hopper, mma before).
-Must run with TRITON_INTERPRET unset: the kernels are decorated at import time.
+Arguments are specialised as Triton's JIT does at a typical launch: unit strides become the
+constant 1 and pointers and the listed strides and sizes are known multiples of 16 (without
+that the loads cannot be vectorised or pipelined, and the report would describe a kernel that
+never runs). Must run with TRITON_INTERPRET unset: the kernels are decorated at import time.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ class Variant:
     constexprs: dict[str, object]
     num_warps: int = 4
     num_stages: int = 3
+    aligned: tuple[str, ...] = ()  # integer arguments that are multiples of 16 at a typical launch
 
 
 def _moe(act: bool, dtype: str, ieee: bool, bm: int, bn: int, bk: int, warps: int, stages: int) -> Variant:
@@ -33,8 +37,10 @@ def _moe(act: bool, dtype: str, ieee: bool, bm: int, bn: int, bk: int, warps: in
         {"a_ptr": f"*{dtype}", "b_ptr": f"*{dtype}", "c_ptr": f"*{dtype}", "weights_ptr": "*fp32",
          "sorted_ids_ptr": "*i32", "block_slot_ptr": "*i32", "num_padded_ptr": "*i32"},
         dict(A_ROW_DIV=2 if act else 1, ACT=act, MUL_WEIGHT=not act, DOT_FP32=False, FP32_IEEE=ieee,
-             EMULATE_BF16=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8),
+             EMULATE_BF16=False, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+             stride_ak=1, stride_bk=1, stride_cn=1),
         warps, stages,
+        ("stride_am", "stride_be", "stride_bn", "stride_cm", "Ncols", "Kdim", "up_offset"),
     )
 
 
@@ -42,14 +48,15 @@ def _attention(kind: str, dtype: str, **extra) -> Variant:
     cache = {"k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}", "block_tables_ptr": "*i64",
              "seq_lens_ptr": "*i64"}
     common = dict(DOT_FP32=False, FP32_IEEE=dtype == "fp32", EMULATE_BF16=False, B=16, BLOCK_D=128)
+    aligned = ("Dh", "stride_qh", "stride_kb", "stride_kt", "stride_kh")
     if kind == "decode":
         return Variant(f"decode[{dtype},splits={extra['SPLITS']}]", "moeserve.kernels.paged_attention:decode_kernel",
                        {"q_ptr": f"*{dtype}", **cache, "out_ptr": f"*{dtype}", "part_m_ptr": "*fp32",
                         "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32"},
-                       dict(common, BLOCK_G=16, BLOCK_N=64, **extra))
+                       dict(common, BLOCK_G=16, BLOCK_N=64, **extra), aligned=aligned + ("stride_qs",))
     return Variant(f"prefill[{dtype}]", "moeserve.kernels.paged_attention:prefill_kernel",
                    {"q_ptr": f"*{dtype}", **cache, "query_start_ptr": "*i64", "out_ptr": f"*{dtype}"},
-                   dict(common, BLOCK_M=64, BLOCK_N=64), 4, 2)
+                   dict(common, BLOCK_M=64, BLOCK_N=64), 4, 2, aligned=aligned + ("stride_qt",))
 
 
 VARIANTS = (
@@ -71,7 +78,7 @@ VARIANTS = (
     _attention("decode", "fp32", SPLITS=1),
     Variant("decode_reduce", "moeserve.kernels.paged_attention:decode_reduce_kernel",
             {"part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32", "out_ptr": "*bf16"},
-            dict(SPLITS=8, BLOCK_D=128, EMULATE_BF16=False)),
+            dict(SPLITS=8, BLOCK_D=128, EMULATE_BF16=False), aligned=("Dh", "stride_os", "stride_oh")),
     _attention("prefill", "bf16"),
     _attention("prefill", "fp16"),
 )
@@ -91,12 +98,13 @@ def compile_variant(v: Variant, arch: int) -> dict:
     signature = {n: v.pointers.get(n) or ("constexpr" if n in v.constexprs else scalars.get(n, "i32"))
                  for n in names}
     constexprs = {(names.index(k),): value for k, value in v.constexprs.items()}
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in (*v.pointers, *v.aligned)}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                               target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": v.num_warps, "num_stages": v.num_stages})
     ptx = compiled.asm["ptx"]
     return {"shared_bytes": compiled.metadata.shared, "wgmma": "wgmma.mma_async" in ptx,
-            "mma": "mma.sync" in ptx, "cubin_bytes": len(compiled.asm["cubin"])}
+            "mma": "mma.sync" in ptx, "cp_async": "cp.async" in ptx, "cubin_bytes": len(compiled.asm["cubin"])}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2))
     else:
         for name, info in report.items():
-            print(f"{name:40s} shared {info['shared_bytes']:6d} B  wgmma {info['wgmma']!s:5s}  mma {info['mma']}")
+            print(f"{name:40s} shared {info['shared_bytes']:6d} B  wgmma {info['wgmma']!s:5s}  "
+                  f"mma {info['mma']!s:5s}  cp.async {info['cp_async']}")
     return 0
 
 

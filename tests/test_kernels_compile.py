@@ -35,5 +35,7 @@ def test_all_kernels_compile_for_the_gpu(arch):
         if "bf16" in name and ("fused_moe" in name or "prefill" in name or "decode[" in name):
             # half-precision products must reach the tensor cores (wgmma needs sm_90)
             assert info["wgmma"] or info["mma"], name
+        if "fused_moe" in name or name.startswith(("decode[", "prefill[")):
+            assert info["cp_async"], f"{name}: loads not pipelined"
     if arch == 90:
         assert report["fused_moe[gate_up,bf16,128x128x64]"]["wgmma"]
