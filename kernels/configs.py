@@ -57,6 +57,11 @@ def load_table(path: Path) -> dict[str, dict[int, MoEKernelConfig]]:
     return {key: {int(m): MoEKernelConfig(**cfg) for m, cfg in by_m.items()} for key, by_m in raw["shapes"].items()}
 
 
+@lru_cache(maxsize=8)
+def _current_device_name(index: int) -> str:
+    return torch.cuda.get_device_name(index)
+
+
 def default_moe_config(num_slots: int, num_tokens: int) -> MoEKernelConfig:
     if interpreting():
         # The interpreter pays per program and per op, not per element: few, large blocks.
@@ -74,7 +79,7 @@ def get_moe_config(
 ) -> MoEKernelConfig:
     """Config for a layer with P slots, I, D, at M = num_tokens token rows (T, not T*K)."""
     if device_name is None and torch.cuda.is_available() and not interpreting():
-        device_name = torch.cuda.get_device_name()
+        device_name = _current_device_name(torch.cuda.current_device())
     if device_name is not None:
         by_m = load_table(device_file(device_name)).get(shape_key(num_slots, intermediate, hidden, dtype))
         if by_m:

@@ -132,7 +132,7 @@ def load_model(
     if num_redundant_experts < 0:
         raise ValueError(f"num_redundant_experts must be >= 0, got {num_redundant_experts}")
 
-    expert_backend, attention_backend = resolve_backends(expert_backend, attention_backend, device)
+    expert_backend, attention_backend = resolve_backends(expert_backend, attention_backend, device, torch_dtype)
     with torch.device("meta"):
         model = MoEForCausalLM(config, num_redundant_experts, expert_backend, attention_backend)
     model.to_empty(device=device)
@@ -144,9 +144,12 @@ def load_model(
     return model
 
 
-def resolve_backends(expert_backend: str, attention_backend: str, device: str | torch.device) -> tuple[str, str]:
-    """'auto' -> the device's default; a triton backend where no kernel can run is a ValueError
-    (at start, not at the first request)."""
+def resolve_backends(
+    expert_backend: str, attention_backend: str, device: str | torch.device, dtype: torch.dtype = torch.bfloat16
+) -> tuple[str, str]:
+    """'auto' -> the device's default; a backend that cannot run here is a ValueError (at start,
+    not at the first request): triton with neither CUDA nor the interpreter, grouped_mm on CUDA
+    in anything but bf16 (torch's CUDA grouped GEMM takes bf16 only)."""
     from moeserve.kernels import triton_usable
     from moeserve.model.attention import ATTENTION_BACKENDS
     from moeserve.model.moe.experts import EXPERT_BACKENDS, default_expert_backend
@@ -161,6 +164,9 @@ def resolve_backends(expert_backend: str, attention_backend: str, device: str | 
         if name == "triton" and not triton_usable(device):
             raise ValueError(f"the triton {kind} backend needs triton and a CUDA device (or TRITON_INTERPRET=1 "
                              f"for the CPU interpreter); device is {device}")
+    if expert_backend == "grouped_mm" and str(device).startswith("cuda") and dtype != torch.bfloat16:
+        raise ValueError(f"the grouped_mm moe backend takes bfloat16 on CUDA, not {dtype}; use --dtype bfloat16 "
+                         "or --moe-backend triton")
     return expert_backend, attention_backend
 
 

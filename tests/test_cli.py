@@ -40,3 +40,27 @@ def test_generate_bad_input_is_one_line(checkpoints):
     result = _run("generate", str(checkpoints("mixtral")), "--prompt", "x", "--max-tokens", "0")
     assert result.returncode == 1
     assert result.stderr.strip() == "moeserve: invalid sampling parameters: max_tokens must be >= 1"
+
+
+def test_generate_with_triton_backends_prints_the_same_completion(checkpoints):
+    """The flags reach the engine: on the CPU the kernels run in the interpreter (conftest sets
+    TRITON_INTERPRET=1, which the subprocess inherits) and greedy text is the torch path's."""
+    path = str(checkpoints("qwen3_moe"))
+    args = ("generate", path, "--prompt", "def f(x):", "--max-tokens", "6", "--max-model-len", "64", "--ignore-eos",
+            "--dtype", "float32")
+    torch_run = _run(*args, "--moe-backend", "torch", "--attention-backend", "torch")
+    triton_run = _run(*args, "--moe-backend", "triton", "--attention-backend", "triton")
+    assert torch_run.returncode == 0 and triton_run.returncode == 0, triton_run.stderr
+    assert triton_run.stdout == torch_run.stdout and torch_run.stdout.strip()
+
+
+def test_impossible_backend_is_one_clear_line(checkpoints):
+    """Triton kernels on a CPU device without the interpreter cannot run: refused at start."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "moeserve.cli", "generate", str(checkpoints("mixtral")),
+                             "--prompt", "x", "--device", "cpu", "--moe-backend", "triton"],
+                            capture_output=True, text=True, env=env)
+    assert result.returncode == 1
+    assert result.stderr.strip().startswith("moeserve: the triton moe backend needs triton and a CUDA device")

@@ -46,6 +46,8 @@ def test_backend_choice_follows_the_device(monkeypatch):
     assert resolve_backends("grouped_mm", "torch", "cpu") == ("grouped_mm", "torch")
     if torch.cuda.is_available():
         assert resolve_backends("auto", "auto", "cuda") == ("triton", "triton")
+    with pytest.raises(ValueError, match="grouped_mm moe backend takes bfloat16 on CUDA"):
+        resolve_backends("grouped_mm", "torch", "cuda", torch.float32)
     with pytest.raises(ValueError, match="unknown moe backend 'cutlass'"):
         resolve_backends("cutlass", "auto", "cpu")
     with pytest.raises(ValueError, match="unknown attention backend"):
