@@ -55,7 +55,8 @@ def _attention(kind: str, dtype: str, **extra) -> Variant:
                         "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32"},
                        dict(common, BLOCK_G=16, BLOCK_N=64, **extra), aligned=aligned + ("stride_qs",))
     return Variant(f"prefill[{dtype}]", "moeserve.kernels.paged_attention:prefill_kernel",
-                   {"q_ptr": f"*{dtype}", **cache, "query_start_ptr": "*i64", "out_ptr": f"*{dtype}"},
+                   {"q_ptr": f"*{dtype}", **cache, "query_start_ptr": "*i64", "block_seq_ptr": "*i64",
+                    "block_q_ptr": "*i64", "out_ptr": f"*{dtype}"},
                    dict(common, BLOCK_M=64, BLOCK_N=64), 4, 2, aligned=aligned + ("stride_qt",))
 
 

@@ -16,9 +16,11 @@ the output is cast to q's dtype.
         all G), one contiguous range of KV tiles. With SPLITS > 1 (few sequences, long context:
         flash-decoding) each split writes (max, sum, acc) to fp32 scratch and
         `decode_reduce_kernel` merges them.
-    prefill (q_len >= 1, after a cached prefix)   grid (S * Q_BLOCKS, H)
-        program = BLOCK_M consecutive queries of one sequence and one head; KV tiles above the
-        block's last query (causal) or below its first query's window are never loaded.
+    prefill (q_len >= 1, after a cached prefix)   grid (ceil(T / BLOCK_M) + S, H)
+        program = BLOCK_M consecutive queries of one sequence and one head (the program -> (sequence,
+        query block) table is built on the device, so one long prompt among many short ones
+        launches no idle programs); KV tiles above the block's last query (causal) or below its
+        first query's window are never loaded.
 """
 
 from __future__ import annotations
@@ -178,13 +180,15 @@ def prefill_kernel(
     block_tables_ptr,  # [S, max_blocks]
     seq_lens_ptr,  # [S]
     query_start_ptr,  # [S + 1] offsets into q's rows
+    block_seq_ptr,  # [NB] sequence of each program's query block, S = none
+    block_q_ptr,  # [NB] index of that block within its sequence
     out_ptr,  # [T_g, H, Dh]
     # Dimensions and strides
     scale,
     window,  # 0 = no window
     G,
     Dh,
-    q_blocks,  # query blocks per sequence in the grid (ceil(max_query_len / BLOCK_M))
+    S,
     stride_qt, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_bt,
@@ -197,14 +201,14 @@ def prefill_kernel(
     FP32_IEEE: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
 ):
-    s = tl.program_id(0) // q_blocks
-    qb = tl.program_id(0) % q_blocks
+    s = tl.load(block_seq_ptr + tl.program_id(0)).to(tl.int32)
+    if s >= S:
+        return
+    qb = tl.load(block_q_ptr + tl.program_id(0)).to(tl.int32)
     h = tl.program_id(1)
     kvh = h // G
     q_start = tl.load(query_start_ptr + s).to(tl.int32)
     q_len = tl.load(query_start_ptr + s + 1).to(tl.int32) - q_start
-    if qb * BLOCK_M >= q_len:
-        return
     L = tl.load(seq_lens_ptr + s).to(tl.int32)
     offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -291,7 +295,7 @@ def paged_decode(
 
 def paged_prefill(
     q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
-    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, max_query_len: int, scale: float, window: int | None,
+    seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, window: int | None,
 ) -> torch.Tensor:
     """q [T_g, H, Dh], sequence s owning rows query_start_loc[s]:[s + 1] at its last positions
     -> [T_g, H, Dh]."""
@@ -301,11 +305,18 @@ def paged_prefill(
     block_m, block_n = (16, 32) if interpreting() else (64, 64)
     q = q.contiguous()
     out = torch.empty_like(q)
-    q_blocks = -(-max_query_len // block_m)
+    # Program b -> (sequence, query block), with device ops: no host sync, no idle programs but
+    # the at most S trailing ones (the grid is sized by T and S, which the host knows).
+    num_programs = -(-T // block_m) + S
+    blocks = (query_start_loc[1:] - query_start_loc[:-1] + block_m - 1) // block_m  # [S]
+    ends = torch.cumsum(blocks, 0)  # [S]
+    program = torch.arange(num_programs, device=q.device)
+    block_seq = torch.searchsorted(ends, program, right=True)  # [NB] in [0, S]
+    block_q = program - (ends - blocks)[block_seq.clamp(max=S - 1)]
     fp32 = q.dtype == torch.float32
-    prefill_kernel[(S * q_blocks, H)](
-        q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, out,
-        scale, window or 0, H // Hkv, Dh, q_blocks,
+    prefill_kernel[(num_programs, H)](
+        q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, block_seq, block_q, out,
+        scale, window or 0, H // Hkv, Dh, S,
         q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         block_tables.stride(0),
@@ -329,7 +340,7 @@ def paged_attention_triton(q, key_cache, value_cache, meta, scale: float, window
             o = paged_decode(q_g, key_cache, value_cache, g.block_tables, g.seq_lens, g.max_seq_len, scale, window)
         else:
             o = paged_prefill(q_g, key_cache, value_cache, g.block_tables, g.seq_lens, g.query_start_loc,
-                              g.max_query_len, scale, window)
+                              scale, window)
         if out is None:
             return o
         out[g.tokens] = o
