@@ -54,6 +54,8 @@ def bench_moe(shape_name: str, ms: tuple[int, ...], dtype: torch.dtype, device: 
             backends[name] = get_expert_backend(name)
         except ValueError:
             pass  # grouped_mm missing from this torch
+    if device == "cuda" and dtype != torch.bfloat16:
+        backends.pop("grouped_mm", None)  # torch's CUDA grouped GEMM takes bf16 only
     rows = []
     for m in ms:
         x, slots, weights, w13, w2 = routed_inputs(shape, m, dtype, device, seed=m)

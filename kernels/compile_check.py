@@ -57,7 +57,7 @@ def _attention(kind: str, dtype: str, **extra) -> Variant:
     return Variant(f"prefill[{dtype}]", "moeserve.kernels.paged_attention:prefill_kernel",
                    {"q_ptr": f"*{dtype}", **cache, "query_start_ptr": "*i64", "block_seq_ptr": "*i64",
                     "block_q_ptr": "*i64", "out_ptr": f"*{dtype}"},
-                   dict(common, BLOCK_M=64, BLOCK_N=64), 4, 2, aligned=aligned + ("stride_qt",))
+                   dict(common, BLOCK_M=64, BLOCK_N=64), 4, 3, aligned=aligned + ("stride_qt",))
 
 
 VARIANTS = (
@@ -73,7 +73,7 @@ VARIANTS = (
             dict(HAS_LOCAL=True, BM=16, BLOCK_N=512, BLOCK_P=256, BLOCK_B=256, FILL=1024)),
     Variant("router[softmax,K=8,E=128]", "moeserve.kernels.router:topk_router_kernel",
             {"logits_ptr": "*bf16", "k_ptr": "*i64", "weights_ptr": "*fp32", "ids_ptr": "*i64"},
-            dict(TOP_K=8, SIGMOID=False, RENORMALIZE=True, BLOCK_T=32, BLOCK_E=128)),
+            dict(TOP_K=8, SIGMOID=False, RENORMALIZE=True, BLOCK_T=32, BLOCK_E=128, BLOCK_K=8)),
     _attention("decode", "bf16", SPLITS=1),
     _attention("decode", "bf16", SPLITS=8),
     _attention("decode", "fp32", SPLITS=1),

@@ -77,6 +77,8 @@ def fused_moe_kernel(
         return
     pid_m = first_m + (pid % num_in_group) % group_m
     pid_n = (pid % num_in_group) // group_m
+    if pid_n >= num_pid_n:  # a short last group leaves programs with no column block
+        return
 
     slot = tl.load(block_slot_ptr + pid_m).to(tl.int64)
     if slot < 0:

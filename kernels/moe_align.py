@@ -1,7 +1,8 @@
 """Alignment: top-K slots -> token-slots grouped by physical slot, each group padded to BLOCK_M.
 
 Shape legend (shared/DESIGN.md) plus: N = T * K token-slots, BM = BLOCK_M, M_pad = the padded
-total, M_max = N + P * (BM - 1) its upper bound (every slot's group padded by at most BM - 1).
+total, M_max = N + min(N, P) * (BM - 1) its upper bound (at most min(N, P) slots hold tokens,
+and each of their groups is padded by at most BM - 1), rounded up to a multiple of BM.
 
 The grouped GEMM gives each program one BM-row block of one slot. This stage lays the blocks out:
 
@@ -95,6 +96,12 @@ class AlignedSlots:
     block_m: int
 
 
+def max_padded_slots(num_token_slots: int, num_slots: int, block_m: int) -> int:
+    """M_max: the padded total's bound for N token-slots over P slots, a multiple of BM."""
+    bound = num_token_slots + min(num_token_slots, num_slots) * (block_m - 1)
+    return -(-bound // block_m) * block_m
+
+
 def moe_align_block_size(
     slots: torch.Tensor, num_slots: int, block_m: int, local_slot: torch.Tensor | None = None
 ) -> AlignedSlots:
@@ -108,8 +115,7 @@ def moe_align_block_size(
     P, BM = num_slots, block_m
     flat = slots.reshape(-1).to(torch.int64)  # [N]
     N = flat.numel()
-    m_max = N + P * (BM - 1)
-    m_max = -(-m_max // BM) * BM
+    m_max = max_padded_slots(N, P, BM)
     num_blocks = m_max // BM
     block_p, block_b = triton.next_power_of_2(P + 1), triton.next_power_of_2(num_blocks)
     if 0 < N <= ALIGN_KERNEL_MAX_SLOTS and block_p * block_b <= ALIGN_KERNEL_MAX_TILE:

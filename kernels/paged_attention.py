@@ -274,7 +274,7 @@ def paged_decode(
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty(S, H, splits, Dh, dtype=torch.float32, device=q.device)
     fp32 = q.dtype == torch.float32
-    block_d = triton.next_power_of_2(Dh)
+    block_d = max(16, triton.next_power_of_2(Dh))  # tl.dot needs every dimension >= 16
     decode_kernel[(S, Hkv, splits)](
         q, key_cache, value_cache, block_tables, seq_lens, out, part_m, part_l, part_acc,
         scale, window or 0, G, Dh, tiles_per_split,
@@ -320,7 +320,7 @@ def paged_prefill(
         q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         block_tables.stride(0),
-        B=B, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(Dh),
+        B=B, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(Dh)),
         DOT_FP32=interpreting() and not fp32, FP32_IEEE=fp32 and not interpreting(),
         EMULATE_BF16=emulate_bf16(q.dtype),
     )

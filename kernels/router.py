@@ -9,7 +9,9 @@ Per token row, in fp32:
     choices at positions >= k: id E ("no expert"), weight 0
     renormalise: weights /= sum(weights)   (when the family does)
 
-which is exactly what moeserve.model.moe.router.select_experts_torch computes with torch.topk.
+which is what moeserve.model.moe.router.select_experts_torch computes, except that on an exact
+tie it follows torch.topk's (unspecified) order. The K choices stay in registers
+([BLOCK_T, BLOCK_K]) until one store at the end.
 k is read from device memory, so lowering K is no host sync and no recompilation.
 """
 
@@ -38,6 +40,7 @@ def topk_router_kernel(
     RENORMALIZE: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # >= TOP_K, power of two
 ):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)  # [BT]
     cols = tl.arange(0, BLOCK_E)  # [BE]
@@ -46,27 +49,29 @@ def topk_router_kernel(
     x = tl.load(logits_ptr + rows[:, None] * stride_lt + cols[None, :] * stride_le, mask=mask, other=0.0)
     x = tl.where((cols < E)[None, :], x.to(tl.float32), -float("inf"))  # [BT, BE]
     if SIGMOID:
-        scores = tl.where(mask, tl.sigmoid(x), -float("inf"))
+        scores = tl.where((cols < E)[None, :], tl.sigmoid(x), -float("inf"))  # rows past T: finite
     else:
         e = tl.exp(x - tl.max(x, axis=1)[:, None])
         scores = e / tl.sum(e, axis=1)[:, None]
     k_in_force = tl.load(k_ptr)
 
-    total = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    slot = tl.arange(0, BLOCK_K)  # [BK]
+    weights = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    ids = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int64)
     for j in tl.static_range(TOP_K):
         best = tl.max(scores, axis=1)  # [BT]
         # lowest expert id among the maxima
         best_id = tl.min(tl.where(scores == best[:, None], cols[None, :], BLOCK_E), axis=1)  # [BT]
         scores = tl.where(cols[None, :] == best_id[:, None], -float("inf"), scores)
         active = j < k_in_force
-        w = tl.where(active, best, 0.0)
-        total += w
-        tl.store(weights_ptr + rows * TOP_K + j, w, mask=row_mask)
-        tl.store(ids_ptr + rows * TOP_K + j, tl.where(active, best_id, E).to(tl.int64), mask=row_mask)
+        weights = tl.where(slot[None, :] == j, tl.where(active, best, 0.0)[:, None], weights)
+        ids = tl.where(slot[None, :] == j, tl.where(active, best_id, E).to(tl.int64)[:, None], ids)
     if RENORMALIZE:
-        for j in tl.static_range(TOP_K):
-            w = tl.load(weights_ptr + rows * TOP_K + j, mask=row_mask, other=0.0)
-            tl.store(weights_ptr + rows * TOP_K + j, w / total, mask=row_mask)
+        weights = weights / tl.sum(weights, axis=1)[:, None]
+    out = rows[:, None] * TOP_K + slot[None, :]  # [BT, BK]
+    out_mask = row_mask[:, None] & (slot[None, :] < TOP_K)
+    tl.store(weights_ptr + out, weights, mask=out_mask)
+    tl.store(ids_ptr + out, ids, mask=out_mask)
 
 
 def fused_topk(
@@ -88,5 +93,6 @@ def fused_topk(
         logits, k.to(device=logits.device, dtype=torch.int64).reshape(()), weights, ids,
         T, E, logits.stride(0), logits.stride(1),
         TOP_K=top_k, SIGMOID=scoring == "sigmoid", RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e,
+        BLOCK_K=triton.next_power_of_2(top_k),
     )
     return weights, ids

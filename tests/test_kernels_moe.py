@@ -70,7 +70,8 @@ def _assert_agrees(got, expected, inputs):
     assert err_got <= 2 * err_ref + resolution, (err_got, err_ref, resolution)
 
 
-@pytest.mark.parametrize("T,K,P,block_m", [(1, 1, 4, 16), (5, 2, 6, 4), (40, 2, 8, 16), (13, 3, 5, 8)])
+@pytest.mark.parametrize("T,K,P,block_m", [(1, 1, 4, 16), (5, 2, 6, 4), (40, 2, 8, 16), (13, 3, 5, 8),
+                                           (1, 2, 64, 32)])  # N < P: the bound is N * BM, met exactly
 def test_alignment_groups_every_token_slot_once_in_padded_blocks(T, K, P, block_m, device):
     _, slots, *_ = _problem(T, K, P, 8, 8, torch.float32, device, empty_slots=(1,), inactive=0.2)
     a = moe_align_block_size(slots, P, block_m)
@@ -109,7 +110,7 @@ def test_alignment_kernel_and_torch_ops_build_the_same_layout(T, K, P, block_m, 
     if local_slot is not None:
         local_slot = local_slot.clamp(min=-1)
     flat = slots.reshape(-1)
-    m_max = -(-(flat.numel() + P * (block_m - 1)) // block_m) * block_m
+    m_max = moe_align.max_padded_slots(flat.numel(), P, block_m)
     nb = m_max // block_m
     a = moe_align._align_kernel(flat, P, block_m, m_max, nb, triton.next_power_of_2(P + 1),
                                 triton.next_power_of_2(nb), local_slot)
@@ -134,6 +135,17 @@ def test_fused_experts_match_torch_backend(T, K, P, D, I, empty, inactive, dtype
     expected = TorchExpertBackend()(*inputs)
     got = fused_experts(*inputs, config=SMALL)
     _assert_agrees(got, expected, inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_experts_grouped_program_order(dtype, device):
+    """GROUP_M > 1 with a row-block count it does not divide: the short last group must still
+    cover every (row block, column block) pair once, and its spare programs must write nothing."""
+    inputs = _problem(37, 2, 8, 48, 48, dtype, device, inactive=0.1)
+    config = MoEKernelConfig(block_m=16, block_n=16, block_k=32, group_m=4)
+    aligned = moe_align_block_size(inputs[1], 8, 16)
+    assert (int(aligned.num_tokens_padded) // 16) % 4 != 0
+    _assert_agrees(fused_experts(*inputs, config=config), TorchExpertBackend()(*inputs), inputs)
 
 
 def test_fused_experts_with_default_config_and_large_blocks(device):
@@ -170,6 +182,21 @@ def test_router_kernel_matches_torch_topk(T, E, K, k, renorm, dtype, device):
     w, ids = fused_topk(logits, K, k_t, renorm)
     assert torch.equal(ids, ids_ref)
     assert (ids[:, k:] == E).all() and (w[:, k:] == 0).all()
+    torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_kernel_breaks_ties_by_the_lowest_expert_id(dtype, device):
+    """Row 0: all logits zero. Row 1: bf16 rounds 1.0 and 1.001 together (in fp32 they differ,
+    so value decides). Row 2: a tie below the top. The torch path follows torch.topk on ties
+    (as transformers does), so only the weights, which ties cannot change, are compared to it."""
+    logits = torch.tensor([[0.0] * 8, [0.5, 1.0, 0.2, 1.001, 1.0, 0.0, 0.3, 1.0],
+                           [3.0, 1.0, 0.0, 1.0, 1.0, 2.0, 0.0, 0.0]]).to(dtype).to(device)
+    k_t = torch.tensor(3, device=device)
+    w, ids = fused_topk(logits, 3, k_t, True)
+    assert ids[0].tolist() == [0, 1, 2] and ids[2].tolist() == [0, 5, 1]
+    assert ids[1].tolist() == ([1, 3, 4] if dtype == torch.bfloat16 else [3, 1, 4])
+    w_ref, _ = select_experts_torch(logits, 3, k_t, True)
     torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-7)
 
 

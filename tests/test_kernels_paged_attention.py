@@ -95,6 +95,16 @@ def test_prefill_longer_than_one_query_block_with_prefix(device):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_head_dim_below_the_dot_minimum(dtype, device):
+    """Dh = 8 is padded to a 16-wide tile (tl.dot's smallest); decodes and a prefill together."""
+    H, Hkv, Dh, B = 4, 2, 8, 4
+    q, key, value, meta = _batch([(5, 6), (9, 1), (0, 1)], H, Hkv, Dh, B, dtype, device, seed=5)
+    expected = paged_attention(q, key, value, meta, Dh**-0.5, None)
+    got = paged_attention_triton(q, key, value, meta, Dh**-0.5, None)
+    _check(got, expected, q, key, value, meta, Dh**-0.5, None)
+
+
 def test_unknown_attention_backend_is_refused():
     assert get_attention_backend("triton") is paged_attention_triton
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):

@@ -34,7 +34,13 @@ def select_experts_torch(
     logits: torch.Tensor, top_k: int, k: torch.Tensor, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T, E] -> (weights [T, K] fp32, ids [T, K] int64 in [0, E]); the reference that the
-    fused router kernel (moeserve.kernels.router) is tested against."""
+    fused router kernel (moeserve.kernels.router) is tested against.
+
+    Exactly equal scores are left to torch.topk, as transformers does: bf16 logits that round
+    together are real ties, and following topk keeps this path bit-identical to transformers on
+    the same device. The kernel breaks ties by the lowest expert id instead (topk's own order is
+    unspecified and differs between CPU and CUDA); the weights are the same either way, only
+    which of the tied experts is chosen can differ."""
     E = logits.shape[-1]
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
     top_w, top_ids = torch.topk(probs, top_k, dim=-1)  # [T, K] x2
