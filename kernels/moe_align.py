@@ -17,7 +17,8 @@ alone and built on the device (no bincount, boolean indexing or .item()), so the
 never waits on the host and the shapes are fixed per batch size, as CUDA graphs need.
 
 Two implementations compute the same layout bit for bit: `moe_align_kernel`, one Triton program
-(histogram, padded prefix sums, a sort of (slot, id) keys, scatter) for batches up to
+(histogram, padded prefix sums, a sort of (slot, id) keys, scatter, each block's slot read
+from its first id) for batches up to
 ALIGN_KERNEL_MAX_SLOTS token-slots — the decode path, where a dozen small torch launches per
 layer would cost more than the layer's weights take to stream — and torch ops beyond that.
 """
@@ -31,7 +32,7 @@ import triton
 import triton.language as tl
 
 ALIGN_KERNEL_MAX_SLOTS = 4096  # N up to which the one-program kernel is used
-ALIGN_KERNEL_MAX_TILE = 1 << 16  # (row blocks) x (slots) compared at once in that program
+ALIGN_KERNEL_MAX_BINS = 1024  # P + 1 (padded to a power of two) up to which it is used
 
 
 @triton.jit
@@ -75,15 +76,20 @@ def moe_align_kernel(
     shift = tl.load(shift_ptr + sorted_slot, mask=active, other=0)
     tl.store(sorted_ids_ptr + offs + shift, key % BLOCK_N, mask=active)
 
+    tl.debug_barrier()
+
+    # A group that holds tokens starts with a real id, so a block's slot is its first id's slot.
     b = tl.arange(0, BLOCK_B)
-    ends = tl.where(bins < P, padded_end, 1 << 30)
-    slot = tl.sum((ends[None, :] <= (b * BM)[:, None]).to(tl.int32), axis=1)  # [BB] in [0, P]
+    m_pad = tl.sum(padded)
+    used = b * BM < m_pad
+    first = tl.load(sorted_ids_ptr + b * BM, mask=used, other=0)
+    slot = tl.load(slots_ptr + first, mask=used, other=P).to(tl.int32)  # [BB] in [0, P]
     if HAS_LOCAL:
         slot = tl.load(local_slot_ptr + slot, mask=slot < P, other=-1).to(tl.int32)
     else:
         slot = tl.where(slot < P, slot, -1)
     tl.store(block_slot_ptr + b, slot, mask=b < num_blocks)
-    tl.store(num_padded_ptr, tl.sum(padded))
+    tl.store(num_padded_ptr, m_pad)
 
 
 @dataclass(frozen=True)
@@ -118,7 +124,7 @@ def moe_align_block_size(
     m_max = max_padded_slots(N, P, BM)
     num_blocks = m_max // BM
     block_p, block_b = triton.next_power_of_2(P + 1), triton.next_power_of_2(num_blocks)
-    if 0 < N <= ALIGN_KERNEL_MAX_SLOTS and block_p * block_b <= ALIGN_KERNEL_MAX_TILE:
+    if 0 < N <= ALIGN_KERNEL_MAX_SLOTS and block_p <= ALIGN_KERNEL_MAX_BINS:
         return _align_kernel(flat, P, BM, m_max, num_blocks, block_p, block_b, local_slot)
     return _align_torch(flat, P, BM, m_max, local_slot)
 
