@@ -57,7 +57,7 @@ def _attention(kind: str, dtype: str, **extra) -> Variant:
     return Variant(f"prefill[{dtype}]", "moeserve.kernels.paged_attention:prefill_kernel",
                    {"q_ptr": f"*{dtype}", **cache, "query_start_ptr": "*i64", "block_seq_ptr": "*i64",
                     "block_q_ptr": "*i64", "out_ptr": f"*{dtype}"},
-                   dict(common, BLOCK_M=64, BLOCK_N=64), 4, 3, aligned=aligned + ("stride_qt",))
+                   dict(common, BLOCK_M=64, BLOCK_N=64, G_PAD=4), 4, 3, aligned=aligned + ("stride_qt",))
 
 
 VARIANTS = (

@@ -16,11 +16,12 @@ the output is cast to q's dtype.
         all G), one contiguous range of KV tiles. With SPLITS > 1 (few sequences, long context:
         flash-decoding) each split writes (max, sum, acc) to fp32 scratch and
         `decode_reduce_kernel` merges them.
-    prefill (q_len >= 1, after a cached prefix)   grid (ceil(T / BLOCK_M) + S, H)
-        program = BLOCK_M consecutive queries of one sequence and one head (the program -> (sequence,
-        query block) table is built on the device, so one long prompt among many short ones
-        launches no idle programs); KV tiles above the block's last query (causal) or below its
-        first query's window are never loaded.
+    prefill (q_len >= 1, after a cached prefix)   grid (ceil(T / BLOCK_Q) + S, Hkv)
+        program = BLOCK_Q consecutive queries of one sequence x the G query heads of one KV head,
+        packed as BLOCK_M = BLOCK_Q * G_PAD rows of one dot (each K/V tile loaded once for all G;
+        the program -> (sequence, query block) table is built on the device, so one long prompt
+        among many short ones launches no idle programs); KV tiles above the block's last query
+        (causal) or below its first query's window are never loaded.
 """
 
 from __future__ import annotations
@@ -194,9 +195,10 @@ def prefill_kernel(
     stride_bt,
     # Meta-parameters
     B: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows per program: BLOCK_M / G_PAD query positions x G_PAD heads
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    G_PAD: tl.constexpr,  # G rounded up to a power of two, <= BLOCK_M
     DOT_FP32: tl.constexpr,
     FP32_IEEE: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
@@ -205,25 +207,26 @@ def prefill_kernel(
     if s >= S:
         return
     qb = tl.load(block_q_ptr + tl.program_id(0)).to(tl.int32)
-    h = tl.program_id(1)
-    kvh = h // G
+    kvh = tl.program_id(1)
+    BLOCK_Q: tl.constexpr = BLOCK_M // G_PAD  # query positions per program
     q_start = tl.load(query_start_ptr + s).to(tl.int32)
     q_len = tl.load(query_start_ptr + s + 1).to(tl.int32) - q_start
     L = tl.load(seq_lens_ptr + s).to(tl.int32)
-    offs_m = qb * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = tl.arange(0, BLOCK_M)
+    qi = qb * BLOCK_Q + r // G_PAD  # [BM] query index within the sequence's new tokens
+    g = r % G_PAD  # [BM] query head within the KV head's group
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    m_mask = offs_m < q_len
+    m_mask = (qi < q_len) & (g < G)
     d_mask = offs_d < Dh
-    q_pos = L - q_len + offs_m  # [BM]
-    rows = (q_start + offs_m).to(tl.int64)
-    q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0)  # [BM, BD]
+    q_pos = L - q_len + qi  # [BM]
+    q_off = (q_start + qi).to(tl.int64) * stride_qt + (kvh * G + g) * stride_qh  # [BM]
+    q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
 
-    hi = tl.minimum(L - q_len + (qb + 1) * BLOCK_M, L)  # past the block's last query
+    hi = tl.minimum(L - q_len + (qb + 1) * BLOCK_Q, L)  # past the block's last query
     lo = L * 0
     if window > 0:
-        lo = (tl.maximum(L - q_len + qb * BLOCK_M - window + 1, 0) // BLOCK_N) * BLOCK_N
+        lo = (tl.maximum(L - q_len + qb * BLOCK_Q - window + 1, 0) // BLOCK_N) * BLOCK_N
     m_i = tl.full((BLOCK_M,), NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
@@ -238,7 +241,7 @@ def prefill_kernel(
         m_i, l_i, acc = _softmax_step(q, k, v, visible, m_i, l_i, acc, scale, DOT_FP32, FP32_IEEE)
 
     out = acc / tl.where(m_mask, l_i, 1.0)[:, None]
-    tl.store(out_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+    tl.store(out_ptr + q_off[:, None] + offs_d[None, :],
              round_to(out, out_ptr.dtype.element_ty, EMULATE_BF16).to(out_ptr.dtype.element_ty),
              mask=m_mask[:, None] & d_mask[None, :])
 
@@ -302,25 +305,29 @@ def paged_prefill(
     T, H, Dh = q.shape
     S = seq_lens.shape[0]
     _, B, Hkv, _ = key_cache.shape
+    G = H // Hkv
+    g_pad = triton.next_power_of_2(G)
     block_m, block_n = (16, 32) if interpreting() else (64, 64)
+    block_m = max(block_m, g_pad)
+    block_q = block_m // g_pad  # query positions per program
     q = q.contiguous()
     out = torch.empty_like(q)
     # Program b -> (sequence, query block), with device ops: no host sync, no idle programs but
     # the at most S trailing ones (the grid is sized by T and S, which the host knows).
-    num_programs = -(-T // block_m) + S
-    blocks = (query_start_loc[1:] - query_start_loc[:-1] + block_m - 1) // block_m  # [S]
+    num_programs = -(-T // block_q) + S
+    blocks = (query_start_loc[1:] - query_start_loc[:-1] + block_q - 1) // block_q  # [S]
     ends = torch.cumsum(blocks, 0)  # [S]
     program = torch.arange(num_programs, device=q.device)
     block_seq = torch.searchsorted(ends, program, right=True)  # [NB] in [0, S]
-    block_q = program - (ends - blocks)[block_seq.clamp(max=S - 1)]
+    block_q_index = program - (ends - blocks)[block_seq.clamp(max=S - 1)]
     fp32 = q.dtype == torch.float32
-    prefill_kernel[(num_programs, H)](
-        q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, block_seq, block_q, out,
-        scale, window or 0, H // Hkv, Dh, S,
+    prefill_kernel[(num_programs, Hkv)](
+        q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, block_seq, block_q_index, out,
+        scale, window or 0, G, Dh, S,
         q.stride(0), q.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         block_tables.stride(0),
-        B=B, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(Dh)),
+        B=B, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(Dh)), G_PAD=g_pad,
         DOT_FP32=interpreting() and not fp32, FP32_IEEE=fp32 and not interpreting(),
         EMULATE_BF16=emulate_bf16(q.dtype),
     )

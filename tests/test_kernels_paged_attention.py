@@ -95,6 +95,17 @@ def test_prefill_longer_than_one_query_block_with_prefix(device):
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("H,Hkv", [(6, 2), (8, 1)])
+def test_prefill_packs_a_kv_heads_query_heads_into_one_program(H, Hkv, device):
+    """G = 3 (padded to 4: a masked row per query) and G = 8 (2 query positions per 16-row
+    program in the interpreter), with a prefix, a chunk spanning several programs and a decode."""
+    Dh, B = 16, 4
+    q, key, value, meta = _batch([(7, 11), (0, 5), (12, 1)], H, Hkv, Dh, B, torch.float32, device, seed=H)
+    expected = paged_attention(q, key, value, meta, Dh**-0.5, None)
+    got = paged_attention_triton(q, key, value, meta, Dh**-0.5, None)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_head_dim_below_the_dot_minimum(dtype, device):
     """Dh = 8 is padded to a 16-wide tile (tl.dot's smallest); decodes and a prefill together."""
