@@ -17,10 +17,10 @@ alone and built on the device (no bincount, boolean indexing or .item()), so the
 never waits on the host and the shapes are fixed per batch size, as CUDA graphs need.
 
 Two implementations compute the same layout bit for bit: `moe_align_kernel`, one Triton program
-(histogram, padded prefix sums, a sort of (slot, id) keys, scatter, each block's slot read
-from its first id) for batches up to
-ALIGN_KERNEL_MAX_SLOTS token-slots — the decode path, where a dozen small torch launches per
-layer would cost more than the layer's weights take to stream — and torch ops beyond that.
+(histogram, padded prefix sums, a sort of (slot, id) keys, scatter, each block's slot read from
+its first id) for up to ALIGN_KERNEL_MAX_SLOTS token-slots and ALIGN_KERNEL_MAX_BINS slots — the
+decode path, where a dozen small torch launches per layer would cost more than the layer's
+weights take to stream — and torch ops beyond that.
 """
 
 from __future__ import annotations

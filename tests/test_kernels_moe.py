@@ -71,7 +71,7 @@ def _assert_agrees(got, expected, inputs):
 
 
 @pytest.mark.parametrize("T,K,P,block_m", [(1, 1, 4, 16), (5, 2, 6, 4), (40, 2, 8, 16), (13, 3, 5, 8),
-                                           (1, 2, 64, 32)])  # N < P: the bound is N * BM, met exactly
+                                           (1, 2, 64, 32)])  # N < P: M_max = N * BM
 def test_alignment_groups_every_token_slot_once_in_padded_blocks(T, K, P, block_m, device):
     _, slots, *_ = _problem(T, K, P, 8, 8, torch.float32, device, empty_slots=(1,), inactive=0.2)
     a = moe_align_block_size(slots, P, block_m)
@@ -89,6 +89,15 @@ def test_alignment_groups_every_token_slot_once_in_padded_blocks(T, K, P, block_
         members = [i for i in ids[b * block_m : (b + 1) * block_m].tolist() if i < N]
         assert members and all(int(flat[i]) == int(blocks[b]) for i in members)
         assert members == sorted(members)  # stable: token order kept within a slot
+
+
+def test_alignment_bound_is_tight_when_every_token_slot_has_its_own_slot(device):
+    """N = 2 token-slots in 2 of 64 slots: each fills a 32-row block alone, so M_pad = M_max = 64
+    (a bound counting every slot's padding would give 2 + 64 * 31 rows)."""
+    a = moe_align_block_size(torch.tensor([[5, 40]], device=device), 64, 32)
+    assert int(a.num_tokens_padded) == a.sorted_token_ids.numel() == 64
+    assert a.block_slot.tolist() == [5, 40]
+    assert a.sorted_token_ids.tolist() == [0] + [2] * 31 + [1] + [2] * 31
 
 
 def test_alignment_skips_blocks_of_slots_on_other_ranks(device):
