@@ -212,3 +212,24 @@ def test_preemption_takes_the_lowest_priority_first(checkpoints, prompts):
         engine.step()
     assert engine.scheduler.num_preemptions > 0
     assert requests["late-high"].num_preemptions == 0 and requests["early-low"].num_preemptions > 0
+
+
+def test_a_failed_forward_leaves_no_prefix_cache_entries(checkpoints, prompts):
+    """The blocks a failed step was to fill were never written: the same prompt again must not
+    reuse them, and its output equals a fresh engine's."""
+    from moeserve.engine.faults import FaultInjector, FaultPlan
+
+    config = EngineConfig(checkpoints("mixtral"), max_model_len=128, block_size=4)
+    prompt = prompts[7] + prompts[4]  # 46 tokens: 11 full blocks
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
+    fresh = _run(LLMEngine(config), [prompt], params=params)["0"]
+
+    engine = LLMEngine(config, faults=FaultInjector(FaultPlan.parse("forward@1")))
+    engine.add_request("doomed", {"prompt_token_ids": prompt}, params)
+    failures = engine.step()
+    assert [type(f).__name__ for f in failures] == ["RequestFailure"] and "injected" in failures[0].message
+    assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+    again = _run(engine, [prompt], params=params)["0"]
+    assert again.num_cached_tokens == 0
+    assert again.outputs[0].token_ids == fresh.outputs[0].token_ids
+    assert again.outputs[0].logprobs == fresh.outputs[0].logprobs

@@ -111,7 +111,8 @@ class BlockManager:
 
         Called at scheduling time: a block's key depends only on its tokens, and a sibling
         scheduled later in the same step may read what this step writes, since every layer
-        writes the whole step's keys/values before it attends.
+        writes the whole step's keys/values before it attends. If the step then fails, its
+        blocks were never written and the scheduler withdraws their keys (`uncache`).
         """
         if not self.enable_prefix_caching:
             return
@@ -123,6 +124,15 @@ class BlockManager:
             if self._key[block] is None and key not in self._cached:
                 self._key[block] = key
                 self._cached[key] = block
+
+    def uncache(self, blocks: Sequence[int]) -> None:
+        """Withdraw the keys of `blocks` (their contents were never written, e.g. the step that
+        was to write them failed): no later lookup may hit them."""
+        for block in blocks:
+            key = self._key[block]
+            if key is not None:
+                del self._cached[key]
+                self._key[block] = None
 
     def free(self, table: list[int]) -> None:
         """Release a sequence's blocks, last block first."""

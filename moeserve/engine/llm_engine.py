@@ -19,6 +19,7 @@ from moeserve.checkpoint import load_model
 from moeserve.config import GenerationDefaults
 from moeserve.engine.block_manager import BlockManager
 from moeserve.engine.detokenizer import IncrementalDetokenizer
+from moeserve.engine.faults import FaultInjector
 from moeserve.engine.load_monitor import LoadMonitor
 from moeserve.engine.model_runner import ModelRunner
 from moeserve.engine.request import Request, RequestStatus
@@ -78,8 +79,9 @@ class RequestFailure:
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, faults: FaultInjector | None = None):
         self.config = config
+        self.faults = faults or FaultInjector()
         self.model = load_model(
             config.model, dtype=config.dtype, device=config.device,
             num_redundant_experts=config.num_redundant_experts, expert_backend=config.expert_backend,
@@ -109,7 +111,7 @@ class LLMEngine:
                             config.enable_chunked_prefill),
             self.block_manager,
         )
-        self.runner = ModelRunner(self.model, self.kv_cache, Sampler(config.seed), self.eos_token_ids)
+        self.runner = ModelRunner(self.model, self.kv_cache, Sampler(config.seed), self.eos_token_ids, self.faults)
         device = next(self.model.parameters()).device
         self.load_monitor = LoadMonitor(self.model_config.num_moe_layers, self.model_config.num_experts, device)
         self._groups: dict[str, _Group] = {}
@@ -193,6 +195,7 @@ class LLMEngine:
         """One engine step. An exception in the batch's forward fails the requests of that batch;
         one in a request's own post-processing fails that request alone. Either way the failed
         requests are released and the engine stays usable."""
+        self.faults.check("schedule")
         sched = self.scheduler.schedule()
         now = time.monotonic()
         for new in sched.new_requests:
@@ -203,6 +206,7 @@ class LLMEngine:
             sampled = self.runner.execute(sched)
         except Exception as e:
             logger.exception("engine step failed; failing the %d requests in it", len(sched.num_scheduled_tokens))
+            self.scheduler.discard_step(sched)
             batch = {self._parent[r] for r in sched.num_scheduled_tokens if r in self._parent}
             return [self._fail(self._groups[g], e) for g in batch if g in self._groups]
         if sched.num_scheduled_tokens:

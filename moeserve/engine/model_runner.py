@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moeserve.engine.faults import FaultInjector
 from moeserve.engine.sampler import Sampler, SamplingRow
 from moeserve.engine.scheduler import SchedulerOutput
 from moeserve.model.attention import AttentionMetadata, PagedKVCache
@@ -30,8 +31,9 @@ class _RunnerRequest:
 
 class ModelRunner:
     def __init__(self, model: MoEForCausalLM, kv_cache: PagedKVCache, sampler: Sampler,
-                 eos_token_ids: frozenset[int]):
+                 eos_token_ids: frozenset[int], faults: FaultInjector | None = None):
         self.model = model
+        self.faults = faults or FaultInjector()
         self.kv_cache = kv_cache
         self.sampler = sampler
         self.eos_token_ids = eos_token_ids
@@ -67,6 +69,7 @@ class ModelRunner:
                 sample_ids.append(req_id)
         meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.kv_cache.block_size, self.device)
         input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        self.faults.check("forward")
         hidden = self.model(input_ids, meta, self.kv_cache)  # [T, D]
 
         for req_id, n in out.num_scheduled_tokens.items():

@@ -148,6 +148,16 @@ class Scheduler:
         dropped, self._dropped = frozenset(self._dropped), set()
         return SchedulerOutput(tuple(new_data), tuple(cached_data), scheduled, dropped)
 
+    def discard_step(self, output: SchedulerOutput) -> None:
+        """The step's forward failed, so the blocks it was to fill hold nothing: withdraw their
+        prefix-cache keys (published by `schedule`). Call before the step's requests are freed."""
+        bs = self.block_manager.block_size
+        for req_id, n in output.num_scheduled_tokens.items():
+            req = self.requests.get(req_id)
+            if req is not None:
+                start = req.num_computed_tokens
+                self.block_manager.uncache(req.block_table[start // bs : (start + n) // bs])
+
     def _preempt(self, req: Request) -> None:
         self.block_manager.free(req.block_table)
         req.num_computed_tokens = 0
