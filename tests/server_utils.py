@@ -41,12 +41,13 @@ class ServerProcess:
         return self.proc.wait()
 
 
-def start_server(model: str, *flags: str, log_path: str | None = None, timeout: float = 90.0) -> ServerProcess:
+def start_server(model: str, *flags: str, log_path: str | None = None, timeout: float = 90.0,
+                 env: dict[str, str] | None = None) -> ServerProcess:
     port, grpc_port = free_port(), free_port()
     cmd = [sys.executable, "-m", "moeserve.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
            "--grpc-port", str(grpc_port), "--log-level", "warning", *flags]
     log = open(log_path or os.devnull, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     server = ServerProcess(proc, port, grpc_port, model)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -7,6 +7,7 @@ import json
 import threading
 import time
 
+import grpc
 import httpx
 import pytest
 import uvicorn
@@ -144,6 +145,37 @@ def test_engine_failure_fails_only_that_request(checkpoints):
 
         server.client.shutdown()  # the loop really gone: now, and only now, /health says so
         assert httpx.get(f"{server.url}/health").status_code == 503
-        assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "x"}).status_code == 500
+        assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "x"}).status_code == 503
     finally:
         server.close()
+
+
+def test_a_dead_engine_loop_fails_every_request_fast(checkpoints, tmp_path):
+    """An exception outside the per-request paths (here: in the scheduler) ends the engine loop.
+    The request in flight and every later one get 503 at once; /health says 503."""
+    log = tmp_path / "server.log"
+    server = start_server(str(checkpoints("mixtral")), "--max-model-len", "512", log_path=str(log),
+                          env={"MOESERVE_INJECT_FAULTS": "schedule@40"})
+    try:
+        body = {"prompt": "def f(x):", "max_tokens": 400, "ignore_eos": True}
+        start = time.monotonic()
+        r = httpx.post(f"{server.url}/v1/completions", json=body, timeout=30)
+        assert r.status_code == 503, r.text
+        assert "engine" in r.json()["error"]["message"] and "injected fault" in r.json()["error"]["message"]
+        assert time.monotonic() - start < 10
+        assert httpx.get(f"{server.url}/health").status_code == 503
+        assert httpx.get(f"{server.url}/ready").status_code == 503
+        again = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=5)
+        assert again.status_code == 503 and again.json()["error"]["type"] == "ServiceUnavailableError"
+        stream = httpx.post(f"{server.url}/v1/completions", json={"prompt": "x", "max_tokens": 2, "stream": True},
+                            timeout=5)
+        assert stream.status_code == 503
+        from moeserve.grpc_gen import moeserve_pb2 as pb
+        from moeserve.grpc_gen import moeserve_pb2_grpc as pb_grpc
+
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                pb_grpc.GenerationStub(channel).Generate(pb.GenerateRequest(text="x"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "injected fault" in err.value.details()
+    finally:
+        server.stop()

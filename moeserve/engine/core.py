@@ -6,7 +6,8 @@ abort releases the request's blocks before the next step starts. Each request's 
 its own sink (a callable, called on the loop's thread). When there is no work the loop blocks on
 the command queue (no busy wait). Input validation runs on the caller's thread, so a bad
 request raises there at once. A request the engine fails on gets a RequestFailedError in its
-sink; the loop goes on.
+sink; the loop goes on. Any other exception ends the loop: every request in flight gets an
+EngineDeadError at once, and so does every later add, so no caller waits on a dead loop.
 """
 
 from __future__ import annotations
@@ -28,6 +29,10 @@ Sink = Callable[[RequestOutput | BaseException], None]
 
 class RequestFailedError(RuntimeError):
     """The engine failed this request (and only this request)."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop has stopped; nothing can be served until the server restarts."""
 
 
 class RequestStream:
@@ -59,11 +64,18 @@ class EngineCoreClient:
         self._commands: queue.Queue[Any] = queue.Queue()
         self._sinks: dict[str, Sink] = {}
         self._lock = threading.Lock()
+        self._dead: str | None = None  # why the loop stopped; set once, under the lock
         self._thread = threading.Thread(target=self._loop, name="moeserve-engine-core", daemon=True)
         self._thread.start()
 
     def is_alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._dead is None and self._thread.is_alive()
+
+    def dead_reason(self) -> str:
+        """Why the loop stopped ("" while it runs)."""
+        if self._dead is not None:
+            return self._dead
+        return "" if self._thread.is_alive() else "the engine loop is not running"
 
     @property
     def num_in_flight(self) -> int:
@@ -73,14 +85,14 @@ class EngineCoreClient:
     def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | dict | None = None,
                     priority: int = 0, sink: Sink | None = None) -> RequestStream | None:
         """Queue a request; its outputs go to `sink`, or to the returned RequestStream."""
-        if not self.is_alive():
-            raise RuntimeError("the engine loop is not running")
         group = self.engine.process_request(request_id, prompt, params, priority)  # raises on bad input
         stream = None
         if sink is None:
             stream = RequestStream()
             sink = stream.put
         with self._lock:
+            if self._dead is not None:
+                raise EngineDeadError(self._dead)
             if request_id in self._sinks:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._sinks[request_id] = sink
@@ -95,6 +107,19 @@ class EngineCoreClient:
         self._thread.join(timeout)
 
     def _loop(self) -> None:
+        reason = "the engine was shut down"
+        try:
+            self._run()
+        except BaseException as e:
+            logger.exception("the engine loop died")
+            reason = f"the engine loop died: {type(e).__name__}: {e}"
+        with self._lock:
+            self._dead = reason
+            sinks, self._sinks = list(self._sinks.values()), {}
+        for sink in sinks:
+            sink(EngineDeadError(reason))
+
+    def _run(self) -> None:
         engine = self.engine
         while True:
             block = not engine.has_unfinished_requests()

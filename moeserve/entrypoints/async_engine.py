@@ -34,6 +34,9 @@ class AsyncEngine:
     def is_alive(self) -> bool:
         return self.client.is_alive()
 
+    def dead_reason(self) -> str:
+        return self.client.dead_reason()
+
     def validate(self, request_id: str, prompt: Prompt, params: SamplingParams) -> None:
         """Raise ValueError for input the engine would refuse, without queueing anything."""
         self.engine.process_request(request_id, prompt, params)
@@ -41,7 +44,8 @@ class AsyncEngine:
     async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as the engine produces them. Raises ValueError at once for bad
-        input, RequestFailedError if the engine fails the request."""
+        input, RequestFailedError if the engine fails the request, EngineDeadError if the engine
+        stops (before or while it runs)."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         start = time.monotonic()

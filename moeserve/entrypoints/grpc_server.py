@@ -8,7 +8,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from moeserve.engine.core import RequestFailedError
+from moeserve.engine.core import EngineDeadError, RequestFailedError
 from moeserve.entrypoints.async_engine import AsyncEngine
 from moeserve.grpc_gen import moeserve_pb2 as pb
 from moeserve.grpc_gen import moeserve_pb2_grpc as pb_grpc
@@ -67,6 +67,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         except RequestFailedError as e:
             await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed this request: {e}")
+        except EngineDeadError as e:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
 
     async def Generate(self, request, context):
         final = None

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
-from moeserve.engine.core import RequestFailedError
+from moeserve.engine.core import EngineDeadError, RequestFailedError
 from moeserve.entrypoints.async_engine import AsyncEngine
 from moeserve.entrypoints.openai.protocol import UNSUPPORTED_FIELDS, ChatCompletionRequest, CompletionRequest
 from moeserve.outputs import CompletionOutput, RequestOutput
@@ -35,6 +35,12 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None):
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
+
+
+def _error_event(status: int, message: str) -> str:
+    """An error inside a stream that has already answered 200: one SSE event in the error shape."""
+    body = {"error": {"message": message, "type": _ERROR_TYPES[status], "param": None, "code": status}}
+    return f"data: {json.dumps(body)}\n\n"
 
 
 def error_response(status: int, message: str, param: str | None = None, headers=None) -> JSONResponse:
@@ -235,7 +241,9 @@ class _Handler:
             if include_usage:
                 yield self._chunk([], _usage([finals[i] for i in sorted(finals)]))
         except RequestFailedError as e:
-            yield f"data: {json.dumps({'error': {'message': str(e), 'type': 'InternalServerError', 'param': None, 'code': 500}})}\n\n"
+            yield _error_event(500, str(e))
+        except EngineDeadError as e:
+            yield _error_event(503, str(e))
         yield "data: [DONE]\n\n"
 
 
@@ -271,7 +279,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def health():
         if engine.is_alive():
             return Response(status_code=200)
-        return error_response(503, "the engine loop is not running")
+        return error_response(503, f"the engine is not running: {engine.dead_reason()}")
 
     @app.get("/ready")
     async def ready():
@@ -313,12 +321,16 @@ def build_app(state: ServerState) -> FastAPI:
         return _Handler(state, chat, req, token_lists, params)
 
     async def _respond(handler: _Handler, stream: bool):
+        if not engine.is_alive():
+            raise APIError(503, f"the engine is not running: {engine.dead_reason()}")
         if stream:
             return StreamingResponse(handler.sse(), media_type="text/event-stream")
         try:
             return await handler.full()
         except RequestFailedError as e:
             raise APIError(500, f"the engine failed this request: {e}") from e
+        except EngineDeadError as e:
+            raise APIError(503, str(e)) from e
 
     @app.post("/v1/completions")
     async def completions(request: Request):
