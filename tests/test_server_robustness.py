@@ -15,7 +15,8 @@ import uvicorn
 from moeserve.engine.core import EngineCoreClient
 from moeserve.engine.llm_engine import EngineConfig
 from moeserve.entrypoints.async_engine import AsyncEngine
-from moeserve.entrypoints.openai.api_server import ServerState, build_app
+from moeserve.entrypoints.openai.api_server import build_app
+from moeserve.entrypoints.state import ServerState
 from moeserve.metrics import ServerMetrics
 from server_utils import free_port, start_server
 
@@ -177,5 +178,56 @@ def test_a_dead_engine_loop_fails_every_request_fast(checkpoints, tmp_path):
             with pytest.raises(grpc.RpcError) as err:
                 pb_grpc.GenerationStub(channel).Generate(pb.GenerateRequest(text="x"), timeout=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "injected fault" in err.value.details()
+    finally:
+        server.stop()
+
+
+def test_grpc_checks_the_api_key_and_reports_draining(checkpoints, tmp_path):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    from moeserve.grpc_gen import moeserve_pb2 as pb
+    from moeserve.grpc_gen import moeserve_pb2_grpc as pb_grpc
+
+    server = start_server(str(checkpoints("mixtral")), "--max-model-len", "512", "--api-key", "k-one",
+                          "--shutdown-timeout", "60", log_path=str(tmp_path / "server.log"))
+    short = pb.GenerateRequest(text="x", sampling=pb.SamplingOptions(max_tokens=2))
+    good = (("authorization", "Bearer k-one"),)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+            stub, health = pb_grpc.GenerationStub(channel), health_pb2_grpc.HealthStub(channel)
+            for metadata in ((), (("authorization", "Bearer k-two"),), (("authorization", "k-one"),)):
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.Generate(short, metadata=metadata, timeout=10)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                with pytest.raises(grpc.RpcError) as err:
+                    next(stub.GenerateStream(short, metadata=metadata, timeout=10))
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert len(stub.Generate(short, metadata=good, timeout=30).token_ids) == 2
+            # Health and reflection stay open, as /health does.
+            assert health.Check(health_pb2.HealthCheckRequest(service="")).status == \
+                health_pb2.HealthCheckResponse.SERVING
+            assert "moeserve.v1.Generation" in set(ProtoReflectionDescriptorDatabase(channel).get_services())
+
+            long = pb.GenerateRequest(text="def f(x):", sampling=pb.SamplingOptions(max_tokens=300, ignore_eos=True))
+            running = stub.GenerateStream(long, metadata=good, timeout=120)
+            next(running)
+            server.proc.send_signal(15)
+            deadline = time.monotonic() + 5
+            status = None
+            while time.monotonic() < deadline:
+                status = health.Check(health_pb2.HealthCheckRequest(service="")).status
+                if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                    break
+                time.sleep(0.05)
+            assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert health.Check(health_pb2.HealthCheckRequest(service="moeserve.v1.Generation")).status == \
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Generate(short, metadata=good, timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in err.value.details()
+            rest = list(running)  # the request in flight runs to its end
+            assert rest[-1].finish_reason == "length" and rest[-1].completion_tokens == 300
+        assert server.proc.wait(timeout=60) == 0
     finally:
         server.stop()

@@ -1,21 +1,30 @@
 """The gRPC front (proto/moeserve.proto): Generate and GenerateStream over the same AsyncEngine
-as HTTP, plus grpc.health.v1 and server reflection. A cancelled RPC or an exceeded deadline
-cancels the handler, which aborts the request (its blocks are free before the next step)."""
+as HTTP, plus grpc.health.v1 and server reflection.
+
+The same rules as HTTP: with API keys set, every Generation call needs metadata
+`authorization: Bearer <key>` (UNAUTHENTICATED otherwise); health and reflection stay open, as
+/health does. While draining, health answers NOT_SERVING and new calls get UNAVAILABLE; calls in
+flight run on. A cancelled RPC or an exceeded deadline cancels the handler, which aborts the
+request (its blocks are free before the next step).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from moeserve.engine.core import EngineDeadError, RequestFailedError
-from moeserve.entrypoints.async_engine import AsyncEngine
+from moeserve.entrypoints.state import ServerState
 from moeserve.grpc_gen import moeserve_pb2 as pb
 from moeserve.grpc_gen import moeserve_pb2_grpc as pb_grpc
 from moeserve.outputs import RequestOutput
 from moeserve.sampling_params import SamplingParams
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
+_OPEN_SERVICES = (health.SERVICE_NAME, reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection")
 _OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
              "repetition_penalty", "seed", "min_tokens", "ignore_eos", "logprobs", "skip_special_tokens")
 
@@ -44,11 +53,42 @@ def _response(out: RequestOutput, delta: bool) -> pb.GenerateResponse:
     )
 
 
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """Refuses calls to every service but health and reflection without an accepted key."""
+
+    def __init__(self, state: ServerState):
+        self.state = state
+
+    async def intercept_service(self, continuation: Callable[..., Awaitable], details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        service = details.method.lstrip("/").split("/")[0]
+        if handler is None or service in _OPEN_SERVICES:
+            return handler
+        authorization = next((v for k, v in details.invocation_metadata or () if k == "authorization"), None)
+        if self.state.key_ok(authorization):
+            return handler
+        self.state.engine.metrics.reject("auth")
+
+        async def deny(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "invalid or missing API key (metadata authorization: Bearer <key>)")
+
+        codecs = dict(request_deserializer=handler.request_deserializer,
+                      response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(deny, **codecs)
+        return grpc.unary_unary_rpc_method_handler(deny, **codecs)
+
+
 class GenerationServicer(pb_grpc.GenerationServicer):
-    def __init__(self, engine: AsyncEngine):
-        self.engine = engine
+    def __init__(self, state: ServerState):
+        self.state = state
+        self.engine = state.engine
 
     async def _stream(self, request: pb.GenerateRequest, context):
+        if self.state.draining:
+            self.engine.metrics.reject("draining")
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         try:
             params = sampling_params(request.sampling)
         except ValueError as e:
@@ -81,10 +121,25 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             yield _response(out, delta=True)
 
 
-async def start_grpc_server(engine: AsyncEngine, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Start serving; returns the server and the port it bound (port 0 picks a free one)."""
-    server = grpc.aio.server()
-    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(engine), server)
+class GrpcFront:
+    """A started gRPC server and its health service."""
+
+    def __init__(self, server: grpc.aio.Server, health_servicer: health.aio.HealthServicer, port: int):
+        self.server, self.health, self.port = server, health_servicer, port
+
+    async def drain(self) -> None:
+        """Health turns NOT_SERVING (new calls are refused by the servicer, which reads the state)."""
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    async def stop(self, grace: float) -> None:
+        await self.server.stop(grace=grace)
+
+
+async def start_grpc_server(state: ServerState, host: str, port: int) -> GrpcFront:
+    """Start serving; port 0 picks a free one (GrpcFront.port is the one bound)."""
+    server = grpc.aio.server(interceptors=[AuthInterceptor(state)])
+    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(state), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -92,4 +147,4 @@ async def start_grpc_server(engine: AsyncEngine, host: str, port: int) -> tuple[
     await server.start()
     for service in ("", SERVICE_NAME):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    return server, bound
+    return GrpcFront(server, health_servicer, bound)

@@ -2,7 +2,7 @@
 optional gRPC front on the same asyncio loop.
 
 Shutdown: the first SIGTERM starts draining — /v1/* answer 503 with Retry-After, /ready turns
-503, requests in flight run to completion for up to `shutdown_timeout` seconds — then the
+503, gRPC health turns NOT_SERVING and new gRPC calls get UNAVAILABLE, requests in flight run to completion for up to `shutdown_timeout` seconds — then the
 servers stop and the process exits 0. SIGINT (Ctrl-C) stops at once, as uvicorn does.
 """
 
@@ -19,7 +19,8 @@ import uvicorn
 from moeserve.engine.core import EngineCoreClient
 from moeserve.engine.llm_engine import EngineConfig
 from moeserve.entrypoints.async_engine import AsyncEngine
-from moeserve.entrypoints.openai.api_server import ServerState, build_app
+from moeserve.entrypoints.openai.api_server import build_app
+from moeserve.entrypoints.state import ServerState
 from moeserve.metrics import ServerMetrics
 
 logger = logging.getLogger("moeserve.server")
@@ -38,9 +39,10 @@ class ServerConfig:
 
 
 class _DrainingServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, state: ServerState, client: EngineCoreClient, timeout: float):
+    def __init__(self, config: uvicorn.Config, state: ServerState, client: EngineCoreClient, timeout: float,
+                 grpc_front=None):
         super().__init__(config)
-        self.state, self.client, self.timeout = state, client, timeout
+        self.state, self.client, self.timeout, self.grpc_front = state, client, timeout, grpc_front
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self, sockets=None) -> None:
@@ -55,6 +57,8 @@ class _DrainingServer(uvicorn.Server):
         self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._drain()))
 
     async def _drain(self) -> None:
+        if self.grpc_front is not None:
+            await self.grpc_front.drain()
         deadline = time.monotonic() + self.timeout
         while self.client.num_in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -70,18 +74,18 @@ async def serve(engine_config: EngineConfig, config: ServerConfig) -> None:
     state = ServerState(AsyncEngine(client, metrics), name, config.api_keys)
     if not config.api_keys:
         logger.warning("no --api-key given: the API is open to anyone who can reach %s:%d", config.host, config.port)
-    grpc_server = None
+    grpc_front = None
     if config.grpc_port is not None:
         from moeserve.entrypoints.grpc_server import start_grpc_server
 
-        grpc_server, bound = await start_grpc_server(state.engine, config.host, config.grpc_port)
-        logger.info("gRPC on %s:%d", config.host, bound)
+        grpc_front = await start_grpc_server(state, config.host, config.grpc_port)
+        logger.info("gRPC on %s:%d", config.host, grpc_front.port)
     uv_config = uvicorn.Config(build_app(state), host=config.host, port=config.port, log_level=config.log_level,
                                timeout_graceful_shutdown=5)
-    server = _DrainingServer(uv_config, state, client, config.shutdown_timeout)
+    server = _DrainingServer(uv_config, state, client, config.shutdown_timeout, grpc_front)
     try:
         await server.serve()
     finally:
-        if grpc_server is not None:
-            await grpc_server.stop(grace=1.0)
+        if grpc_front is not None:
+            await grpc_front.stop(grace=1.0)
         client.shutdown()

@@ -8,11 +8,9 @@ engine loop is gone.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,8 +20,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from moeserve.engine.core import EngineDeadError, RequestFailedError
-from moeserve.entrypoints.async_engine import AsyncEngine
 from moeserve.entrypoints.openai.protocol import UNSUPPORTED_FIELDS, ChatCompletionRequest, CompletionRequest
+from moeserve.entrypoints.state import ServerState
 from moeserve.outputs import CompletionOutput, RequestOutput
 from moeserve.sampling_params import SamplingParams
 
@@ -47,26 +45,6 @@ def error_response(status: int, message: str, param: str | None = None, headers=
     body = {"error": {"message": message, "type": _ERROR_TYPES.get(status, "APIError"), "param": param,
                       "code": status}}
     return JSONResponse(body, status_code=status, headers=headers)
-
-
-@dataclass
-class ServerState:
-    """What the routes share: the engine front, the served name, keys, and the draining flag."""
-
-    engine: AsyncEngine
-    model_name: str
-    api_keys: tuple[str, ...] = ()
-    draining: bool = False
-    created: int = field(default_factory=lambda: int(time.time()))
-
-
-def _key_ok(header: str | None, keys: tuple[str, ...]) -> bool:
-    """Constant time in the key's content: every configured key is compared, no early exit."""
-    presented = (header or "").removeprefix("Bearer ").encode()
-    ok = False
-    for key in keys:
-        ok |= hmac.compare_digest(presented, key.encode())
-    return ok and (header or "").startswith("Bearer ")
 
 
 async def _json_body(request: Request) -> dict[str, Any]:
@@ -270,7 +248,7 @@ def build_app(state: ServerState) -> FastAPI:
             if state.draining:
                 engine.metrics.reject("draining")
                 return error_response(503, "the server is shutting down", headers={"Retry-After": "5"})
-            if state.api_keys and not _key_ok(request.headers.get("authorization"), state.api_keys):
+            if not state.key_ok(request.headers.get("authorization")):
                 engine.metrics.reject("auth")
                 return error_response(401, "invalid or missing API key (Authorization: Bearer <key>)")
         return await call_next(request)
