@@ -231,3 +231,54 @@ def test_grpc_checks_the_api_key_and_reports_draining(checkpoints, tmp_path):
         assert server.proc.wait(timeout=60) == 0
     finally:
         server.stop()
+
+
+def _metric(url: str, name: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
+        for sample in family.samples:
+            if sample.name == name:
+                return sample.value
+    raise KeyError(name)
+
+
+def test_a_non_streaming_client_that_hangs_up_aborts_its_request(tmp_path):
+    """Four non-streaming 1000-token requests whose clients close their sockets: the engine stops
+    running them within a second, far sooner than they would have finished."""
+    from moeserve.cli import _default_model
+
+    server = start_server(_default_model()[0], "--max-model-len", "1024", log_path=str(tmp_path / "server.log"))
+    body = json.dumps({"prompt": "def f(x):", "max_tokens": 1000, "ignore_eos": True}).encode()
+    request = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+               b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+
+    async def run():
+        writers = []
+        for _ in range(4):
+            _, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(request)
+            await writer.drain()
+            writers.append(writer)
+        deadline = time.monotonic() + 30
+        while _metric(server.url, "moeserve:num_requests_running") < 4:
+            assert time.monotonic() < deadline, "the requests never ran"
+            await asyncio.sleep(0.05)
+        t0, n0 = time.monotonic(), _metric(server.url, "moeserve:generation_tokens_total")
+        await asyncio.sleep(0.5)
+        rate = (_metric(server.url, "moeserve:generation_tokens_total") - n0) / (time.monotonic() - t0)
+        remaining = 4 * 1000 - _metric(server.url, "moeserve:generation_tokens_total")
+        for writer in writers:
+            writer.close()
+        closed = time.monotonic()
+        while _metric(server.url, "moeserve:num_requests_running") > 0 and time.monotonic() - closed < 10:
+            await asyncio.sleep(0.02)
+        return time.monotonic() - closed, remaining / rate
+
+    try:
+        stopped_after, natural = asyncio.run(run())
+        assert natural > 5, f"the requests would have finished on their own in {natural:.1f}s"
+        assert stopped_after < 1.0, f"still running {stopped_after:.2f}s after the clients left"
+        assert _metric(server.url, "moeserve:num_requests_waiting") == 0
+    finally:
+        server.stop()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -115,6 +115,32 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class _ClientGone(Exception):
+    """The client closed the connection before its response was ready."""
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
+    """Await `work` while watching the connection: if the client hangs up first, cancel `work`
+    (which aborts its requests in the engine) and raise _ClientGone. The body has been read,
+    so the next ASGI message can only be the disconnect."""
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    task, watch = asyncio.ensure_future(work), asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((task, watch), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+    if not task.done() or task.cancelled():
+        await asyncio.gather(task, return_exceptions=True)
+        raise _ClientGone()
+    return task.result()
 
 
 class _Handler:
@@ -238,6 +264,10 @@ def build_app(state: ServerState) -> FastAPI:
     async def _validation_error(request: Request, exc: RequestValidationError):
         return error_response(400, str(exc))
 
+    @app.exception_handler(_ClientGone)
+    async def _client_gone(request: Request, exc: _ClientGone):
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception):
         return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
@@ -298,13 +328,13 @@ def build_app(state: ServerState) -> FastAPI:
             token_lists.append(ids)
         return _Handler(state, chat, req, token_lists, params)
 
-    async def _respond(handler: _Handler, stream: bool):
+    async def _respond(request: Request, handler: _Handler, stream: bool):
         if not engine.is_alive():
             raise APIError(503, f"the engine is not running: {engine.dead_reason()}")
-        if stream:
+        if stream:  # Starlette cancels the body iterator when the client leaves: that aborts
             return StreamingResponse(handler.sse(), media_type="text/event-stream")
         try:
-            return await handler.full()
+            return await _unless_disconnected(request, handler.full())
         except RequestFailedError as e:
             raise APIError(500, f"the engine failed this request: {e}") from e
         except EngineDeadError as e:
@@ -313,7 +343,7 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = _parse(CompletionRequest, await _json_body(request))
-        return await _respond(_prepare(req, req.prompts(), chat=False), req.stream)
+        return await _respond(request, _prepare(req, req.prompts(), chat=False), req.stream)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
@@ -324,6 +354,6 @@ def build_app(state: ServerState) -> FastAPI:
                                            **(req.chat_template_kwargs or {}))
         except Exception as e:
             raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from e
-        return await _respond(_prepare(req, [text], chat=True), req.stream)
+        return await _respond(request, _prepare(req, [text], chat=True), req.stream)
 
     return app
