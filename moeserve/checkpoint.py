@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from torch import nn
 
 from moeserve.config import CheckpointError, ModelConfig, parse_dtype
 from moeserve.model.decoder import MoEForCausalLM
@@ -122,7 +123,7 @@ def load_model(
     expert_backend: str = "auto",
     attention_backend: str = "auto",
 ) -> MoEForCausalLM:
-    """Build the model on the meta device, materialise it on `device` in `dtype` ('auto' follows
+    """Build the model on the meta device, allocate it on `device` in `dtype` ('auto' follows
     the checkpoint), then fill every parameter from the checkpoint. Backends 'auto': triton
     kernels on CUDA (when triton is installed), torch elsewhere."""
     path = Path(path)
@@ -135,13 +136,29 @@ def load_model(
     expert_backend, attention_backend = resolve_backends(expert_backend, attention_backend, device, torch_dtype)
     with torch.device("meta"):
         model = MoEForCausalLM(config, num_redundant_experts, expert_backend, attention_backend)
-    model.to_empty(device=device)
-    model.to(torch_dtype)
-    model.tie_weights()
+    _materialise(model, torch.device(device), torch_dtype)
     model.reset_state()
     _fill(model, config, files)
     model.eval()
     return model
+
+
+def _materialise(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Give every meta tensor uninitialised storage on `device`: parameters in `dtype` straight
+    away (never an fp32 stage, which would need twice a bf16 model's memory), buffers in the
+    dtype they were declared with (int64 maps, fp32 counters). A tensor shared by several
+    modules (tied embeddings) is allocated once and stays shared."""
+    made: dict[int, torch.Tensor] = {}
+    for module in model.modules():
+        for slots, as_param in ((module._parameters, True), (module._buffers, False)):
+            for name, t in slots.items():
+                if t is None:
+                    continue
+                if id(t) not in made:
+                    target = dtype if as_param and t.is_floating_point() else t.dtype
+                    new = torch.empty(t.shape, dtype=target, device=device)
+                    made[id(t)] = nn.Parameter(new, requires_grad=False) if as_param else new
+                slots[name] = made[id(t)]
 
 
 def resolve_backends(

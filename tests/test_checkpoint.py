@@ -243,3 +243,19 @@ def test_layer_types_of_the_wrong_length(qwen2):
     _edit_config(qwen2, use_sliding_window=True, sliding_window=8, layer_types=["full_attention"] * 3)
     with pytest.raises(CheckpointError, match="layer_types must list 4 entries"):
         load_model(qwen2)
+
+
+def test_a_bf16_checkpoint_loads_without_an_fp32_copy():
+    """Parameters are allocated in the target dtype (no fp32 stage that doubles the device
+    memory a load needs), and buffers that must be fp32 or integer keep their dtypes."""
+    from moeserve.cli import _default_model
+    from moeserve.testing.memory import peak_cpu_allocation
+
+    model, peak = peak_cpu_allocation(lambda: load_model(_default_model()[0]))
+    params = {id(p): p for p in model.parameters()}.values()
+    weights = sum(p.numel() * p.element_size() for p in params)
+    assert {p.dtype for p in params} == {torch.bfloat16}
+    assert peak <= 1.1 * weights, f"loading peaked at {peak / weights:.2f}x the bf16 weights"
+    assert model.load.entropy.dtype == torch.float32
+    assert model.top_k.dtype == torch.int64 and model.moe_layers[0].placement.log2phy.dtype == torch.int64
+    assert model.lm_head.weight is model.model.embed_tokens.weight
