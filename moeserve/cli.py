@@ -114,6 +114,7 @@ def _default_model() -> tuple[str, str]:
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
+    from dataclasses import replace
 
     from moeserve.entrypoints.server import ServerConfig, serve
 
@@ -124,7 +125,8 @@ def _serve(args: argparse.Namespace) -> int:
     server = ServerConfig(host=args.host, port=args.port, grpc_port=args.grpc_port, api_keys=tuple(args.api_key or ()),
                           served_model_name=args.served_model_name, expert_metrics=args.expert_metrics,
                           shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
-    asyncio.run(serve(_engine_config(args), server))
+    engine = replace(_engine_config(args), record_expert_load=args.expert_metrics != "off")
+    asyncio.run(serve(engine, server))
     return 0
 
 

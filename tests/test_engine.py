@@ -233,3 +233,10 @@ def test_a_failed_forward_leaves_no_prefix_cache_entries(checkpoints, prompts):
     assert again.num_cached_tokens == 0
     assert again.outputs[0].token_ids == fresh.outputs[0].token_ids
     assert again.outputs[0].logprobs == fresh.outputs[0].logprobs
+
+
+def test_expert_load_off_records_nothing(checkpoints, prompts):
+    engine = LLMEngine(EngineConfig(checkpoints("mixtral"), max_model_len=64, record_expert_load=False))
+    _run(engine, prompts[:2])
+    assert not engine.model.load.enabled
+    assert int(engine.load_monitor.layer_tokens.sum()) == 0 and int(engine.model.expert_load().logical.sum()) == 0

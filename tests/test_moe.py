@@ -139,3 +139,70 @@ def test_runtime_top_k_per_layer(checkpoints, prompts):
         model.set_top_k(K + 1)
     with pytest.raises(ValueError):
         model.set_top_k(0)
+
+
+def _record_forwards(model, recorder) -> None:
+    """Enter `recorder` around every model forward (and only the forward)."""
+
+    def enter(module, args):
+        recorder.__enter__()
+
+    def leave(module, args, out):
+        recorder.__exit__(None, None, None)
+
+    model.register_forward_pre_hook(enter)
+    model.register_forward_hook(leave)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+def test_a_decode_step_forward_never_waits_for_the_device(arch, checkpoints, prompts):
+    """With the device-side expert backend, the model forward of a decode step (load accounting
+    included) has no op that reads device data back to the host: on CUDA each would stall the
+    step. Building the step's metadata on the host happens before the forward and is not counted."""
+    from moeserve.testing.host_sync import HostSyncRecorder
+
+    model = load_model(checkpoints(arch), expert_backend="grouped_mm", attention_backend="torch")
+    runner = ReferenceRunner(model)
+    out = runner.step({i: p for i, p in enumerate(prompts[:4])})
+    recorder = HostSyncRecorder()
+    _record_forwards(model, recorder)
+    runner.step({s: [int(torch.argmax(logits[-1]))] for s, logits in out.items()})
+    assert recorder.ops and recorder.seen == []
+    assert int(model.expert_load().logical.sum()) == 4 * model.config.top_k * model.config.num_moe_layers
+
+
+def test_no_load_accounting_when_it_is_off(checkpoints, prompts):
+    from moeserve.testing.host_sync import HostSyncRecorder
+
+    model = load_model(checkpoints("mixtral"), expert_backend="grouped_mm")
+    model.load.enabled = False
+    recorder = HostSyncRecorder()
+    _record_forwards(model, recorder)
+    ReferenceRunner(model).step({0: prompts[4]})
+    load = model.expert_load()
+    assert int(load.logical.sum()) == 0 and int(load.physical.sum()) == 0 and load.num_tokens == 0
+    assert recorder.ops and not {"aten._log_softmax", "aten.index_add_"} & set(recorder.ops)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "grouped_mm"])
+def test_a_cuda_decode_step_forward_has_no_host_sync(backend, checkpoints, prompts):
+    """The same property on the device itself: CUDA's sync debug mode raises on any sync."""
+    dtype = "bfloat16" if backend == "grouped_mm" else "float32"
+    model = load_model(checkpoints("mixtral"), device="cuda", dtype=dtype, expert_backend=backend,
+                       attention_backend="triton")
+    runner = ReferenceRunner(model)
+    out = runner.step({i: p for i, p in enumerate(prompts[:4])})
+
+    def enter(module, args):
+        torch.cuda.set_sync_debug_mode("error")
+
+    def leave(module, args, result):
+        torch.cuda.set_sync_debug_mode("default")
+
+    model.register_forward_pre_hook(enter)
+    model.register_forward_hook(leave)
+    try:
+        runner.step({s: [int(torch.argmax(logits[-1]))] for s, logits in out.items()})
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -53,6 +53,7 @@ class EngineConfig:
     expert_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
     attention_backend: str = "auto"
     num_redundant_experts: int = 0
+    record_expert_load: bool = True  # per-step expert counts (metrics); off = no accounting work
     seed: int = 0
 
 
@@ -87,6 +88,7 @@ class LLMEngine:
             num_redundant_experts=config.num_redundant_experts, expert_backend=config.expert_backend,
             attention_backend=config.attention_backend,
         )
+        self.model.load.enabled = config.record_expert_load
         self.model_config = self.model.config
         self.tokenizer = Tokenizer(config.model)
         generation = GenerationDefaults.from_pretrained(config.model, self.model_config)
@@ -209,7 +211,7 @@ class LLMEngine:
             self.scheduler.discard_step(sched)
             batch = {self._parent[r] for r in sched.num_scheduled_tokens if r in self._parent}
             return [self._fail(self._groups[g], e) for g in batch if g in self._groups]
-        if sched.num_scheduled_tokens:
+        if sched.num_scheduled_tokens and self.config.record_expert_load:
             self.load_monitor.update(self.model.expert_load())
         results: list[RequestOutput | RequestFailure] = []
         touched: dict[str, None] = {}

@@ -109,7 +109,7 @@ class MoEForCausalLM(nn.Module):
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: PagedKVCache) -> torch.Tensor:
         """input_ids [T] -> final-norm hidden states [T, D]; writes this step's keys/values."""
-        self.load.reset_state()
+        self.load.begin_step()
         h = self.model.embed_tokens(input_ids)  # [T, D]
         cos, sin = self.rotary(meta.positions, h.dtype)  # [T, Dh] x2
         for i, layer in enumerate(self.model.layers):

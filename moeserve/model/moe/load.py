@@ -1,8 +1,10 @@
 """Load accounting: tokens routed per logical expert and per physical slot, per MoE layer.
 
 Shape legend: L_moe MoE layers (indexed by MoE layer, not decoder layer), E experts, P slots.
-Counts are int64 device tensors filled with bincount (no Python loop over tokens or experts);
-the row sums of one step equal (K in force) x (tokens in the step).
+Counts are int64 device tensors of fixed shape filled with index_add_ (no Python loop, and no
+op that reads device data on the host: bincount would, to size its output); the row sums of
+one step equal (K in force) x (tokens in the step). Each counter has one extra column for the
+"no expert" / "no slot" sentinel (E, P), so inactive choices need no masking; it is never read.
 """
 
 from __future__ import annotations
@@ -24,15 +26,21 @@ class ExpertLoad:
 
 
 class LoadRecorder(nn.Module):
-    """Per-step counters the MoE layers add into; zeroed at the start of every forward."""
+    """Per-step counters the MoE layers add into; zeroed at the start of every forward.
+    With `enabled` False the layers record nothing and the counters stay zero."""
 
-    def __init__(self, num_moe_layers: int, num_experts: int, num_slots: int):
+    def __init__(self, num_moe_layers: int, num_experts: int, num_slots: int, enabled: bool = True):
         super().__init__()
         self.num_experts, self.num_slots = num_experts, num_slots
-        self.register_buffer("logical", torch.zeros(num_moe_layers, num_experts, dtype=torch.int64))
-        self.register_buffer("physical", torch.zeros(num_moe_layers, num_slots, dtype=torch.int64))
+        self.enabled = enabled
+        self.register_buffer("logical", torch.zeros(num_moe_layers, num_experts + 1, dtype=torch.int64))
+        self.register_buffer("physical", torch.zeros(num_moe_layers, num_slots + 1, dtype=torch.int64))
         self.register_buffer("entropy", torch.zeros(num_moe_layers, dtype=torch.float32))
         self.num_tokens = 0
+
+    def begin_step(self) -> None:
+        if self.enabled:
+            self.reset_state()
 
     def reset_state(self) -> None:
         self.logical.zero_()
@@ -41,14 +49,18 @@ class LoadRecorder(nn.Module):
         self.num_tokens = 0
 
     def record(self, moe_layer: int, expert_ids: torch.Tensor, slots: torch.Tensor, logits: torch.Tensor) -> None:
-        """expert_ids [T, K] in [0, E], slots [T, K] in [0, P] (the sentinels E and P are not
-        counted), gate logits [T, E]."""
-        self.logical[moe_layer] += torch.bincount(expert_ids.reshape(-1), minlength=self.num_experts + 1)[:-1]
-        self.physical[moe_layer] += torch.bincount(slots.reshape(-1), minlength=self.num_slots + 1)[:-1]
+        """expert_ids [T, K] in [0, E], slots [T, K] in [0, P] (the sentinels E and P land in the
+        extra column), gate logits [T, E]."""
+        if not self.enabled:
+            return
+        ids, slot_ids = expert_ids.reshape(-1), slots.reshape(-1)  # [T*K] x2
+        self.logical[moe_layer].index_add_(0, ids, torch.ones_like(ids))
+        self.physical[moe_layer].index_add_(0, slot_ids, torch.ones_like(slot_ids))
         logp = torch.log_softmax(logits.float(), dim=-1)  # [T, E]
         self.entropy[moe_layer] += -(logp.exp() * logp).sum()
         self.num_tokens = expert_ids.shape[0]
 
     def snapshot(self) -> ExpertLoad:
-        return ExpertLoad(logical=self.logical.clone(), physical=self.physical.clone(),
+        return ExpertLoad(logical=self.logical[:, : self.num_experts].clone(),
+                          physical=self.physical[:, : self.num_slots].clone(),
                           gate_entropy=self.entropy.clone(), num_tokens=self.num_tokens)
