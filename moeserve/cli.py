@@ -36,7 +36,8 @@ def _add_engine_flags(p: argparse.ArgumentParser, model_optional: bool = False) 
     else:
         p.add_argument("model", help="path to a checkpoint directory in Hub layout")
     p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    p.add_argument("--device", default="auto", help="torch device: auto (CUDA when available, else cpu), cpu, "
+                   "cuda, cuda:1, ...")
     p.add_argument("--max-model-len", type=int, help="context length (default: the checkpoint's)")
     p.add_argument("--max-num-seqs", type=int, help="most requests in one step")
     p.add_argument("--max-num-batched-tokens", type=int, help="token budget of one step")

@@ -47,6 +47,15 @@ def parse_dtype(name: str | torch.dtype) -> torch.dtype:
     return _DTYPES[key]
 
 
+def resolve_device(name: str, cuda_available: bool | None = None) -> str:
+    """'auto' -> 'cuda' when a CUDA device is usable, else 'cpu'; any other name unchanged."""
+    if name != "auto":
+        return name
+    if cuda_available is None:
+        cuda_available = torch.cuda.is_available()
+    return "cuda" if cuda_available else "cpu"
+
+
 @dataclass(frozen=True)
 class RopeConfig:
     """Rotary embedding parameters; `rope_type` is 'default' or 'yarn' (others are refused)."""

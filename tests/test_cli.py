@@ -64,3 +64,17 @@ def test_impossible_backend_is_one_clear_line(checkpoints):
                             capture_output=True, text=True, env=env)
     assert result.returncode == 1
     assert result.stderr.strip().startswith("moeserve: the triton moe backend needs triton and a CUDA device")
+
+
+def test_device_defaults_to_auto_which_picks_cuda_when_there_is_one():
+    from moeserve.cli import build_parser
+    from moeserve.config import resolve_device
+    from moeserve.engine.llm_engine import EngineConfig
+
+    for command in ("serve", "generate"):
+        args = build_parser().parse_args([command, "m"] + (["--prompt", "x"] if command == "generate" else []))
+        assert args.device == "auto"
+    assert EngineConfig("m").device == "auto"
+    assert resolve_device("auto", cuda_available=True) == "cuda"
+    assert resolve_device("auto", cuda_available=False) == "cpu"
+    assert resolve_device("cuda:1", cuda_available=False) == "cuda:1"

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from moeserve.checkpoint import load_model
-from moeserve.config import GenerationDefaults
+from moeserve.config import GenerationDefaults, resolve_device
 from moeserve.engine.block_manager import BlockManager
 from moeserve.engine.detokenizer import IncrementalDetokenizer
 from moeserve.engine.faults import FaultInjector
@@ -41,7 +41,7 @@ class EngineConfig:
 
     model: str
     dtype: str = "auto"
-    device: str = "cpu"
+    device: str = "auto"  # auto: CUDA when available, else the CPU
     max_model_len: int | None = None  # default: the checkpoint's max_position_embeddings
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
@@ -83,8 +83,9 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, faults: FaultInjector | None = None):
         self.config = config
         self.faults = faults or FaultInjector()
+        self.device = resolve_device(config.device)
         self.model = load_model(
-            config.model, dtype=config.dtype, device=config.device,
+            config.model, dtype=config.dtype, device=self.device,
             num_redundant_experts=config.num_redundant_experts, expert_backend=config.expert_backend,
             attention_backend=config.attention_backend,
         )
@@ -106,7 +107,7 @@ class LLMEngine:
                 f"max_model_len={self.max_model_len}: lower max_model_len or give the cache more memory"
             )
         self.kv_cache = PagedKVCache.for_model(self.model_config, self.num_kv_blocks, config.block_size, dtype,
-                                               config.device)
+                                               self.device)
         self.block_manager = BlockManager(self.num_kv_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             SchedulerConfig(self.max_model_len, config.max_num_seqs, config.max_num_batched_tokens,
@@ -127,8 +128,8 @@ class LLMEngine:
         block_bytes = 2 * mc.num_layers * cfg.block_size * mc.num_kv_heads * mc.head_dim * dtype.itemsize
         budget = cfg.kv_cache_memory_bytes
         if budget is None:
-            if torch.device(cfg.device).type == "cuda":
-                free, _ = torch.cuda.mem_get_info(torch.device(cfg.device))
+            if torch.device(self.device).type == "cuda":
+                free, _ = torch.cuda.mem_get_info(torch.device(self.device))
                 budget = int(free * 0.9)
             else:
                 available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
