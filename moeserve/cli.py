@@ -43,6 +43,8 @@ def _add_engine_flags(p: argparse.ArgumentParser, model_optional: bool = False) 
     p.add_argument("--max-num-batched-tokens", type=int, help="token budget of one step")
     p.add_argument("--block-size", type=int, help="tokens per KV-cache block")
     p.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks (default: from the memory budget)")
+    p.add_argument("--gpu-memory-utilization", type=float,
+                   help="share of the GPU's memory for weights, activations and the KV cache (default 0.9)")
     p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
                    default=None, help="turn automatic prefix caching off")
     p.add_argument("--moe-backend", dest="expert_backend", choices=["auto", "torch", "triton", "grouped_mm"],

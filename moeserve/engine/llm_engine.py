@@ -17,6 +17,7 @@ import torch
 
 from moeserve.checkpoint import load_model
 from moeserve.config import GenerationDefaults, resolve_device
+from moeserve.engine import kv_sizing
 from moeserve.engine.block_manager import BlockManager
 from moeserve.engine.detokenizer import IncrementalDetokenizer
 from moeserve.engine.faults import FaultInjector
@@ -47,7 +48,8 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     block_size: int = 16
     num_kv_blocks: int | None = None  # overrides the memory budget
-    kv_cache_memory_bytes: int | None = None  # default: 90% of free GPU memory, or <= 1 GiB on CPU
+    kv_cache_memory_bytes: int | None = None  # default: measured on the GPU, <= 1 GiB on CPU (kv_sizing)
+    gpu_memory_utilization: float = 0.9  # share of the GPU's memory moeserve may use in all
     enable_prefix_caching: bool = True
     enable_chunked_prefill: bool = True
     expert_backend: str = "auto"  # auto: triton on CUDA, torch on CPU
@@ -122,20 +124,36 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
 
     def _count_kv_blocks(self, dtype: torch.dtype) -> int:
-        cfg, mc = self.config, self.model_config
+        """See kv_sizing: a measured budget on the GPU, a fixed share of memory on the CPU."""
+        cfg = self.config
         if cfg.num_kv_blocks is not None:
             return cfg.num_kv_blocks
-        block_bytes = 2 * mc.num_layers * cfg.block_size * mc.num_kv_heads * mc.head_dim * dtype.itemsize
         budget = cfg.kv_cache_memory_bytes
         if budget is None:
-            if torch.device(self.device).type == "cuda":
-                free, _ = torch.cuda.mem_get_info(torch.device(self.device))
-                budget = int(free * 0.9)
+            device = torch.device(self.device)
+            if device.type == "cuda":
+                budget = self._profile_gpu_budget(device)
             else:
-                available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-                budget = min(1 << 30, available // 4)
-        useful = cfg.max_num_seqs * -(-self.max_model_len // cfg.block_size)  # more blocks are never used
-        return max(1, min(budget // block_bytes, useful))
+                budget = kv_sizing.cpu_kv_budget(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+        block_bytes = kv_sizing.kv_block_bytes(self.model_config, cfg.block_size, dtype)
+        return kv_sizing.num_kv_blocks(budget, block_bytes, cfg.max_num_seqs, self.max_model_len, cfg.block_size)
+
+    def _profile_gpu_budget(self, device: torch.device) -> int:
+        cfg = self.config
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        scratch = kv_sizing.profile_step(self.model, cfg.max_num_batched_tokens, cfg.max_num_seqs,
+                                         self.max_model_len, cfg.block_size)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before - scratch
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        budget = kv_sizing.gpu_kv_budget(total, total - free, peak, cfg.gpu_memory_utilization)
+        logger.info("KV cache budget %.2f GiB: %.0f%% of %.1f GiB, %.2f GiB in use, %.2f GiB peak activations",
+                    budget / 2**30, 100 * cfg.gpu_memory_utilization, total / 2**30, (total - free) / 2**30,
+                    peak / 2**30)
+        return budget
 
     # ---- input processing (pure: safe to call from any thread) ----
 
