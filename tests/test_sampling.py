@@ -38,6 +38,80 @@ def test_filters_restrict_the_draw():
     assert _draw(logits, SamplingParams(temperature=0)) == {0}
 
 
+def _expected(probs: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution the documented filters define, written independently of the sampler:
+    temperature, then top-k, then top-p (keep a token while the mass strictly above it is below
+    top_p), then min-p (relative to the most likely token after top-k)."""
+    q = probs ** (1 / p.temperature)
+    q = q / q.sum()
+    order = sorted(range(len(q)), key=lambda i: -float(q[i]))
+    keep = set(order[: p.top_k or len(q)])
+    mass = sum(float(q[i]) for i in keep)
+    above, kept_p = 0.0, set()
+    for i in order:
+        if i in keep and above < p.top_p:
+            kept_p.add(i)
+        if i in keep:
+            above += float(q[i]) / mass
+    top = max(float(q[i]) for i in keep)
+    final = [i for i in kept_p if float(q[i]) >= p.min_p * top]
+    out = torch.zeros_like(q)
+    out[final] = q[final]
+    return out / out.sum()
+
+
+def _chi_square_p(counts: torch.Tensor, expected: torch.Tensor) -> float:
+    """p-value of Pearson's chi-square; 0 if a token with zero expected probability was drawn."""
+    n = counts.sum()
+    support = expected > 0
+    if counts[~support].sum() > 0:
+        return 0.0
+    e = expected[support] * n
+    stat = ((counts[support] - e) ** 2 / e).sum()
+    dof = int(support.sum()) - 1
+    if dof == 0:
+        return 1.0
+    return float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), stat.double() / 2))
+
+
+FREQUENCY_CASES = [
+    SamplingParams(),
+    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=1.6),
+    SamplingParams(top_k=3),
+    SamplingParams(top_p=0.8),
+    SamplingParams(min_p=0.2),
+    SamplingParams(temperature=0.8, top_k=5, top_p=0.9, min_p=0.1),
+]
+
+
+@pytest.mark.parametrize("params", FREQUENCY_CASES, ids=lambda p: f"t{p.temperature}-k{p.top_k}-p{p.top_p}-m{p.min_p}")
+def test_draw_frequencies_match_the_filtered_distribution(params):
+    """20k draws (one batch of seeded rows) against the distribution the filters define:
+    Pearson's chi-square p > 1e-3. The same draws must reject a subtly wrong distribution
+    (temperature ignored, or one token more or fewer kept), so the test has the power to
+    catch a sampler bug, not just to pass."""
+    probs = torch.tensor([0.30, 0.22, 0.16, 0.12, 0.09, 0.06, 0.03, 0.02])
+    n = 20_000
+    logits = torch.log(probs).expand(n, -1)
+    rows = [_row(SamplingParams(**{**params.__dict__, "seed": i})) for i in range(n)]
+    drawn = torch.tensor([t for t, _ in Sampler()(logits, rows)])
+    counts = torch.bincount(drawn, minlength=len(probs)).double()
+    expected = _expected(probs, params)
+    assert _chi_square_p(counts, expected) > 1e-3, (counts / n, expected)
+    wrong = [_expected(probs, SamplingParams(**{**params.__dict__, "temperature": 1.0}))] if params.temperature != 1 \
+        else []
+    kept = int((expected > 0).sum())
+    for k in (kept - 1, kept + 1):
+        if 1 <= k <= len(probs):
+            w = torch.zeros_like(probs)
+            top = torch.argsort(-probs)[:k]
+            w[top] = probs[top] ** (1 / params.temperature)
+            wrong.append(w / w.sum())
+    for w in wrong:
+        assert _chi_square_p(counts, w) < 1e-3
+
+
 def test_penalties_and_min_tokens():
     sampler = Sampler()
     logits = torch.tensor([[2.0, 1.9, 0.0, -1.0]])
