@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 
 import grpc
 import httpx
@@ -182,20 +183,52 @@ def _free_blocks(server) -> float:
     return _metrics(server)["moeserve:num_free_kv_blocks"].samples[0].value
 
 
-def _wait_for_free_blocks(server, expected: float, timeout: float = 20.0) -> float:
-    import time
-
-    deadline = time.monotonic() + timeout
-    value = _free_blocks(server)
-    while value != expected and time.monotonic() < deadline:
-        time.sleep(0.05)
-        value = _free_blocks(server)
-    return value
+def _running(server) -> float:
+    return _metrics(server)["moeserve:num_requests_running"].samples[0].value
 
 
-def test_200_client_disconnects_free_every_block(server):
-    start = _wait_for_free_blocks(server, _free_blocks(server))
-    body = {"prompt": PROMPT, "max_tokens": 100, "ignore_eos": True, "stream": True}
+def _generated(server) -> float:
+    family = _metrics(server).get("moeserve:generation_tokens")
+    return sum(s.value for s in family.samples if s.name.endswith("_total")) if family else 0.0
+
+
+def _wait_for(predicate, timeout: float) -> float:
+    """Seconds until predicate() held (polled every 20 ms), or inf."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(0.02)
+    return float("inf")
+
+
+def _decode_rate(server, seconds: float = 0.5) -> float:
+    """Tokens/s the server generates now (requests must be running)."""
+    n0, t0 = _generated(server), time.monotonic()
+    time.sleep(seconds)
+    return (_generated(server) - n0) / (time.monotonic() - t0)
+
+
+# Aborts are checked against requests that would run for far longer than the time allowed for
+# their blocks to come back: the default model, 1000 tokens, EOS ignored.
+LONG = 1000
+RETURN_BOUND = 1.5
+
+
+@pytest.fixture(scope="module")
+def long_server(tmp_path_factory):
+    from moeserve.cli import _default_model
+
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    s = start_server(_default_model()[0], "--max-model-len", "1024", log_path=str(log))
+    yield s
+    assert s.stop() == 0, log.read_text()
+
+
+def test_200_client_disconnects_free_every_block(long_server):
+    server = long_server
+    start = _free_blocks(server)
+    body = {"prompt": PROMPT, "max_tokens": LONG, "ignore_eos": True, "stream": True}
 
     async def run():
         async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
@@ -203,28 +236,37 @@ def test_200_client_disconnects_free_every_block(server):
                 async with client.stream("POST", "/v1/completions", json=body) as r:
                     async for line in r.aiter_lines():
                         if line.startswith("data: {"):
-                            break  # first token seen: hang up mid-stream
+                            break  # the request runs (a token came): hang up mid-stream
 
     asyncio.run(run())
-    assert _wait_for_free_blocks(server, start) == start
-    assert _metrics(server)["moeserve:num_requests_running"].samples[0].value == 0
+    assert _wait_for(lambda: _free_blocks(server) == start, RETURN_BOUND) < RETURN_BOUND
+    assert _running(server) == 0  # had the aborts been lost, 200 x 1000 tokens would run for minutes
 
 
-def test_grpc_cancel_and_deadline_abort(server):
+def test_grpc_cancel_and_deadline_abort(long_server):
     from moeserve.grpc_gen import moeserve_pb2 as pb
     from moeserve.grpc_gen import moeserve_pb2_grpc as pb_grpc
 
+    server = long_server
     start = _free_blocks(server)
-    request = pb.GenerateRequest(text=PROMPT, sampling=pb.SamplingOptions(max_tokens=110, ignore_eos=True))
+    request = pb.GenerateRequest(text=PROMPT, sampling=pb.SamplingOptions(max_tokens=LONG, ignore_eos=True))
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         stub = pb_grpc.GenerationStub(channel)
-        call = stub.GenerateStream(request, timeout=60)
+        call = stub.GenerateStream(request, timeout=120)
         next(call)
+        assert _running(server) == 1
+        natural = LONG / _decode_rate(server)
+        assert natural > 5 * RETURN_BOUND, f"a {LONG}-token request runs only {natural:.1f}s"
         call.cancel()
+        assert _wait_for(lambda: _free_blocks(server) == start, RETURN_BOUND) < RETURN_BOUND
+
+        future = stub.Generate.future(request, timeout=3.0)
+        assert _wait_for(lambda: _running(server) == 1, 3.0) < 3.0  # running before its deadline
         with pytest.raises(grpc.RpcError) as err:
-            stub.Generate(request, timeout=0.05)
+            future.result()
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-    assert _wait_for_free_blocks(server, start) == start
+        assert _wait_for(lambda: _free_blocks(server) == start, RETURN_BOUND) < RETURN_BOUND
+        assert _running(server) == 0
 
 
 def test_64_concurrent_streams_complete(server):
