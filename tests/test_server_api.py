@@ -147,12 +147,13 @@ BAD_REQUESTS = [
     (b'\xff\xfe{"prompt": "x"}', "not valid UTF-8"),
     (b'["prompt"]', "must be a JSON object"),
     (json.dumps({"prompt": "x", "max_tokens": "four"}).encode(), "max_tokens"),
-    (json.dumps({"prompt": "x", "max_tokens": -3}).encode(), "max_tokens must be >= 1"),
+    (json.dumps({"prompt": "x", "max_tokens": -3}).encode(), "invalid 'max_tokens': Input should be greater than or equal to 1"),
     (json.dumps({"prompt": "x", "max_tokens": 10**9}).encode(), "maximum context length is 128"),
     (json.dumps({"prompt": "x " * 300, "max_tokens": 4}).encode(), "max_model_len=128"),
     (json.dumps({"prompt": "x", "logit_bias": {"5": 10}}).encode(), "'logit_bias' is not supported"),
-    (json.dumps({"prompt": "x", "temperature": -1}).encode(), "temperature must be >= 0"),
+    (json.dumps({"prompt": "x", "temperature": -1}).encode(), "invalid 'temperature': Input should be greater than or equal to 0"),
     (json.dumps({"prompt": "x", "frobnicate": 1}).encode(), "unknown field 'frobnicate'"),
+    (json.dumps({"prompt": "x", "n": 129}).encode(), "invalid 'n': Input should be less than or equal to 128"),
     (json.dumps({"prompt": [1, 2, 99999]}).encode(), "outside the vocabulary"),
 ]
 BAD_CHATS = [

@@ -15,10 +15,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
+import moeserve
 from moeserve.engine.core import EngineDeadError, RequestFailedError
 from moeserve.entrypoints.openai.protocol import UNSUPPORTED_FIELDS, ChatCompletionRequest, CompletionRequest
 from moeserve.entrypoints.state import ServerState
@@ -115,6 +117,11 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _json_body_schema(model: type[BaseModel]) -> dict[str, Any]:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
 class _ClientGone(Exception):
@@ -252,7 +259,7 @@ class _Handler:
 
 
 def build_app(state: ServerState) -> FastAPI:
-    app = FastAPI(title="moeserve", docs_url=None, redoc_url=None)
+    app = FastAPI(title="moeserve", version=moeserve.__version__, docs_url=None, redoc_url=None)
     app.state.server = state
     engine = state.engine
 
@@ -340,12 +347,12 @@ def build_app(state: ServerState) -> FastAPI:
         except EngineDeadError as e:
             raise APIError(503, str(e)) from e
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_json_body_schema(CompletionRequest))
     async def completions(request: Request):
         req = _parse(CompletionRequest, await _json_body(request))
         return await _respond(request, _prepare(req, req.prompts(), chat=False), req.stream)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_json_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request):
         req = _parse(ChatCompletionRequest, await _json_body(request))
         tok = engine.engine.tokenizer
@@ -356,4 +363,18 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from e
         return await _respond(request, _prepare(req, [text], chat=True), req.stream)
 
+    def openapi() -> dict[str, Any]:
+        """FastAPI's document plus the request bodies, which the routes parse themselves (to
+        answer 400 with a named field, never FastAPI's 422)."""
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in (CompletionRequest, ChatCompletionRequest):
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                components[model.__name__] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app
