@@ -1,6 +1,6 @@
-"""The `moeserve` command. Subcommands mirror vLLM's (`serve`, `generate`, `bench`); each lands
-with the issue that builds its stage. `inspect` shows how a checkpoint will be loaded;
-`generate` runs prompts through the engine offline."""
+"""The `moeserve` command. Subcommands mirror vLLM's: `serve` (HTTP + gRPC), `generate`
+(prompts through the engine offline), `bench serve|compare` (the load-test harness), and
+`inspect` (how a checkpoint will be loaded)."""
 
 from __future__ import annotations
 

@@ -166,10 +166,6 @@ class ModelConfig:
         """Decoder-layer index of each MoE layer, in MoE-layer order."""
         return tuple(i for i, is_moe in enumerate(self.moe_layers) if is_moe)
 
-    @property
-    def num_query_groups(self) -> int:
-        return self.num_heads // self.num_kv_heads
-
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
         config_path = Path(path) / "config.json"

@@ -63,6 +63,11 @@ def test_openai_client_chat_matches_offline(server, offline):
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected.text
     assert chunks[-1].usage.completion_tokens == 10 and chunks[-1].choices == []
+    chunks = list(client.chat.completions.create(
+        model="tiny-mixtral", messages=messages, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True}))
+    running = [c.usage.completion_tokens for c in chunks if c.choices]
+    assert running == sorted(running) and running[-1] == 10 and chunks[-1].usage.completion_tokens == 10
 
 
 def test_sampling_options_and_logprobs(server):

@@ -1,2 +1,2 @@
-"""The engine runtime: KV block management today; scheduler, model runner, sampler and
-EngineCore arrive with the engine-runtime issue."""
+"""The engine runtime: requests, scheduler, KV block manager, model runner, sampler,
+detokenizer, LLMEngine and the EngineCore loop."""

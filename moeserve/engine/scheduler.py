@@ -79,10 +79,6 @@ class Scheduler:
         self._arrivals = itertools.count()
         self._dropped: set[str] = set()  # runner state to drop at the next step
 
-    @property
-    def has_unfinished(self) -> bool:
-        return bool(self.requests)
-
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")

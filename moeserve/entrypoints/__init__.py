@@ -1,1 +1,1 @@
-"""Ways in: the offline LLM API (the HTTP/gRPC front arrives with the serving issue)."""
+"""Ways in: the offline LLM API, the OpenAI-compatible HTTP front, the gRPC front."""

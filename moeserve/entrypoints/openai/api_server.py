@@ -220,12 +220,14 @@ class _Handler:
         n = self.params.n
         sent_role: set[int] = set()
         sent_tokens: dict[int, int] = {}
-        finals: dict[int, RequestOutput] = {}
-        include_usage = bool(self.body.stream_options and self.body.stream_options.include_usage)
+        latest: dict[int, RequestOutput] = {}
+        options = self.body.stream_options
+        include_usage = bool(options and options.include_usage)
+        # vLLM's extension: with include_usage, every chunk also carries the usage so far.
+        continuous = include_usage and options.continuous_usage_stats
         try:
             async for i, out in _merge(self.streams()):
-                if out.finished:
-                    finals[i] = out
+                latest[i] = out
                 choices = []
                 for c in out.outputs:
                     index = i * n + c.index
@@ -248,9 +250,9 @@ class _Handler:
                     sent_tokens[index] = -1 if c.finished else len(c.token_ids)
                     choices.append(choice)
                 if choices:
-                    yield self._chunk(choices)
+                    yield self._chunk(choices, _usage(list(latest.values())) if continuous else None)
             if include_usage:
-                yield self._chunk([], _usage([finals[i] for i in sorted(finals)]))
+                yield self._chunk([], _usage([latest[i] for i in sorted(latest)]))
         except RequestFailedError as e:
             yield _error_event(500, str(e))
         except EngineDeadError as e:

@@ -42,9 +42,6 @@ class ExpertPlacement(nn.Module):
         self.replica_count.fill_(1)
         self.slot_rank.zero_()
 
-    def free_slots(self) -> list[int]:
-        return [s for s, e in enumerate(self.phy2log.tolist()) if e < 0]
-
     def slots_for(self, expert_ids: torch.Tensor) -> torch.Tensor:
         """expert_ids [T, K] in [0, E] (E = no expert) -> slots [T, K] in [0, P] (P = no slot)."""
         E, T = self.num_experts, expert_ids.shape[0]
