@@ -98,7 +98,7 @@ def run_moeserve(path: Path, requests, args) -> dict:
     assert produced == sum(n for _, n in requests), "moeserve must produce exactly the requested tokens"
     return {"elapsed_s": elapsed, "output_tokens": produced, "output_tokens_per_s": produced / elapsed,
             "requests_per_s": len(requests) / elapsed,
-            "num_preemptions": llm.engine.scheduler.num_preemptions}
+            "num_preemptions": llm.engine.core.scheduler.num_preemptions}
 
 
 def run_transformers(path: Path, requests, args) -> dict:

@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from moeserve.config import CheckpointError, ModelConfig, parse_dtype
+from moeserve.model_config import CheckpointError, ModelConfig, parse_dtype
 from moeserve.model.decoder import MoEForCausalLM
 
 _EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$")

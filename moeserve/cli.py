@@ -7,10 +7,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moeserve.config import CheckpointError, ModelConfig
+from moeserve.config import ServerConfig, add_engine_flags, add_flags, engine_config_from_args, from_args
+from moeserve.errors import CheckpointError, EngineStartError
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from moeserve.model_config import ModelConfig
+
     config = ModelConfig.from_pretrained(args.model)
     print(f"architecture      {config.architecture} ({config.model_type})")
     print(f"layers            {config.num_layers} ({config.num_moe_layers} MoE, "
@@ -29,39 +32,13 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _add_engine_flags(p: argparse.ArgumentParser, model_optional: bool = False) -> None:
-    """Flags named as vLLM names them; defaults are EngineConfig's (None = its default)."""
+    """The model path, then one flag per engine-config field (moeserve.config generates them)."""
     if model_optional:
         p.add_argument("model", nargs="?", help="path to a checkpoint directory in Hub layout "
                        "(default: the embedded default model)")
     else:
         p.add_argument("model", help="path to a checkpoint directory in Hub layout")
-    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, bfloat16 or float16")
-    p.add_argument("--device", default="auto", help="torch device: auto (CUDA when available, else cpu), cpu, "
-                   "cuda, cuda:1, ...")
-    p.add_argument("--max-model-len", type=int, help="context length (default: the checkpoint's)")
-    p.add_argument("--max-num-seqs", type=int, help="most requests in one step")
-    p.add_argument("--max-num-batched-tokens", type=int, help="token budget of one step")
-    p.add_argument("--block-size", type=int, help="tokens per KV-cache block")
-    p.add_argument("--num-kv-blocks", type=int, help="KV-cache blocks (default: from the memory budget)")
-    p.add_argument("--gpu-memory-utilization", type=float,
-                   help="share of the GPU's memory for weights, activations and the KV cache (default 0.9)")
-    p.add_argument("--no-enable-prefix-caching", dest="enable_prefix_caching", action="store_false",
-                   default=None, help="turn automatic prefix caching off")
-    p.add_argument("--moe-backend", dest="expert_backend", choices=["auto", "torch", "triton", "grouped_mm"],
-                   help="expert compute: auto (triton on CUDA, torch on CPU), torch, triton, grouped_mm")
-    p.add_argument("--attention-backend", choices=["auto", "torch", "triton"],
-                   help="paged attention: auto (triton on CUDA, torch on CPU), torch, triton")
-    p.add_argument("--num-redundant-experts", type=int, help="spare expert slots per MoE layer")
-    p.add_argument("--seed", type=int, help="seed of unseeded sampling")
-
-
-def _engine_config(args: argparse.Namespace):
-    from dataclasses import fields
-
-    from moeserve.engine.llm_engine import EngineConfig
-
-    values = {f.name: getattr(args, f.name) for f in fields(EngineConfig) if getattr(args, f.name, None) is not None}
-    return EngineConfig(**values)
+    add_engine_flags(p)
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -71,7 +48,7 @@ def _generate(args: argparse.Namespace) -> int:
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             max_tokens=args.max_tokens, seed=args.sampling_seed, stop=tuple(args.stop or ()),
                             ignore_eos=args.ignore_eos)
-    llm = LLM.from_config(_engine_config(args))
+    llm = LLM.from_config(engine_config_from_args(args.model, args))
     prompts = args.prompt or [sys.stdin.read()]
     for out in llm.generate(prompts, params):
         print(out.outputs[0].text)
@@ -117,19 +94,15 @@ def _default_model() -> tuple[str, str]:
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
     import logging
-    from dataclasses import replace
 
-    from moeserve.entrypoints.server import ServerConfig, serve
+    from moeserve.entrypoints.server import serve
 
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(logging, (args.log_level or "info").upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.model is None:
         args.model, name = _default_model()
         args.served_model_name = args.served_model_name or name
-    server = ServerConfig(host=args.host, port=args.port, grpc_port=args.grpc_port, api_keys=tuple(args.api_key or ()),
-                          served_model_name=args.served_model_name, expert_metrics=args.expert_metrics,
-                          shutdown_timeout=args.shutdown_timeout, log_level=args.log_level)
-    engine = replace(_engine_config(args), record_expert_load=args.expert_metrics != "off")
-    asyncio.run(serve(engine, server))
+    asyncio.run(serve(engine_config_from_args(args.model, args), from_args(ServerConfig, args)))
     return 0
 
 
@@ -157,16 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_bench)
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (and gRPC with --grpc-port)")
     _add_engine_flags(p, model_optional=True)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000, help="HTTP port")
-    p.add_argument("--grpc-port", type=int, help="gRPC port (off when not given)")
-    p.add_argument("--api-key", action="append", help="accepted bearer key for /v1/* (repeatable); none = open")
-    p.add_argument("--served-model-name", help="model name in the API (default: the model path)")
-    p.add_argument("--expert-metrics", choices=["off", "layer", "expert"], default="layer",
-                   help="MoE series in /metrics: off, per layer, or per (layer, expert)")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds SIGTERM waits for requests in flight before exiting")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    add_flags(p, ServerConfig)
     p.set_defaults(func=_serve)
     return parser
 
@@ -175,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (CheckpointError, ValueError) as e:
+    except (CheckpointError, EngineStartError, ValueError) as e:
         print(f"moeserve: {e}", file=sys.stderr)
         return 1
 

@@ -1,34 +1,37 @@
 """Prometheus metrics, named `moeserve:*`, in a registry owned by one server (no globals).
 
 Request-level series (TTFT, inter-token latency, ...) are observed by the front as outputs
-arrive. Engine and MoE series are read from the engine when Prometheus scrapes (a custom
-collector), so the step loop never spends time on metrics and per-(layer, expert) series cost
-nothing until scraped. `expert_metrics` bounds the MoE series: "off" (none), "layer" (per MoE
-layer: routed tokens, balancedness, gate entropy, K in force), "expert" (also per (layer,
+arrive. Engine and MoE series are read at scrape time (a custom collector) from what the front
+already holds: the engine's last EngineStats and the front's LoadMonitor, fed by the stats the
+engine sends with each step. Nothing here reads an engine object, and per-(layer, expert) series
+cost nothing until scraped. `expert_metrics` bounds the MoE series: "off" (none), "layer" (per
+MoE layer: routed tokens, balancedness, gate entropy, K in force), "expert" (also per (layer,
 expert) routed-token counters: L_moe x E series).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from moeserve.engine.llm_engine import LLMEngine
+from moeserve.config import EXPERT_METRICS
+from moeserve.engine.load_monitor import LoadMonitor
+from moeserve.engine.messages import EngineInfo, EngineStats
 
 logger = logging.getLogger(__name__)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
                     40.0, 80.0)
-EXPERT_METRICS = ("off", "layer", "expert")
 
 
 class _EngineCollector(Collector):
-    def __init__(self, engine: LLMEngine, model_name: str, expert_metrics: str, gpu: _GpuTelemetry | None):
-        self.engine = engine
+    def __init__(self, info: EngineInfo, stats: Callable[[], EngineStats | None], monitor: LoadMonitor,
+                 model_name: str, expert_metrics: str, gpu: _GpuTelemetry | None):
+        self.info, self.stats, self.monitor = info, stats, monitor
         self.model_name = model_name
         self.expert_metrics = expert_metrics
         self.gpu = gpu
@@ -38,37 +41,44 @@ class _EngineCollector(Collector):
         g.add_metric([self.model_name], value)
         return g
 
+    def _counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
+        c = CounterMetricFamily(name, doc, labels=["model_name"])
+        c.add_metric([self.model_name], value)
+        return c
+
     def collect(self) -> Iterator[Metric]:
-        e = self.engine
-        sched, bm = e.scheduler, e.block_manager
-        running = len(sched.running)
-        yield self._gauge("moeserve:num_requests_running", "Requests in the running batch.", running)
-        yield self._gauge("moeserve:num_requests_waiting", "Requests waiting to be scheduled.",
-                          len(sched.requests) - running)
-        yield self._gauge("moeserve:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
-                          1 - bm.num_free_blocks / bm.num_blocks)
-        yield self._gauge("moeserve:num_free_kv_blocks", "KV-cache blocks free (cached or empty).", bm.num_free_blocks)
-        c = CounterMetricFamily("moeserve:num_preemptions", "Requests preempted to free KV blocks.",
-                                labels=["model_name"])
-        c.add_metric([self.model_name], sched.num_preemptions)
-        yield c
-        c = CounterMetricFamily("moeserve:prefix_cache_hits", "KV blocks reused from the prefix cache.",
-                                labels=["model_name"])
-        c.add_metric([self.model_name], bm.stats.hits)
-        yield c
-        if self.expert_metrics != "off":
-            yield from self._moe()
+        stats = self.stats()
+        if stats is not None:
+            yield self._gauge("moeserve:num_requests_running", "Requests in the running batch.", stats.num_running)
+            yield self._gauge("moeserve:num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting)
+            yield self._gauge("moeserve:num_waiting_tokens", "Prompt tokens of waiting requests not yet computed.",
+                              stats.num_waiting_tokens)
+            yield self._gauge("moeserve:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0-1).",
+                              stats.kv_usage)
+            yield self._gauge("moeserve:num_free_kv_blocks", "KV-cache blocks free (cached or empty).",
+                              stats.num_free_blocks)
+            yield self._gauge("moeserve:step_time_seconds", "Duration of the engine's last step.", stats.step_time_s)
+            yield self._gauge("moeserve:prefill_tokens_per_second", "Recent prefill rate of the engine.",
+                              stats.prefill_tokens_per_s)
+            yield self._gauge("moeserve:decode_tokens_per_second", "Recent decode rate of the engine.",
+                              stats.decode_tokens_per_s)
+            yield self._counter("moeserve:num_preemptions", "Requests preempted to free KV blocks.",
+                                stats.num_preemptions)
+            yield self._counter("moeserve:prefix_cache_hits", "KV blocks reused from the prefix cache.",
+                                stats.prefix_cache_hits)
+            if self.expert_metrics != "off":
+                yield from self._moe(stats)
         if self.gpu is not None:
             yield from self.gpu.collect(self.model_name)
 
-    def _moe(self) -> Iterator[Metric]:
-        monitor, model = self.engine.load_monitor, self.engine.model
-        layers = [str(i) for i in model.config.moe_layer_ids]  # decoder-layer index of each MoE layer
+    def _moe(self, stats: EngineStats) -> Iterator[Metric]:
+        monitor = self.monitor
+        layers = [str(i) for i in self.info.moe_layer_ids]  # decoder-layer index of each MoE layer
         per_layer = {
             "routed": monitor.layer_tokens.tolist(),
             "balance": monitor.balancedness(),
             "entropy": monitor.mean_gate_entropy(),
-            "k": model.top_k.tolist(),
+            "k": stats.top_k,
         }
         routed = CounterMetricFamily("moeserve:moe_layer_tokens", "Tokens that entered each MoE layer.",
                                      labels=["model_name", "layer"])
@@ -125,7 +135,8 @@ class _GpuTelemetry:
 class ServerMetrics:
     """All series of one server. Request-level ones are observed through the methods below."""
 
-    def __init__(self, engine: LLMEngine, model_name: str, expert_metrics: str = "layer"):
+    def __init__(self, info: EngineInfo, stats: Callable[[], EngineStats | None], monitor: LoadMonitor,
+                 model_name: str, expert_metrics: str = "layer"):
         if expert_metrics not in EXPERT_METRICS:
             raise ValueError(f"expert_metrics must be one of {EXPERT_METRICS}, got {expert_metrics!r}")
         self.model_name = model_name
@@ -151,7 +162,8 @@ class ServerMetrics:
                                        labels, registry=self.registry)
         self.rejections = Counter("moeserve:admission_rejections", "Requests refused before reaching the engine.",
                                   labels + ["reason"], registry=self.registry)
-        self.registry.register(_EngineCollector(engine, model_name, expert_metrics, _GpuTelemetry.probe()))
+        self.registry.register(_EngineCollector(info, stats, monitor, model_name, expert_metrics,
+                                                _GpuTelemetry.probe()))
 
     def reject(self, reason: str) -> None:
         self.rejections.labels(self.model_name, reason).inc()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -31,3 +31,22 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     queue_time_s: float | None = None  # from arrival to first scheduled
+
+
+@dataclass(frozen=True)
+class RequestFailure:
+    """A request the engine could not serve: it is released; the others go on."""
+
+    request_id: str
+    message: str
+
+
+def merge_outputs(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
+    """One output that says what two consecutive ones of a request say: the newer's state with
+    both deltas (for a consumer that has not taken the older yet)."""
+    merged = tuple(
+        replace(new, delta_text=old.delta_text + new.delta_text,
+                delta_token_ids=old.delta_token_ids + new.delta_token_ids)
+        for old, new in zip(older.outputs, newer.outputs)
+    )
+    return replace(newer, outputs=merged)

@@ -19,7 +19,7 @@ import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
-from moeserve.config import CheckpointError
+from moeserve.errors import CheckpointError
 
 
 def _token_text(value: Any) -> str | None:

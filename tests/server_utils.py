@@ -61,3 +61,23 @@ def start_server(model: str, *flags: str, log_path: str | None = None, timeout: 
         time.sleep(0.2)
     server.stop()
     raise RuntimeError("server did not become healthy in time")
+
+
+def engine_pid(front_pid: int) -> int:
+    """The engine process `moeserve serve` started (its multiprocessing child that is not the
+    resource tracker)."""
+    children = []
+    for task in os.listdir(f"/proc/{front_pid}/task"):
+        with open(f"/proc/{front_pid}/task/{task}/children") as f:
+            children += [int(p) for p in f.read().split()]
+    for pid in children:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read().replace(b"\0", b" ")
+        if b"spawn_main" in cmdline:
+            return pid
+    raise RuntimeError(f"no engine process under {front_pid}")
+
+
+def maps_libtorch(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return "libtorch" in f.read()

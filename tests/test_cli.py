@@ -68,13 +68,39 @@ def test_impossible_backend_is_one_clear_line(checkpoints):
 
 def test_device_defaults_to_auto_which_picks_cuda_when_there_is_one():
     from moeserve.cli import build_parser
-    from moeserve.config import resolve_device
-    from moeserve.engine.llm_engine import EngineConfig
+    from moeserve.config import LoadConfig, engine_config_from_args
+    from moeserve.model_config import resolve_device
 
     for command in ("serve", "generate"):
         args = build_parser().parse_args([command, "m"] + (["--prompt", "x"] if command == "generate" else []))
-        assert args.device == "auto"
-    assert EngineConfig("m").device == "auto"
+        assert engine_config_from_args("m", args).load.device == "auto"
+    assert LoadConfig("m").device == "auto"
     assert resolve_device("auto", cuda_available=True) == "cuda"
     assert resolve_device("auto", cuda_available=False) == "cpu"
     assert resolve_device("cuda:1", cuda_available=False) == "cuda:1"
+
+
+def test_every_config_field_is_a_flag_with_the_fields_default():
+    """The serve flags are generated from the config layers: each field has exactly one flag,
+    not giving it keeps the field's default, and giving it sets that field alone."""
+    from dataclasses import fields
+
+    from moeserve.cli import build_parser
+    from moeserve.config import (ENGINE_LAYERS, EngineConfig, LoadConfig, ServerConfig, engine_config_from_args,
+                                 from_args)
+
+    parser = build_parser()
+    serve = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "serve")[1]
+    dests = {a.dest for a in serve._actions}
+    for cls in (*ENGINE_LAYERS.values(), ServerConfig):
+        for f in fields(cls):
+            assert f.name in dests or (cls is LoadConfig and f.name == "model"), f"{cls.__name__}.{f.name} has no flag"
+    args = parser.parse_args(["serve", "m"])
+    assert engine_config_from_args("m", args) == EngineConfig(LoadConfig("m"))
+    assert from_args(ServerConfig, args) == ServerConfig()
+    args = parser.parse_args(["serve", "m", "--moe-backend", "torch", "--no-enable-prefix-caching", "--api-key", "a",
+                              "--api-key", "b", "--gpu-memory-utilization", "0.5", "--expert-metrics", "off"])
+    config = engine_config_from_args("m", args)
+    assert config.load.expert_backend == "torch" and not config.cache.enable_prefix_caching
+    assert config.cache.gpu_memory_utilization == 0.5 and config.control.expert_metrics == "off"
+    assert from_args(ServerConfig, args).api_key == ("a", "b")

@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from moeserve import SamplingParams
-from moeserve.engine.llm_engine import EngineConfig, LLMEngine
+from moeserve.config import engine_config
+from moeserve.engine.llm_engine import LLMEngine
 from moeserve.testing.equality import GreedyTrace, greedy_divergence
 from moeserve.testing.oracle import hf_greedy, load_hf_model
 
@@ -69,79 +70,79 @@ def _many_prompts(prompts):
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
 def test_continuous_batching_with_injected_requests(arch, checkpoints, prompts, hf_traces):
-    engine = LLMEngine(EngineConfig(checkpoints(arch), max_model_len=128, max_num_seqs=6))
+    engine = LLMEngine(engine_config(checkpoints(arch), max_model_len=128, max_num_seqs=6))
     many = _many_prompts(prompts)
     done = _run(engine, many, inject_at={2: [8, 9], 5: [10], 9: [11]})
     _assert_agree(done, many, arch, hf_traces)
-    assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+    assert engine.core.block_manager.num_free_blocks == engine.core.num_kv_blocks
 
 
 def test_preemption_under_a_tiny_kv_cache(checkpoints, prompts, hf_traces):
-    engine = LLMEngine(EngineConfig(checkpoints("mixtral"), max_model_len=64, block_size=4, num_kv_blocks=20,
+    engine = LLMEngine(engine_config(checkpoints("mixtral"), max_model_len=64, block_size=4, num_kv_blocks=20,
                                     enable_prefix_caching=False))
     many = _many_prompts(prompts)
     done = _run(engine, many, inject_at={3: [10, 11]})
-    assert engine.scheduler.num_preemptions > 0
+    assert engine.core.scheduler.num_preemptions > 0
     _assert_agree(done, many, "mixtral", hf_traces)
-    assert engine.block_manager.num_free_blocks == 20
+    assert engine.core.block_manager.num_free_blocks == 20
 
 
 def test_chunked_prefill_under_a_small_token_budget(checkpoints, prompts, hf_traces):
-    engine = LLMEngine(EngineConfig(checkpoints("qwen2_moe"), max_model_len=128, max_num_batched_tokens=7))
+    engine = LLMEngine(engine_config(checkpoints("qwen2_moe"), max_model_len=128, max_num_batched_tokens=7))
     many = _many_prompts(prompts)
     assert max(len(p) for p in many) > 4 * 7  # the longest prompt needs five chunks
     seen_partial = []
-    original = engine.scheduler.schedule
+    original = engine.core.scheduler.schedule
 
     def schedule():
         out = original()
         assert out.total_num_scheduled_tokens <= 7
         seen_partial.extend(
-            r.request_id for r in engine.scheduler.running
+            r.request_id for r in engine.core.scheduler.running
             if 0 < r.num_computed_tokens + out.num_scheduled_tokens.get(r.request_id, 0) < len(r.prompt_token_ids)
         )
         return out
 
-    engine.scheduler.schedule = schedule
+    engine.core.scheduler.schedule = schedule
     done = _run(engine, many, inject_at={4: [9]})
     assert seen_partial, "some prompt must have been run in several chunks"
     _assert_agree(done, many, "qwen2_moe", hf_traces)
 
 
 def test_prefix_caching_reuses_a_shared_prefix(checkpoints, prompts, hf_traces):
-    engine = LLMEngine(EngineConfig(checkpoints("olmoe"), max_model_len=128, block_size=4))
+    engine = LLMEngine(engine_config(checkpoints("olmoe"), max_model_len=128, block_size=4))
     shared = prompts[7] + prompts[4]  # 33 + 13 tokens
     first, second = shared + prompts[1], shared + prompts[5]
     done = _run(engine, [first])
-    hits_before = engine.block_manager.stats.hits
+    hits_before = engine.core.block_manager.stats.hits
     done2 = _run(engine, [second, first])
-    assert engine.block_manager.stats.hits - hits_before >= 2 * (len(shared) // 4)
+    assert engine.core.block_manager.stats.hits - hits_before >= 2 * (len(shared) // 4)
     assert done2["0"].num_cached_tokens >= (len(shared) // 4) * 4
     assert done2["1"].num_cached_tokens == ((len(first) - 1) // 4) * 4
     _assert_agree({"0": done["0"]}, [first], "olmoe", hf_traces)
     _assert_agree(done2, [second, first], "olmoe", hf_traces)
-    assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+    assert engine.core.block_manager.num_free_blocks == engine.core.num_kv_blocks
 
 
 def test_every_block_returns_after_aborts(checkpoints, prompts):
-    engine = LLMEngine(EngineConfig(checkpoints("mixtral"), max_model_len=64, block_size=4, num_kv_blocks=30))
-    start = engine.block_manager.num_free_blocks
+    engine = LLMEngine(engine_config(checkpoints("mixtral"), max_model_len=64, block_size=4, num_kv_blocks=30))
+    start = engine.core.block_manager.num_free_blocks
     params = SamplingParams(temperature=0.7, seed=1, max_tokens=20, ignore_eos=True)
     for i, p in enumerate(_many_prompts(prompts)):
         engine.add_request(str(i), {"prompt_token_ids": p}, params)
     for step in range(12):
         engine.step()
         if step in (1, 4, 8):
-            running = [r.request_id for r in engine.scheduler.running]
-            waiting = [r.request_id for _, r in engine.scheduler.waiting if not r.status.finished]
+            running = [r.request_id for r in engine.core.scheduler.running]
+            waiting = [r.request_id for _, r in engine.core.scheduler.waiting if not r.status.finished]
             for req_id in running[:1] + waiting[:1]:
                 engine.abort_request(req_id)
     engine.abort_request("no-such-request")
     while engine.has_unfinished_requests():
         engine.step()
-    assert engine.block_manager.num_free_blocks == start
+    assert engine.core.block_manager.num_free_blocks == start
     engine.step()  # the runner forgets finished requests at the next step
-    assert not engine.scheduler.requests and not engine.runner.requests
+    assert not engine.core.scheduler.requests and not engine.core.executor.worker.runner.requests
 
 
 @pytest.mark.parametrize(
@@ -155,7 +156,7 @@ def test_every_block_returns_after_aborts(checkpoints, prompts):
     ],
 )
 def test_bad_prompts_fail_alone(bad, message, checkpoints, prompts):
-    engine = LLMEngine(EngineConfig(checkpoints("mixtral"), max_model_len=64))
+    engine = LLMEngine(engine_config(checkpoints("mixtral"), max_model_len=64))
     engine.add_request("good-0", {"prompt_token_ids": prompts[0]}, SamplingParams(max_tokens=4))
     with pytest.raises(ValueError, match=message):
         engine.add_request("bad", bad, SamplingParams(max_tokens=4))
@@ -178,7 +179,7 @@ def test_bad_prompts_fail_alone(bad, message, checkpoints, prompts):
     ],
 )
 def test_bad_sampling_params_fail_alone(params, message, checkpoints, prompts):
-    engine = LLMEngine(EngineConfig(checkpoints("mixtral"), max_model_len=64))
+    engine = LLMEngine(engine_config(checkpoints("mixtral"), max_model_len=64))
     engine.add_request("good", {"prompt_token_ids": prompts[0]}, SamplingParams(max_tokens=3))
     with pytest.raises(ValueError, match=message):
         engine.add_request("bad", {"prompt_token_ids": prompts[1]}, params)
@@ -189,7 +190,7 @@ def test_bad_sampling_params_fail_alone(params, message, checkpoints, prompts):
 
 
 def test_priority_orders_admission(checkpoints, prompts):
-    engine = LLMEngine(EngineConfig(checkpoints("mixtral"), max_model_len=64, max_num_seqs=1))
+    engine = LLMEngine(engine_config(checkpoints("mixtral"), max_model_len=64, max_num_seqs=1))
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     engine.add_request("low-first", {"prompt_token_ids": prompts[1]}, params, priority=5)
     engine.add_request("low-second", {"prompt_token_ids": prompts[2]}, params, priority=5)
@@ -202,15 +203,15 @@ def test_priority_orders_admission(checkpoints, prompts):
 
 def test_preemption_takes_the_lowest_priority_first(checkpoints, prompts):
     # Room for ~1.5 sequences: one of the two must be preempted as they grow.
-    engine = LLMEngine(EngineConfig(checkpoints("mixtral"), max_model_len=48, block_size=4, num_kv_blocks=14,
+    engine = LLMEngine(engine_config(checkpoints("mixtral"), max_model_len=48, block_size=4, num_kv_blocks=14,
                                     enable_prefix_caching=False))
     params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
     engine.add_request("early-low", {"prompt_token_ids": prompts[4][:6]}, params, priority=1)
     engine.add_request("late-high", {"prompt_token_ids": prompts[5][:6]}, params, priority=0)
-    requests = dict(engine.scheduler.requests)
+    requests = dict(engine.core.scheduler.requests)
     while engine.has_unfinished_requests():
         engine.step()
-    assert engine.scheduler.num_preemptions > 0
+    assert engine.core.scheduler.num_preemptions > 0
     assert requests["late-high"].num_preemptions == 0 and requests["early-low"].num_preemptions > 0
 
 
@@ -219,7 +220,7 @@ def test_a_failed_forward_leaves_no_prefix_cache_entries(checkpoints, prompts):
     reuse them, and its output equals a fresh engine's."""
     from moeserve.engine.faults import FaultInjector, FaultPlan
 
-    config = EngineConfig(checkpoints("mixtral"), max_model_len=128, block_size=4)
+    config = engine_config(checkpoints("mixtral"), max_model_len=128, block_size=4)
     prompt = prompts[7] + prompts[4]  # 46 tokens: 11 full blocks
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, logprobs=0)
     fresh = _run(LLMEngine(config), [prompt], params=params)["0"]
@@ -228,7 +229,7 @@ def test_a_failed_forward_leaves_no_prefix_cache_entries(checkpoints, prompts):
     engine.add_request("doomed", {"prompt_token_ids": prompt}, params)
     failures = engine.step()
     assert [type(f).__name__ for f in failures] == ["RequestFailure"] and "injected" in failures[0].message
-    assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+    assert engine.core.block_manager.num_free_blocks == engine.core.num_kv_blocks
     again = _run(engine, [prompt], params=params)["0"]
     assert again.num_cached_tokens == 0
     assert again.outputs[0].token_ids == fresh.outputs[0].token_ids
@@ -236,7 +237,9 @@ def test_a_failed_forward_leaves_no_prefix_cache_entries(checkpoints, prompts):
 
 
 def test_expert_load_off_records_nothing(checkpoints, prompts):
-    engine = LLMEngine(EngineConfig(checkpoints("mixtral"), max_model_len=64, record_expert_load=False))
+    engine = LLMEngine(engine_config(checkpoints("mixtral"), max_model_len=64, expert_metrics="off"))
     _run(engine, prompts[:2])
-    assert not engine.model.load.enabled
-    assert int(engine.load_monitor.layer_tokens.sum()) == 0 and int(engine.model.expert_load().logical.sum()) == 0
+    model = engine.core.executor.worker.model
+    assert not model.load.enabled and int(model.expert_load().logical.sum()) == 0
+    engine.add_request("x", {"prompt_token_ids": prompts[0]}, SamplingParams(max_tokens=2))
+    assert engine.core.step().stats.expert_load is None

@@ -1,63 +1,134 @@
-"""EngineCore: the step loop on its own thread, driven by concurrent callers."""
+"""The EngineCore in its own process behind the front's AsyncEngine, and the core's seams: typed
+messages, the executor, and controllers between steps."""
 
 from __future__ import annotations
 
-import threading
+import asyncio
 
+import msgspec
 import pytest
 
 from moeserve import LLM, SamplingParams
-from moeserve.engine.core import EngineCoreClient
-from moeserve.engine.llm_engine import EngineConfig
+from moeserve.config import engine_config
+from moeserve.engine.core import EngineCore
+from moeserve.engine.messages import (
+    AbortRequests,
+    Codec,
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineStats,
+    ExpertLoadStats,
+    UtilityCall,
+)
+from moeserve.entrypoints.async_engine import AsyncEngine
+from moeserve.errors import EngineDeadError
 
 
-@pytest.fixture
-def client(checkpoints):
-    c = EngineCoreClient(EngineConfig(checkpoints("qwen3_moe"), max_model_len=96, block_size=4))
-    yield c
-    c.shutdown()
-    assert not c.is_alive()
+def _run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 300))
 
 
-def test_concurrent_streams_match_the_offline_api(client, checkpoints, prompts):
+async def _collect(engine: AsyncEngine, request_id: str, prompt, params) -> tuple[str, tuple[int, ...]]:
+    deltas, tokens = [], ()
+    async for out in engine.generate(request_id, prompt, params):
+        deltas.append(out.outputs[0].delta_text)
+        tokens += out.outputs[0].delta_token_ids
+        assert out.outputs[0].token_ids == tokens
+    return "".join(deltas), tokens
+
+
+def test_concurrent_streams_through_the_engine_process_match_the_offline_api(checkpoints, prompts):
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    results: dict[int, tuple[str, tuple[int, ...]]] = {}
+    config = engine_config(checkpoints("qwen3_moe"), max_model_len=96, block_size=4)
 
-    def consume(i: int) -> None:
-        deltas, tokens = [], ()
-        for out in client.add_request(f"r{i}", {"prompt_token_ids": prompts[i]}, params):
-            deltas.append(out.outputs[0].delta_text)
-            tokens += out.outputs[0].delta_token_ids
-            assert out.outputs[0].token_ids == tokens
-        results[i] = ("".join(deltas), tokens)
+    async def run():
+        engine = await AsyncEngine.start(config, "tiny")
+        try:
+            assert engine.info.pid != __import__("os").getpid()  # the core is another process
+            return await asyncio.gather(*(_collect(engine, f"r{i}", {"prompt_token_ids": p}, params)
+                                          for i, p in enumerate(prompts)))
+        finally:
+            engine.shutdown()
 
-    threads = [threading.Thread(target=consume, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    offline = LLM(checkpoints("qwen3_moe"), max_model_len=96).generate(
-        [{"prompt_token_ids": p} for p in prompts], params
-    )
-    for i, out in enumerate(offline):
-        assert results[i] == (out.outputs[0].text, out.outputs[0].token_ids)
+    results = _run(run())
+    offline = LLM(checkpoints("qwen3_moe"), max_model_len=96).generate([{"prompt_token_ids": p} for p in prompts],
+                                                                        params)
+    for got, out in zip(results, offline):
+        assert got == (out.outputs[0].text, out.outputs[0].token_ids)
 
 
-def test_abort_frees_blocks_and_the_loop_goes_on(client, prompts):
-    engine = client.engine
-    start = engine.block_manager.num_free_blocks
-    long = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
-    stream = client.add_request("long", {"prompt_token_ids": prompts[3]}, long)
-    first = stream.get(timeout=60)
-    assert not first.finished
-    client.abort("long")
-    out = client.add_request("after", {"prompt_token_ids": prompts[0]}, SamplingParams(max_tokens=3))
-    assert [o.finished for o in out][-1]
-    assert engine.block_manager.num_free_blocks == start
+def test_abort_frees_blocks_bad_input_fails_at_once_and_the_engine_goes_on(checkpoints, prompts):
+    config = engine_config(checkpoints("qwen3_moe"), max_model_len=96, block_size=4)
+
+    async def run():
+        engine = await AsyncEngine.start(config, "tiny")
+        try:
+            start = engine.latest_stats.num_free_blocks
+            long = SamplingParams(temperature=0, max_tokens=80, ignore_eos=True)
+            stream = engine.generate("long", {"prompt_token_ids": prompts[3]}, long)
+            first = await stream.__anext__()
+            assert not first.finished
+            await stream.aclose()  # the caller leaves: the request is aborted
+            with pytest.raises(ValueError, match="prompt is empty"):
+                await engine.generate("bad", {"prompt_token_ids": []}, long).__anext__()
+            after = await _collect(engine, "after", {"prompt_token_ids": prompts[0]}, SamplingParams(max_tokens=3))
+            assert len(after[1]) == 3
+            for _ in range(100):
+                if engine.latest_stats.num_free_blocks == start and engine.latest_stats.num_running == 0:
+                    break
+                await asyncio.sleep(0.02)
+            assert engine.latest_stats.num_free_blocks == start and engine.num_in_flight == 0
+        finally:
+            engine.shutdown()
+        with pytest.raises(EngineDeadError):
+            await engine.generate("late", {"prompt_token_ids": prompts[0]}, long).__anext__()
+
+    _run(run())
 
 
-def test_bad_request_raises_on_the_callers_thread(client, prompts):
-    with pytest.raises(ValueError, match="prompt is empty"):
-        client.add_request("bad", {"prompt_token_ids": []})
-    ok = list(client.add_request("ok", {"prompt_token_ids": prompts[1]}, SamplingParams(max_tokens=2)))
-    assert ok[-1].finished and client.is_alive()
+def test_every_message_survives_the_wire_and_a_malformed_one_is_refused():
+    codec = Codec()
+    stats = EngineStats(3, 1.5, 2, 1, 40, {0: 30, 1: 10}, 100, 60, 0.01, 7, 2, 700.0, 200.0, 1, 4, [2, 1],
+                        ExpertLoadStats([[1, 2], [3, 0]], [0.5, 0.25], 2))
+    messages = [
+        EngineCoreRequest("r", [1, 2], SamplingParams(temperature=0.5, stop=("x",), seed=3), (2,), -1),
+        AbortRequests(["a", "b"]),
+        UtilityCall(7, "set_top_k", [1, None]),
+        EngineCoreOutputs([EngineCoreOutput("r", [5], [{5: -0.1, 9: -2.5}], "stop", 2, 16, 0.003)], stats),
+    ]
+    for message in messages:
+        assert codec.decode(codec.encode(message)) == message
+    assert stats.kv_usage == pytest.approx(0.4)
+    bad = msgspec.msgpack.encode({"request_id": "r", "prompt_token_ids": [1], "eos_token_ids": [],
+                                  "sampling_params": {"temperature": -1.0}})
+    with pytest.raises(msgspec.ValidationError, match="temperature must be >= 0"):
+        codec.decode([b"r", bad])
+
+
+def test_controllers_run_between_steps_and_change_the_next_step(checkpoints, prompts):
+    """A controller sees every step's stats and may act through the core; here it lowers K to 1
+    after the second step, which the next step's stats and the model both show."""
+    core = EngineCore(engine_config(checkpoints("mixtral"), max_model_len=64))
+    seen: list[EngineStats] = []
+
+    class LowerK:
+        def between_steps(self, core: EngineCore, stats: EngineStats) -> None:
+            seen.append(stats)
+            if stats.step == 2:
+                core.call("set_top_k", 1)
+
+    core.add_controller(LowerK())
+    core.add_request(EngineCoreRequest("r", prompts[4], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+                                       (), 0))
+    while core.has_work():
+        core.step()
+    assert [s.step for s in seen] == [1, 2, 3, 4, 5]
+    K, layers = core.model_config.top_k, core.model_config.num_moe_layers
+    assert K > 1 and [s.top_k for s in seen] == [[K] * layers] * 2 + [[1] * layers] * 3
+    assert seen[0].num_prefill_tokens == len(prompts[4]) and seen[1].num_decode_tokens == 1
+    # The K in force reached the worker: each later step routed one expert per token.
+    assert all(sum(row) == s.expert_load.num_tokens for s in seen[2:] for row in s.expert_load.logical)
+    assert core.executor.collective_rpc("device_name") == ["cpu"]
+    with pytest.raises(ValueError, match="top_k must lie in"):
+        core.call("set_top_k", K + 1)

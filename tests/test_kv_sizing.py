@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from moeserve import load_model
-from moeserve.engine import kv_sizing
+from moeserve.worker import kv_sizing
 
 GiB = 1 << 30
 
@@ -45,11 +45,12 @@ def test_the_profile_step_runs_the_largest_batch_and_leaves_no_state(checkpoints
 
 @pytest.mark.gpu
 def test_a_cuda_engine_sizes_its_cache_under_the_measured_budget(checkpoints):
-    from moeserve.engine.llm_engine import EngineConfig, LLMEngine
+    from moeserve.config import engine_config
+    from moeserve.engine.llm_engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(str(checkpoints("mixtral")), device="cuda", max_model_len=256,
+    engine = LLMEngine(engine_config(str(checkpoints("mixtral")), device="cuda", max_model_len=256,
                                     max_num_batched_tokens=4096, max_num_seqs=100_000,
                                     gpu_memory_utilization=0.5))
     free, total = torch.cuda.mem_get_info()
     assert total - free <= 0.5 * total + 64 * 2**20  # the cache stayed inside the share
-    assert engine.num_kv_blocks >= 256 // 16
+    assert engine.core.num_kv_blocks >= 256 // 16

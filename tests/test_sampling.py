@@ -7,7 +7,7 @@ import torch
 
 from moeserve import LLM, SamplingParams
 from moeserve.engine.detokenizer import IncrementalDetokenizer
-from moeserve.engine.sampler import Sampler, SamplingRow
+from moeserve.worker.sampler import Sampler, SamplingRow
 from moeserve.tokenizer import Tokenizer
 
 
@@ -201,19 +201,19 @@ def test_seeded_request_survives_preemption(checkpoints, prompts):
     params = [SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)] * len(batch)
     params[6] = target
     outs = tight.generate(batch, params)
-    assert tight.engine.scheduler.num_preemptions > 0
+    assert tight.engine.core.scheduler.num_preemptions > 0
     assert outs[6].outputs[0].token_ids == expected
 
 
 def test_n_samples_share_the_prompt_blocks(llm, prompts):
     engine = llm.engine
     prompt = (prompts[7] + prompts[6])[::-1]  # 58 tokens no other test uses: 14 full blocks of 4
-    hits = engine.block_manager.stats.hits
+    hits = engine.core.block_manager.stats.hits
     out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=6))[0]
     assert [o.index for o in out.outputs] == [0, 1, 2]
-    assert engine.block_manager.stats.hits - hits == 2 * ((len(prompt) - 1) // 4)
+    assert engine.core.block_manager.stats.hits - hits == 2 * ((len(prompt) - 1) // 4)
     assert len({o.token_ids for o in out.outputs}) > 1  # seeds seed+i: different samples
-    assert engine.block_manager.num_free_blocks == engine.num_kv_blocks
+    assert engine.core.block_manager.num_free_blocks == engine.core.num_kv_blocks
 
 
 def test_final_text_is_the_plain_decode_of_the_tokens(llm, prompts):
@@ -258,5 +258,5 @@ def test_generate_accepts_strings_and_chat(llm):
     assert list(chat.prompt_token_ids) == rendered
     direct = llm.generate({"prompt_token_ids": rendered}, SamplingParams(temperature=0, max_tokens=5))[0]
     assert chat.outputs[0].token_ids == direct.outputs[0].token_ids
-    with pytest.raises(TypeError, match="unknown LLM argument.*tensor_parallel_size"):
+    with pytest.raises(TypeError, match="unknown engine setting.*tensor_parallel_size"):
         LLM("unused", tensor_parallel_size=2)

@@ -12,12 +12,10 @@ import httpx
 import pytest
 import uvicorn
 
-from moeserve.engine.core import EngineCoreClient
-from moeserve.engine.llm_engine import EngineConfig
+from moeserve.config import engine_config
 from moeserve.entrypoints.async_engine import AsyncEngine
 from moeserve.entrypoints.openai.api_server import build_app
 from moeserve.entrypoints.state import ServerState
-from moeserve.metrics import ServerMetrics
 from server_utils import free_port, start_server
 
 pytestmark = pytest.mark.slow
@@ -88,33 +86,42 @@ def test_sigterm_drains_then_exits_zero(checkpoints, tmp_path):
     assert "API is open" in log.read_text()  # started without --api-key, and said so
 
 
-class _InProcessServer:
-    """The real app on a real uvicorn, in this process, so a test can reach into the engine."""
+class _InProcessFront:
+    """The real front (the app on uvicorn, AsyncEngine and its engine process) with the front in
+    this process, on an event loop in a thread, so a test can reach into the front."""
 
     def __init__(self, model: str):
-        self.client = EngineCoreClient(EngineConfig(model, max_model_len=64))
-        metrics = ServerMetrics(self.client.engine, "tiny")
-        self.state = ServerState(AsyncEngine(self.client, metrics), "tiny")
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        start = AsyncEngine.start(engine_config(model, max_model_len=64), "tiny")
+        self.engine = asyncio.run_coroutine_threadsafe(start, self.loop).result(120)
         self.port = free_port()
-        self.server = uvicorn.Server(uvicorn.Config(build_app(self.state), host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
+        self.server = uvicorn.Server(uvicorn.Config(build_app(ServerState(self.engine, "tiny")), host="127.0.0.1",
+                                                    port=self.port, log_level="warning"))
+        self.serving = asyncio.run_coroutine_threadsafe(self.server.serve(), self.loop)
         deadline = time.monotonic() + 30
         while not self.server.started and time.monotonic() < deadline:
             time.sleep(0.05)
         self.url = f"http://127.0.0.1:{self.port}"
 
+    def on_loop(self, fn):
+        async def call():
+            return fn()
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(30)
+
     def close(self):
         self.server.should_exit = True
-        self.thread.join(10)
-        self.client.shutdown()
+        self.serving.result(10)
+        self.on_loop(self.engine.shutdown)
+        self.loop.call_soon_threadsafe(self.loop.stop)
 
 
-def test_engine_failure_fails_only_that_request(checkpoints):
-    server = _InProcessServer(str(checkpoints("mixtral")))
+def test_a_failure_in_one_request_fails_only_that_request(checkpoints):
+    """Detokenising one request raises (in the front): that request gets 500 and its sequence is
+    released in the engine; the others complete and every block comes back."""
+    server = _InProcessFront(str(checkpoints("mixtral")))
     try:
-        engine = server.client.engine
+        engine = server.engine
         poison = 451
         decode = engine.tokenizer.decode
 
@@ -124,7 +131,7 @@ def test_engine_failure_fails_only_that_request(checkpoints):
             return decode(ids, skip_special_tokens=skip_special_tokens)
 
         engine.tokenizer.decode = faulty_decode
-        start_free = engine.block_manager.num_free_blocks
+        start_free = engine.latest_stats.num_free_blocks
 
         async def run():
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
@@ -142,9 +149,12 @@ def test_engine_failure_fails_only_that_request(checkpoints):
         assert httpx.get(f"{server.url}/health").status_code == 200
         again = httpx.post(f"{server.url}/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 3})
         assert again.status_code == 200
-        assert engine.block_manager.num_free_blocks == start_free
+        deadline = time.monotonic() + 5
+        while engine.latest_stats.num_free_blocks != start_free and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert engine.latest_stats.num_free_blocks == start_free
 
-        server.client.shutdown()  # the loop really gone: now, and only now, /health says so
+        server.on_loop(engine.shutdown)  # the engine really gone: now, and only now, /health says so
         assert httpx.get(f"{server.url}/health").status_code == 503
         assert httpx.post(f"{server.url}/v1/completions", json={"prompt": "x"}).status_code == 503
     finally:

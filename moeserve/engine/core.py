@@ -1,157 +1,209 @@
-"""EngineCore: the step loop on its own thread, behind a small client.
+"""EngineCore: the scheduler, the executor and the controllers. One step reads top to bottom:
 
-The loop owns the LLMEngine; callers never touch it. Commands (add, abort, shutdown) go through
-a queue that the loop drains between steps, so a step never races an add or an abort, and an
-abort releases the request's blocks before the next step starts. Each request's outputs go to
-its own sink (a callable, called on the loop's thread). When there is no work the loop blocks on
-the command queue (no busy wait). Input validation runs on the caller's thread, so a bad
-request raises there at once. A request the engine fails on gets a RequestFailedError in its
-sink; the loop goes on. Any other exception ends the loop: every request in flight gets an
-EngineDeadError at once, and so does every later add, so no caller waits on a dead loop.
+    schedule -> execute on the workers -> update requests (token stops) -> outputs + stats
+             -> controllers, between steps
+
+The core thinks in token ids only: tokenising, detokenising and stop strings are the front's
+(a stop string ends a request by an abort from the front). It runs in the engine process
+(core_proc.py, behind ZMQ) for serving, and in the caller's process for the offline LLM API:
+the same object either way.
+
+Failures: an exception in the step's forward fails the requests of that batch (and withdraws
+the prefix-cache keys of the blocks it was to write); the core goes on. Any other exception
+(in schedule(), a controller, a command) propagates: the process hosting the core reports it
+dead rather than serve from a state nobody can vouch for.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-from collections.abc import Callable, Iterator
-from typing import Any
+import os
+import time
+from typing import Any, Protocol
 
-from moeserve.engine.llm_engine import EngineConfig, LLMEngine, Prompt, RequestFailure
-from moeserve.outputs import RequestOutput
-from moeserve.sampling_params import SamplingParams
+from moeserve.config import EngineConfig
+from moeserve.engine.block_manager import BlockManager
+from moeserve.engine.faults import FaultInjector
+from moeserve.engine.messages import (
+    EngineCoreOutput,
+    EngineCoreOutputs,
+    EngineCoreRequest,
+    EngineInfo,
+    EngineStats,
+    ExpertLoadStats,
+)
+from moeserve.engine.request import Request
+from moeserve.engine.scheduler import Scheduler, SchedulerOutput
+from moeserve.executor import Executor
+from moeserve.generation_config import GenerationDefaults
+from moeserve.worker.model_runner import ModelRunnerOutput
 
 logger = logging.getLogger(__name__)
-_SHUTDOWN = object()
-Sink = Callable[[RequestOutput | BaseException], None]
+_RATE_ALPHA = 0.2  # weight of the newest step in the token-rate averages
 
 
-class RequestFailedError(RuntimeError):
-    """The engine failed this request (and only this request)."""
+class Controller(Protocol):
+    """A policy that runs between steps with the step's stats (degradation, replication, ...).
+    It may change the engine through `core.call` (e.g. set K); it must not block."""
+
+    def between_steps(self, core: EngineCore, stats: EngineStats) -> None: ...
 
 
-class EngineDeadError(RuntimeError):
-    """The engine loop has stopped; nothing can be served until the server restarts."""
+class EngineCore:
+    def __init__(self, config: EngineConfig, faults: FaultInjector | None = None):
+        self.config = config
+        self.faults = faults or FaultInjector()
+        self.executor = Executor.create(config, self.faults)
+        mc = self.model_config = self.executor.model_config
+        self.max_model_len = config.load.max_model_len or mc.max_position_embeddings
+        self.num_kv_blocks = self.executor.num_kv_blocks(self.max_model_len)
+        block_size = config.cache.block_size
+        if self.num_kv_blocks * block_size < self.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {self.num_kv_blocks * block_size} tokens, fewer than "
+                f"max_model_len={self.max_model_len}: lower max_model_len or give the cache more memory"
+            )
+        self.executor.initialize_cache(self.num_kv_blocks)
+        self.block_manager = BlockManager(self.num_kv_blocks, block_size, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        generation = GenerationDefaults.from_pretrained(config.model, mc)
+        self.info = EngineInfo(
+            model=config.model, max_model_len=self.max_model_len, vocab_size=mc.vocab_size,
+            eos_token_ids=tuple(generation.eos_token_ids), generation_defaults=generation,
+            num_kv_blocks=self.num_kv_blocks, block_size=block_size, moe_layer_ids=mc.moe_layer_ids,
+            num_experts=mc.num_experts, top_k=mc.top_k, device=self.executor.collective_rpc("device_name")[0],
+            pid=os.getpid(),
+        )
+        self.top_k = [mc.top_k] * mc.num_moe_layers  # K in force per MoE layer (the core sets it)
+        self.controllers: list[Controller] = []
+        self._step = 0
+        self._step_time = 0.0
+        self._prefill_rate = 0.0
+        self._decode_rate = 0.0
 
+    # ---- requests ----
 
-class RequestStream:
-    """A blocking iterator over one request's outputs; ends after the finished one."""
+    def add_request(self, request: EngineCoreRequest) -> None:
+        """Queue one sequence; a ValueError (naming the problem) leaves the core unchanged."""
+        if request.request_id in self.scheduler.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        n, vocab = len(request.prompt_token_ids), self.model_config.vocab_size
+        if not 0 < n < self.max_model_len:
+            raise ValueError(f"the prompt has {n} tokens; it must have 1 to {self.max_model_len - 1}")
+        if not all(0 <= t < vocab for t in request.prompt_token_ids):
+            raise ValueError(f"a prompt token id is outside the vocabulary [0, {vocab})")
+        req = Request(request.request_id, list(request.prompt_token_ids), request.sampling_params,
+                      frozenset(request.eos_token_ids), self.max_model_len, request.priority)
+        req.arrival_time = time.monotonic()
+        self.scheduler.add_request(req)
 
-    def __init__(self) -> None:
-        self._queue: queue.Queue[RequestOutput | BaseException] = queue.Queue()
+    def abort_requests(self, request_ids: list[str]) -> None:
+        """Release the requests and all their blocks (unknown or finished ids are ignored)."""
+        for request_id in request_ids:
+            self.scheduler.abort(request_id)
 
-    def put(self, item: RequestOutput | BaseException) -> None:
-        self._queue.put(item)
+    def has_work(self) -> bool:
+        return bool(self.scheduler.requests)
 
-    def get(self, timeout: float | None = None) -> RequestOutput:
-        item = self._queue.get(timeout=timeout)
-        if isinstance(item, BaseException):
-            raise item
-        return item
+    # ---- the step ----
 
-    def __iter__(self) -> Iterator[RequestOutput]:
-        while True:
-            out = self.get()
-            yield out
-            if out.finished:
-                return
-
-
-class EngineCoreClient:
-    def __init__(self, config: EngineConfig | None = None, engine: LLMEngine | None = None):
-        self.engine = engine or LLMEngine(config)
-        self._commands: queue.Queue[Any] = queue.Queue()
-        self._sinks: dict[str, Sink] = {}
-        self._lock = threading.Lock()
-        self._dead: str | None = None  # why the loop stopped; set once, under the lock
-        self._thread = threading.Thread(target=self._loop, name="moeserve-engine-core", daemon=True)
-        self._thread.start()
-
-    def is_alive(self) -> bool:
-        return self._dead is None and self._thread.is_alive()
-
-    def dead_reason(self) -> str:
-        """Why the loop stopped ("" while it runs)."""
-        if self._dead is not None:
-            return self._dead
-        return "" if self._thread.is_alive() else "the engine loop is not running"
-
-    @property
-    def num_in_flight(self) -> int:
-        with self._lock:
-            return len(self._sinks)
-
-    def add_request(self, request_id: str, prompt: Prompt, params: SamplingParams | dict | None = None,
-                    priority: int = 0, sink: Sink | None = None) -> RequestStream | None:
-        """Queue a request; its outputs go to `sink`, or to the returned RequestStream."""
-        group = self.engine.process_request(request_id, prompt, params, priority)  # raises on bad input
-        stream = None
-        if sink is None:
-            stream = RequestStream()
-            sink = stream.put
-        with self._lock:
-            if self._dead is not None:
-                raise EngineDeadError(self._dead)
-            if request_id in self._sinks:
-                raise ValueError(f"request id {request_id!r} is already in use")
-            self._sinks[request_id] = sink
-        self._commands.put(("add", group))
-        return stream
-
-    def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
-
-    def shutdown(self, timeout: float = 10.0) -> None:
-        self._commands.put(_SHUTDOWN)
-        self._thread.join(timeout)
-
-    def _loop(self) -> None:
-        reason = "the engine was shut down"
+    def step(self) -> EngineCoreOutputs:
+        start = time.monotonic()
+        self.faults.check("schedule")
+        sched = self.scheduler.schedule()
+        self._note_first_scheduled(sched, start)
         try:
-            self._run()
-        except BaseException as e:
-            logger.exception("the engine loop died")
-            reason = f"the engine loop died: {type(e).__name__}: {e}"
-        with self._lock:
-            self._dead = reason
-            sinks, self._sinks = list(self._sinks.values()), {}
-        for sink in sinks:
-            sink(EngineDeadError(reason))
+            result = self.executor.execute(sched)
+        except Exception as e:
+            logger.exception("engine step failed; failing the %d requests in it", len(sched.num_scheduled_tokens))
+            self.scheduler.discard_step(sched)
+            failed = [self._fail(request_id, e) for request_id in sched.num_scheduled_tokens]
+            return EngineCoreOutputs(failed, self._finish_step(sched, ModelRunnerOutput.empty(), start))
+        outputs = [self._output(req) for req in self.scheduler.update_from_output(sched, result)]
+        stats = self._finish_step(sched, result, start)
+        for controller in self.controllers:
+            controller.between_steps(self, stats)
+        return EngineCoreOutputs(outputs, stats)
 
-    def _run(self) -> None:
-        engine = self.engine
-        while True:
-            block = not engine.has_unfinished_requests()
-            try:
-                while True:
-                    command = self._commands.get(block=block)
-                    block = False
-                    if command is _SHUTDOWN:
-                        return
-                    self._apply(*command)
-            except queue.Empty:
-                pass
-            if not engine.has_unfinished_requests():
-                continue
-            for out in engine.step():
-                failed = isinstance(out, RequestFailure)
-                with self._lock:
-                    done = failed or out.finished
-                    sink = self._sinks.pop(out.request_id, None) if done else self._sinks.get(out.request_id)
-                if sink is not None:
-                    sink(RequestFailedError(out.message) if failed else out)
+    def _note_first_scheduled(self, sched: SchedulerOutput, now: float) -> None:
+        for new in sched.new_requests:
+            req = self.scheduler.requests[new.request_id]
+            if req.first_scheduled_time is None:
+                req.first_scheduled_time = now
+                req.num_cached_tokens = new.num_computed_tokens
 
-    def _apply(self, kind: str, payload: Any) -> None:
-        if kind == "add":
-            try:
-                self.engine.add_processed(payload)
-            except ValueError as e:
-                with self._lock:
-                    sink = self._sinks.pop(payload.request_id, None)
-                if sink is not None:
-                    sink(e)
-        elif kind == "abort":
-            self.engine.abort_request(payload)
-            with self._lock:
-                self._sinks.pop(payload, None)
+    def _output(self, req: Request) -> EngineCoreOutput:
+        first = not req.reported
+        req.reported = True
+        logprobs = [req.output_logprobs[-1]] if req.sampling_params.logprobs is not None else None
+        return EngineCoreOutput(
+            request_id=req.request_id,
+            new_token_ids=[req.output_token_ids[-1]],
+            new_logprobs=logprobs,
+            finish_reason=req.status.value if req.status.finished else None,
+            stop_reason=req.stop_reason,
+            num_cached_tokens=req.num_cached_tokens if first else None,
+            queue_time_s=req.first_scheduled_time - req.arrival_time if first else None,
+        )
+
+    def _fail(self, request_id: str, error: Exception) -> EngineCoreOutput:
+        self.scheduler.abort(request_id)
+        return EngineCoreOutput(request_id, error=f"{type(error).__name__}: {error}")
+
+    def _finish_step(self, sched: SchedulerOutput, result: ModelRunnerOutput, start: float) -> EngineStats:
+        self._step += 1
+        self._step_time = time.monotonic() - start
+        decode = sched.num_decode_tokens
+        prefill = sched.total_num_scheduled_tokens - decode
+        if self._step_time > 0:
+            if prefill:
+                self._prefill_rate = _ema(self._prefill_rate, prefill / self._step_time)
+            if decode:
+                self._decode_rate = _ema(self._decode_rate, decode / self._step_time)
+        return self.stats(prefill, decode, result.expert_load)
+
+    def stats(self, num_prefill_tokens: int = 0, num_decode_tokens: int = 0,
+              expert_load: ExpertLoadStats | None = None) -> EngineStats:
+        """The engine's state now; the step figures are those of the last step when given."""
+        sched, bm = self.scheduler, self.block_manager
+        by_priority = sched.waiting_tokens_by_priority()
+        return EngineStats(
+            step=self._step, timestamp=time.monotonic(), num_running=len(sched.running),
+            num_waiting=sched.num_waiting, num_waiting_tokens=sum(by_priority.values()),
+            waiting_tokens_by_priority=by_priority, num_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
+            step_time_s=self._step_time, num_prefill_tokens=num_prefill_tokens, num_decode_tokens=num_decode_tokens,
+            prefill_tokens_per_s=self._prefill_rate, decode_tokens_per_s=self._decode_rate,
+            num_preemptions=sched.num_preemptions, prefix_cache_hits=bm.stats.hits, top_k=list(self.top_k),
+            expert_load=expert_load,
+        )
+
+    # ---- control ----
+
+    def add_controller(self, controller: Controller) -> None:
+        self.controllers.append(controller)
+
+    def call(self, method: str, *args: Any) -> Any:
+        """A control call by name (the front's UtilityCall): `set_top_k(k, moe_layers=None)`,
+        `stats()`, or `collective_rpc(worker_method, *args)`."""
+        if method == "set_top_k":
+            return self.set_top_k(*args)
+        if method == "stats":
+            return self.stats()
+        if method == "collective_rpc":
+            return self.executor.collective_rpc(*args)
+        raise ValueError(f"unknown engine call {method!r}")
+
+    def set_top_k(self, k: int, moe_layers: list[int] | None = None) -> None:
+        """The K in force for every MoE layer (or the given MoE-layer indices), from the next step."""
+        if not 1 <= k <= self.model_config.top_k:
+            raise ValueError(f"top_k must lie in [1, {self.model_config.top_k}], got {k}")
+        self.executor.collective_rpc("set_top_k", k, moe_layers)
+        for layer in range(len(self.top_k)) if moe_layers is None else moe_layers:
+            self.top_k[layer] = k
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()
+
+
+def _ema(average: float, sample: float) -> float:
+    return sample if average == 0 else (1 - _RATE_ALPHA) * average + _RATE_ALPHA * sample

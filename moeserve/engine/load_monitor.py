@@ -1,15 +1,14 @@
-"""LoadMonitor: turns each step's ExpertLoad into running totals and smoothed balance figures.
+"""LoadMonitor (front): each step's ExpertLoadStats -> running totals and smoothed balance figures.
 
-Shape legend: L_moe MoE layers, E logical experts. Everything stays in tensors updated with
-one add per step (no loop over layers or experts); Python lists are made only when someone
-reads them (a Prometheus scrape).
+Shape legend: L_moe MoE layers, E logical experts. numpy arrays updated with one add per step
+(no loop over layers or experts); lists are made only when someone reads them (a scrape).
 """
 
 from __future__ import annotations
 
-import torch
+import numpy as np
 
-from moeserve.model.moe import ExpertLoad
+from moeserve.engine.messages import ExpertLoadStats
 
 
 class LoadMonitor:
@@ -17,25 +16,28 @@ class LoadMonitor:
     layer_tokens [L_moe]: tokens that entered each layer. Balancedness = mean / max of an
     exponential moving average of per-step expert counts (1.0 = perfectly even)."""
 
-    def __init__(self, num_moe_layers: int, num_experts: int, device: torch.device | str, alpha: float = 0.1):
+    def __init__(self, num_moe_layers: int, num_experts: int, alpha: float = 0.1):
         self.alpha = alpha
-        self.routed_tokens = torch.zeros(num_moe_layers, num_experts, dtype=torch.int64, device=device)
-        self.layer_tokens = torch.zeros(num_moe_layers, dtype=torch.int64, device=device)
-        self.entropy_sum = torch.zeros(num_moe_layers, dtype=torch.float64, device=device)
-        self._ema = torch.zeros(num_moe_layers, num_experts, dtype=torch.float32, device=device)
+        self.routed_tokens = np.zeros((num_moe_layers, num_experts), dtype=np.int64)
+        self.layer_tokens = np.zeros(num_moe_layers, dtype=np.int64)
+        self.entropy_sum = np.zeros(num_moe_layers, dtype=np.float64)
+        self._ema = np.zeros((num_moe_layers, num_experts), dtype=np.float64)
 
-    def update(self, load: ExpertLoad) -> None:
+    def update(self, load: ExpertLoadStats) -> None:
         if load.num_tokens == 0:
             return
-        self.routed_tokens += load.logical
+        counts = np.asarray(load.logical, dtype=np.int64)  # [L_moe, E]
+        self.routed_tokens += counts
         self.layer_tokens += load.num_tokens
-        self.entropy_sum += load.gate_entropy.double()
-        self._ema.mul_(1 - self.alpha).add_(load.logical.float(), alpha=self.alpha)
+        self.entropy_sum += np.asarray(load.gate_entropy, dtype=np.float64)
+        self._ema *= 1 - self.alpha
+        self._ema += self.alpha * counts
 
     def balancedness(self) -> list[float]:
-        peak = self._ema.max(dim=1).values
-        return torch.where(peak > 0, self._ema.mean(dim=1) / peak.clamp(min=1e-12), 1.0).tolist()
+        peak = self._ema.max(axis=1)
+        mean = self._ema.mean(axis=1)
+        return np.where(peak > 0, mean / np.maximum(peak, 1e-12), 1.0).tolist()
 
     def mean_gate_entropy(self) -> list[float]:
         """Mean entropy (nats) of the gate's softmax per token since start, per layer."""
-        return (self.entropy_sum / self.layer_tokens.clamp(min=1)).tolist()
+        return (self.entropy_sum / np.maximum(self.layer_tokens, 1)).tolist()

@@ -45,7 +45,11 @@ class Request:
     block_keys: list[bytes] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_preemptions: int = 0
-    stop_reason: int | str | None = None
+    stop_reason: int | None = None
+    arrival_time: float = 0.0  # time.monotonic() when the engine took it
+    first_scheduled_time: float | None = None
+    num_cached_tokens: int = 0  # prompt tokens its first schedule found in the prefix cache
+    reported: bool = False  # its first output (which carries the two above) has been sent
 
     @property
     def all_token_ids(self) -> list[int]:

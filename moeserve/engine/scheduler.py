@@ -17,22 +17,15 @@ from __future__ import annotations
 import heapq
 import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from moeserve.config import SchedulerConfig
 from moeserve.engine.block_manager import BlockManager
 from moeserve.engine.request import Request, RequestStatus
 from moeserve.sampling_params import SamplingParams
 
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_model_len: int
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 2048
-    enable_chunked_prefill: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1 or self.max_model_len < 2:
-            raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1, max_model_len >= 2")
+if TYPE_CHECKING:
+    from moeserve.worker.model_runner import ModelRunnerOutput
 
 
 @dataclass(frozen=True)
@@ -45,6 +38,7 @@ class NewRequestData:
     block_table: tuple[int, ...]
     num_computed_tokens: int
     sampling_params: SamplingParams
+    eos_token_ids: frozenset[int]
 
 
 @dataclass(frozen=True)
@@ -62,6 +56,7 @@ class SchedulerOutput:
     cached_requests: tuple[CachedRequestData, ...]
     num_scheduled_tokens: dict[str, int]  # request id -> tokens to run; iteration order = batch order
     finished_request_ids: frozenset[str]  # the runner drops their state (finished, aborted, preempted)
+    num_decode_tokens: int = 0  # of the scheduled tokens, those that are one new token after an output
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -136,13 +131,15 @@ class Scheduler:
             bm.cache_full_blocks(req.block_table, tokens[: computed + n], req.block_keys)
             new_data.append(
                 NewRequestData(req.request_id, tuple(tokens), len(req.prompt_token_ids), tuple(req.block_table),
-                               computed, req.sampling_params)
+                               computed, req.sampling_params, req.eos_token_ids)
             )
             scheduled[req.request_id] = n
             budget -= n
 
         dropped, self._dropped = frozenset(self._dropped), set()
-        return SchedulerOutput(tuple(new_data), tuple(cached_data), scheduled, dropped)
+        decode = sum(1 for r, n in scheduled.items() if n == 1 and self.requests[r].output_token_ids
+                     and self.requests[r].num_computed_tokens == self.requests[r].num_tokens - 1)
+        return SchedulerOutput(tuple(new_data), tuple(cached_data), scheduled, dropped, decode)
 
     def discard_step(self, output: SchedulerOutput) -> None:
         """The step's forward failed, so the blocks it was to fill hold nothing: withdraw their
@@ -163,11 +160,10 @@ class Scheduler:
         self._dropped.add(req.request_id)
         heapq.heappush(self.waiting, (req.sort_key, req))
 
-    def update_from_output(
-        self, output: SchedulerOutput, sampled: dict[str, tuple[int, dict[int, float] | None]]
-    ) -> list[Request]:
+    def update_from_output(self, output: SchedulerOutput, result: ModelRunnerOutput) -> list[Request]:
         """Advance computed tokens, append sampled tokens, apply token-level stops. Returns the
         requests that got a new token this step (finished ones included, already released)."""
+        sampled = {r: (t, lp) for r, t, lp in zip(result.req_ids, result.sampled_token_ids, result.logprobs)}
         updated = []
         for req_id, n in output.num_scheduled_tokens.items():
             req = self.requests.get(req_id)
@@ -196,6 +192,18 @@ class Scheduler:
         self.block_manager.free(req.block_table)
         self._dropped.add(req.request_id)
         del self.requests[req.request_id]
+
+    def waiting_tokens_by_priority(self) -> dict[int, int]:
+        """Tokens still to compute of the requests not running, by priority."""
+        out: dict[int, int] = {}
+        for _, req in self.waiting:
+            if not req.status.finished:
+                out[req.priority] = out.get(req.priority, 0) + req.num_tokens - req.num_computed_tokens
+        return out
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.requests) - len(self.running)
 
     def abort(self, request_id: str) -> Request | None:
         req = self.requests.get(request_id)

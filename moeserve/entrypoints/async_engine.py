@@ -1,10 +1,16 @@
-"""AsyncEngine: asyncio streams over the EngineCore client, for the HTTP and gRPC fronts.
+"""AsyncEngine: the front's view of one engine, shared by the HTTP and gRPC fronts.
 
-The step loop runs on the EngineCore thread; this side only queues requests and awaits outputs,
-so health checks, streaming and rejections never wait for a step. Outputs cross threads by
-`loop.call_soon_threadsafe`. Leaving a stream early (client gone, deadline, cancellation)
-aborts the request; the engine frees its blocks before its next step. Request-level metrics are
-observed here, where arrival and delivery times are known.
+    generate(): InputProcessor (tokenise, validate, n -> sequences) -> EngineClient.add
+                ... engine outputs -> OutputProcessor (detokenise, stop strings) -> this
+                request's collector -> the caller's async iterator
+
+Everything here runs on the front's event loop and never waits on a step: the engine runs in
+its own process (EngineClient). Engine outputs arrive as a callback on the loop; each caller's
+request has its own collector, which merges outputs the caller has not taken yet. Leaving a
+stream early (client gone, deadline, cancellation) aborts the request; the engine frees its
+blocks before its next step. Request-level metrics are observed here, where arrival and
+delivery times are known; the engine's stats (sent with each step) feed the gauges and the
+expert-load monitor. If the engine dies, every request in flight gets EngineDeadError at once.
 """
 
 from __future__ import annotations
@@ -12,21 +18,76 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
-from moeserve.engine.core import EngineCoreClient
-from moeserve.engine.llm_engine import Prompt
+from moeserve.config import EngineConfig
+from moeserve.engine.client import EngineClient, MPEngineClient
+from moeserve.engine.input_processor import InputProcessor, Prompt
+from moeserve.engine.load_monitor import LoadMonitor
+from moeserve.engine.messages import EngineCoreOutputs, EngineStats
+from moeserve.engine.output_processor import OutputProcessor
+from moeserve.errors import EngineDeadError, RequestFailedError
 from moeserve.metrics import ServerMetrics
-from moeserve.outputs import RequestOutput
+from moeserve.outputs import RequestOutput, merge_outputs
 from moeserve.sampling_params import SamplingParams
+from moeserve.tokenizer import Tokenizer
+
+
+class _Collector:
+    """One caller's request: what the engine produced that the caller has not taken yet. While
+    the caller is busy, new outputs merge into the pending one (as vLLM's output collector
+    does), so a slow consumer gets fewer, larger deltas instead of a growing queue and the
+    front's work per step stays bounded. An error replaces whatever is pending."""
+
+    def __init__(self) -> None:
+        self._pending: RequestOutput | BaseException | None = None
+        self._ready = asyncio.Event()
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        pending = self._pending
+        if isinstance(pending, RequestOutput) and isinstance(item, RequestOutput):
+            self._pending = merge_outputs(pending, item)
+        elif not isinstance(pending, BaseException):
+            self._pending = item
+        self._ready.set()
+
+    async def get(self) -> RequestOutput | BaseException:
+        await self._ready.wait()
+        item, self._pending = self._pending, None
+        self._ready.clear()
+        return item
 
 
 class AsyncEngine:
-    def __init__(self, client: EngineCoreClient, metrics: ServerMetrics):
-        self.client = client
-        self.engine = client.engine
-        self.metrics = metrics
+    def __init__(self) -> None:
+        raise TypeError("use `await AsyncEngine.start(...)`")
+
+    @classmethod
+    async def start(cls, config: EngineConfig, model_name: str, log_level: str = "info") -> AsyncEngine:
+        """Start the engine process and wait until it is ready (EngineStartError if it cannot)."""
+        self = cls.__new__(cls)
+        self._queues: dict[str, _Collector] = {}
         self._ids = itertools.count()
+        self.latest_stats: EngineStats | None = None
+        self.death_listeners: list[Callable[[str], None]] = []
+        self.client: EngineClient = await MPEngineClient.start(config, self._on_outputs, self._on_dead, log_level)
+        info = self.info = self.client.info
+        self.tokenizer = Tokenizer(config.model)
+        self.input = InputProcessor(self.tokenizer, info)
+        self.output = OutputProcessor(self.tokenizer)
+        self.load_monitor = LoadMonitor(len(info.moe_layer_ids), info.num_experts)
+        self.metrics = ServerMetrics(info, lambda: self.latest_stats, self.load_monitor, model_name,
+                                     config.control.expert_metrics)
+        self.latest_stats = self.latest_stats or await self.client.call("stats", result_type=EngineStats)
+        return self
+
+    @property
+    def max_model_len(self) -> int:
+        return self.info.max_model_len
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._queues)
 
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}-{time.monotonic_ns() % 10**9}"
@@ -37,27 +98,32 @@ class AsyncEngine:
     def dead_reason(self) -> str:
         return self.client.dead_reason()
 
-    def validate(self, request_id: str, prompt: Prompt, params: SamplingParams) -> None:
-        """Raise ValueError for input the engine would refuse, without queueing anything."""
-        self.engine.process_request(request_id, prompt, params)
+    def validate(self, token_ids: list[int]) -> None:
+        """Raise ValueError for a prompt the engine would refuse, without queueing anything."""
+        self.input.validate(token_ids)
 
     async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams,
                        priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Outputs of one request as the engine produces them. Raises ValueError at once for bad
         input, RequestFailedError if the engine fails the request, EngineDeadError if the engine
         stops (before or while it runs)."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
+        request = self.input.process(request_id, prompt, params, priority)
+        if request_id in self._queues:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        queue = _Collector()
+        self.output.add(request)
+        self._queues[request_id] = queue
         start = time.monotonic()
-        self.client.add_request(request_id, prompt, params, priority,
-                                sink=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
         finished = False
-        first = last = None
         try:
+            self.client.add(request.children)
+            first = last = None
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
-                    self.metrics.request_failure.labels(self.metrics.model_name).inc()
+                    finished = True  # nothing of it is left in the engine
+                    if isinstance(item, RequestFailedError):
+                        self.metrics.request_failure.labels(self.metrics.model_name).inc()
                     raise item
                 now = time.monotonic()
                 new_tokens = sum(len(o.delta_token_ids) for o in item.outputs)
@@ -76,8 +142,36 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
+            self._queues.pop(request_id, None)
+            running = self.output.remove(request_id)
             if not finished:
-                self.client.abort(request_id)
+                self.client.abort(running)
+
+    # ---- callbacks from the engine client (on the event loop) ----
+
+    def _on_outputs(self, outputs: EngineCoreOutputs) -> None:
+        if outputs.stats is not None:
+            self.latest_stats = outputs.stats
+            if outputs.stats.expert_load is not None:
+                self.load_monitor.update(outputs.stats.expert_load)
+        if not outputs.outputs:
+            return
+        processed = self.output.process(outputs.outputs)
+        for out in processed.request_outputs:
+            queue = self._queues.get(out.request_id)
+            if queue is not None:
+                queue.put(out)
+        for failure in processed.failures:
+            queue = self._queues.get(failure.request_id)
+            if queue is not None:
+                queue.put(RequestFailedError(failure.message))
+        self.client.abort(processed.aborts)
+
+    def _on_dead(self, reason: str) -> None:
+        for queue in self._queues.values():
+            queue.put(EngineDeadError(reason))
+        for listener in self.death_listeners:
+            listener(reason)
 
     def _observe_finished(self, out: RequestOutput, start: float, first: float | None, now: float) -> None:
         m, name = self.metrics, self.metrics.model_name
@@ -89,3 +183,6 @@ class AsyncEngine:
             m.request_success.labels(name, o.finish_reason).inc()
             if first is not None and len(o.token_ids) > 1:
                 m.tpot.labels(name).observe((now - first) / (len(o.token_ids) - 1))
+
+    def shutdown(self) -> None:
+        self.client.shutdown()

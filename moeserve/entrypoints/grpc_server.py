@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from moeserve.engine.core import EngineDeadError, RequestFailedError
+from moeserve.errors import EngineDeadError, RequestFailedError
 from moeserve.entrypoints.state import ServerState
 from moeserve.grpc_gen import moeserve_pb2 as pb
 from moeserve.grpc_gen import moeserve_pb2_grpc as pb_grpc
@@ -128,7 +128,8 @@ class GrpcFront:
         self.server, self.health, self.port = server, health_servicer, port
 
     async def drain(self) -> None:
-        """Health turns NOT_SERVING (new calls are refused by the servicer, which reads the state)."""
+        """Health turns NOT_SERVING (on SIGTERM, or when the engine dies); new calls are refused
+        by the servicer, which reads the server state and the engine's."""
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 

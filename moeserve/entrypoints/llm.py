@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
-from dataclasses import fields
 from typing import Any
 
-from moeserve.engine.llm_engine import EngineConfig, LLMEngine, Prompt, RequestFailure
-from moeserve.outputs import RequestOutput
+from moeserve.config import EngineConfig, engine_config
+from moeserve.engine.input_processor import Prompt
+from moeserve.engine.llm_engine import LLMEngine
+from moeserve.outputs import RequestFailure, RequestOutput
 from moeserve.sampling_params import SamplingParams
 
 
 class LLM:
     """`LLM(model=PATH, dtype=..., max_num_seqs=..., max_model_len=..., ...)`; keyword arguments
-    are EngineConfig's fields (an unknown one is a TypeError naming it)."""
+    are the fields of the engine's config layers (moeserve.config; an unknown one is a
+    TypeError naming it). The engine runs in this process."""
 
     def __init__(self, model: str, **kwargs: Any):
-        known = {f.name for f in fields(EngineConfig)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise TypeError(f"unknown LLM argument(s): {', '.join(unknown)}")
-        self.engine = LLMEngine(EngineConfig(model=str(model), **kwargs))
+        self.engine = LLMEngine(engine_config(model, **kwargs))
         self._ids = itertools.count()
 
     @classmethod

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moeserve.config import ModelConfig
+from moeserve.model_config import ModelConfig
 from moeserve.model.layers import RMSNorm, apply_rotary
 
 

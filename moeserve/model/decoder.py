@@ -14,7 +14,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from moeserve.config import ModelConfig
+from moeserve.model_config import ModelConfig
 from moeserve.model.attention import Attention, AttentionMetadata, PagedKVCache
 from moeserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
 from moeserve.model.moe import ExpertBackend, ExpertLoad, LoadRecorder, SparseMoE, get_expert_backend

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeserve.config import RopeConfig
+from moeserve.model_config import RopeConfig
 
 
 class RMSNorm(nn.Module):

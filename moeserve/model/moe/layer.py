@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeserve.config import ModelConfig
+from moeserve.model_config import ModelConfig
 from moeserve.model.layers import GatedMLP
 from moeserve.model.moe.experts import ExpertBackend
 from moeserve.model.moe.load import LoadRecorder

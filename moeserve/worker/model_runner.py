@@ -1,4 +1,4 @@
-"""ModelRunner: SchedulerOutput -> flat batch tensors -> model -> sampled tokens.
+"""ModelRunner: SchedulerOutput -> flat batch tensors -> model -> ModelRunnerOutput.
 
 It keeps its own copy of each running request's tokens and block table, built from the first
 NewRequestData and kept current from the diffs (new blocks) and its own samples, so per step
@@ -13,11 +13,27 @@ from dataclasses import dataclass
 import torch
 
 from moeserve.engine.faults import FaultInjector
-from moeserve.engine.sampler import Sampler, SamplingRow
+from moeserve.engine.messages import ExpertLoadStats
 from moeserve.engine.scheduler import SchedulerOutput
 from moeserve.model.attention import AttentionMetadata, PagedKVCache
 from moeserve.model.decoder import MoEForCausalLM
 from moeserve.sampling_params import SamplingParams
+from moeserve.worker.sampler import Sampler, SamplingRow
+
+
+@dataclass(frozen=True)
+class ModelRunnerOutput:
+    """What one step produced: a token (and its logprobs) for each request whose scheduled
+    tokens reached the end of its known tokens, in batch order, and the step's routing counts."""
+
+    req_ids: list[str]
+    sampled_token_ids: list[int]
+    logprobs: list[dict[int, float] | None]
+    expert_load: ExpertLoadStats | None = None
+
+    @classmethod
+    def empty(cls) -> ModelRunnerOutput:
+        return cls([], [], [])
 
 
 @dataclass
@@ -27,33 +43,33 @@ class _RunnerRequest:
     block_table: list[int]
     num_computed_tokens: int
     params: SamplingParams
+    eos_token_ids: frozenset[int]
 
 
 class ModelRunner:
     def __init__(self, model: MoEForCausalLM, kv_cache: PagedKVCache, sampler: Sampler,
-                 eos_token_ids: frozenset[int], faults: FaultInjector | None = None):
+                 faults: FaultInjector | None = None):
         self.model = model
         self.faults = faults or FaultInjector()
         self.kv_cache = kv_cache
         self.sampler = sampler
-        self.eos_token_ids = eos_token_ids
         self.device = next(model.parameters()).device
         self.requests: dict[str, _RunnerRequest] = {}
 
-    def execute(self, out: SchedulerOutput) -> dict[str, tuple[int, dict[int, float] | None]]:
+    def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         for req_id in out.finished_request_ids:
             self.requests.pop(req_id, None)
         for new in out.new_requests:
             self.requests[new.request_id] = _RunnerRequest(
                 list(new.token_ids), new.num_prompt_tokens, list(new.block_table), new.num_computed_tokens,
-                new.sampling_params,
+                new.sampling_params, new.eos_token_ids,
             )
         for diff in out.cached_requests:
             state = self.requests[diff.request_id]
             state.block_table.extend(diff.new_block_ids)
             assert state.num_computed_tokens == diff.num_computed_tokens, "runner and scheduler disagree"
         if not out.num_scheduled_tokens:
-            return {}
+            return ModelRunnerOutput.empty()
 
         ids: list[int] = []
         query_lens, seq_lens, tables, sample_at, sample_ids = [], [], [], [], []
@@ -74,14 +90,22 @@ class ModelRunner:
 
         for req_id, n in out.num_scheduled_tokens.items():
             self.requests[req_id].num_computed_tokens += n
+        load = self._expert_load()
         if not sample_ids:
-            return {}
+            return ModelRunnerOutput([], [], [], load)
         logits = self.model.compute_logits(hidden[torch.tensor(sample_at, device=self.device)])  # [N, V]
         rows = []
         for req_id in sample_ids:
             s = self.requests[req_id]
-            rows.append(SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, self.eos_token_ids))
+            rows.append(SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.eos_token_ids))
         sampled = self.sampler(logits, rows)
         for req_id, (token, _) in zip(sample_ids, sampled):
             self.requests[req_id].token_ids.append(token)
-        return dict(zip(sample_ids, sampled))
+        return ModelRunnerOutput(sample_ids, [t for t, _ in sampled], [lp for _, lp in sampled], load)
+
+    def _expert_load(self) -> ExpertLoadStats | None:
+        """The step's counts on the host: one copy of [L_moe, E] after the forward."""
+        if not self.model.load.enabled:
+            return None
+        load = self.model.expert_load()
+        return ExpertLoadStats(load.logical.tolist(), load.gate_entropy.tolist(), load.num_tokens)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from moeserve.config import ModelConfig
+from moeserve.model_config import ModelConfig
 from moeserve.model.attention import AttentionMetadata, PagedKVCache
 from moeserve.model.decoder import MoEForCausalLM
 

@@ -1,0 +1,165 @@
+"""OutputProcessor (front): the engine's per-sequence token outputs -> the caller's RequestOutputs.
+
+For every sequence it keeps the tokens, logprobs and an incremental detokenizer, and applies
+stop strings (the engine stops on token ids only). A stop string ends the sequence here; its
+id is returned in `aborts` so the engine releases it (a token or two the engine produced
+meanwhile are dropped). A caller's request with n > 1 is reported as one RequestOutput with n
+completions whenever any of them moved. An engine error on one sequence, or an exception while
+detokenising it, fails the whole caller's request (a RequestFailure) and aborts its siblings;
+other requests are untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from moeserve.engine.detokenizer import IncrementalDetokenizer
+from moeserve.engine.input_processor import ParentRequest
+from moeserve.engine.messages import EngineCoreOutput
+from moeserve.outputs import CompletionOutput, RequestFailure, RequestOutput
+from moeserve.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Sequence:
+    parent: str
+    index: int
+    detokenizer: IncrementalDetokenizer
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    sent: int = 0  # tokens already reported
+    cumulative_logprob: float = 0.0
+
+
+@dataclass
+class _Parent:
+    request: ParentRequest
+    sequences: list[_Sequence]
+    num_cached_tokens: int = 0
+    queue_time_s: float | None = None
+
+
+@dataclass
+class ProcessedOutputs:
+    request_outputs: list[RequestOutput] = field(default_factory=list)
+    failures: list[RequestFailure] = field(default_factory=list)
+    aborts: list[str] = field(default_factory=list)  # sequences the engine should release
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer = tokenizer
+        self._parents: dict[str, _Parent] = {}
+        self._sequences: dict[str, _Sequence] = {}
+
+    def __len__(self) -> int:
+        return len(self._parents)
+
+    def add(self, request: ParentRequest) -> None:
+        if request.request_id in self._parents:
+            raise ValueError(f"request id {request.request_id!r} is already in use")
+        sequences = []
+        for i, child in enumerate(request.children):
+            detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, child.sampling_params)
+            sequences.append(_Sequence(request.request_id, i, detok))
+            self._sequences[child.request_id] = sequences[-1]
+        self._parents[request.request_id] = _Parent(request, sequences)
+
+    def remove(self, request_id: str) -> list[str]:
+        """Forget a caller's request; returns its sequences still running in the engine."""
+        parent = self._parents.pop(request_id, None)
+        if parent is None:
+            return []
+        running = []
+        for child, seq in zip(parent.request.children, parent.sequences):
+            self._sequences.pop(child.request_id, None)
+            if seq.finish_reason is None:
+                running.append(child.request_id)
+        return running
+
+    def request_ids(self) -> list[str]:
+        return list(self._parents)
+
+    def process(self, outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
+        result = ProcessedOutputs()
+        touched: dict[str, None] = {}
+        for out in outputs:
+            seq = self._sequences.get(out.request_id)
+            if seq is None or seq.finish_reason is not None:
+                continue  # its caller left, or it ended here on a stop string
+            parent = self._parents[seq.parent]
+            if out.error is not None:
+                result.failures.append(self._fail(seq.parent, out.error, result))
+                touched.pop(seq.parent, None)
+                continue
+            try:
+                self._apply(parent, seq, out, result)
+                touched[seq.parent] = None
+            except Exception as e:
+                logger.exception("request %s failed in output processing", seq.parent)
+                result.failures.append(self._fail(seq.parent, f"{type(e).__name__}: {e}", result))
+                touched.pop(seq.parent, None)
+        for parent_id in touched:
+            try:
+                result.request_outputs.append(self._output(self._parents[parent_id]))
+            except Exception as e:
+                logger.exception("request %s failed in output processing", parent_id)
+                result.failures.append(self._fail(parent_id, f"{type(e).__name__}: {e}", result))
+        return result
+
+    def _apply(self, parent: _Parent, seq: _Sequence, out: EngineCoreOutput, result: ProcessedOutputs) -> None:
+        if out.num_cached_tokens is not None:
+            parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
+        if out.queue_time_s is not None and parent.queue_time_s is None:
+            parent.queue_time_s = out.queue_time_s
+        params = parent.request.children[seq.index].sampling_params
+        for i, token in enumerate(out.new_token_ids):
+            seq.token_ids.append(token)
+            if out.new_logprobs is not None:
+                seq.logprobs.append(out.new_logprobs[i])
+                seq.cumulative_logprob += out.new_logprobs[i][token]
+            stop = seq.detokenizer.add_token(token)
+            if stop is not None and len(seq.token_ids) >= params.min_tokens:
+                seq.finish_reason, seq.stop_reason = "stop", stop
+                if out.finish_reason is None:
+                    result.aborts.append(parent.request.children[seq.index].request_id)
+                return
+        if out.finish_reason is not None:
+            seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
+
+    def _fail(self, parent_id: str, message: str, result: ProcessedOutputs) -> RequestFailure:
+        result.aborts.extend(self.remove(parent_id))
+        return RequestFailure(parent_id, message)
+
+    def _output(self, parent: _Parent) -> RequestOutput:
+        request = parent.request
+        completions = []
+        for seq in parent.sequences:
+            finished = seq.finish_reason is not None
+            if finished:
+                seq.detokenizer.flush()
+            params = request.children[seq.index].sampling_params
+            logprobs = tuple(seq.logprobs) if params.logprobs is not None else None
+            cumulative = seq.cumulative_logprob if logprobs else None
+            completions.append(CompletionOutput(
+                index=seq.index,
+                text=seq.detokenizer.text,
+                token_ids=tuple(seq.token_ids),
+                cumulative_logprob=cumulative,
+                logprobs=logprobs,
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+                delta_text=seq.detokenizer.take_delta(finished),
+                delta_token_ids=tuple(seq.token_ids[seq.sent:]),
+            ))
+            seq.sent = len(seq.token_ids)
+        done = all(c.finished for c in completions)
+        if done:
+            self.remove(request.request_id)
+        return RequestOutput(request.request_id, request.prompt, tuple(request.prompt_token_ids), tuple(completions),
+                             done, parent.num_cached_tokens, parent.queue_time_s)

@@ -1,0 +1,98 @@
+"""Worker: the model, its KV cache and the model runner on one device.
+
+The executor drives it in three phases: `load_model`, then `available_kv_blocks` (each worker
+measures what fits; the executor takes the minimum) and `initialize_cache`, then
+`execute_model` every step. Control calls (`set_top_k`, `expert_load`, ...) reach it through
+the executor's `collective_rpc`, by method name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from moeserve.checkpoint import load_model
+from moeserve.config import EngineConfig
+from moeserve.engine.faults import FaultInjector
+from moeserve.engine.scheduler import SchedulerOutput
+from moeserve.model.attention import PagedKVCache
+from moeserve.model.decoder import MoEForCausalLM
+from moeserve.model_config import ModelConfig, resolve_device
+from moeserve.worker import kv_sizing
+from moeserve.worker.model_runner import ModelRunner, ModelRunnerOutput
+from moeserve.worker.sampler import Sampler
+
+logger = logging.getLogger(__name__)
+
+
+class Worker:
+    def __init__(self, config: EngineConfig, faults: FaultInjector | None = None):
+        self.config = config
+        self.faults = faults or FaultInjector()
+        self.device = resolve_device(config.load.device)
+        self.model: MoEForCausalLM | None = None
+        self.runner: ModelRunner | None = None
+
+    def load_model(self) -> ModelConfig:
+        load = self.config.load
+        self.model = load_model(load.model, dtype=load.dtype, device=self.device,
+                                num_redundant_experts=load.num_redundant_experts, expert_backend=load.expert_backend,
+                                attention_backend=load.attention_backend)
+        self.model.load.enabled = self.config.control.record_expert_load
+        return self.model.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+    def available_kv_blocks(self, max_model_len: int) -> int:
+        """See kv_sizing: a measured budget on the GPU, a fixed share of memory on the CPU."""
+        cache, sched = self.config.cache, self.config.scheduler
+        if cache.num_kv_blocks is not None:
+            return cache.num_kv_blocks
+        budget = cache.kv_cache_memory_bytes
+        if budget is None:
+            device = torch.device(self.device)
+            if device.type == "cuda":
+                budget = self._profile_gpu_budget(device, max_model_len)
+            else:
+                budget = kv_sizing.cpu_kv_budget(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+        block_bytes = kv_sizing.kv_block_bytes(self.model.config, cache.block_size, self.dtype)
+        return kv_sizing.num_kv_blocks(budget, block_bytes, sched.max_num_seqs, max_model_len, cache.block_size)
+
+    def _profile_gpu_budget(self, device: torch.device, max_model_len: int) -> int:
+        cache, sched = self.config.cache, self.config.scheduler
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        scratch = kv_sizing.profile_step(self.model, sched.max_num_batched_tokens, sched.max_num_seqs, max_model_len,
+                                         cache.block_size)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before - scratch
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info(device)
+        budget = kv_sizing.gpu_kv_budget(total, total - free, peak, cache.gpu_memory_utilization)
+        logger.info("KV cache budget %.2f GiB: %.0f%% of %.1f GiB, %.2f GiB in use, %.2f GiB peak activations",
+                    budget / 2**30, 100 * cache.gpu_memory_utilization, total / 2**30, (total - free) / 2**30,
+                    peak / 2**30)
+        return budget
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        cache = PagedKVCache.for_model(self.model.config, num_blocks, self.config.cache.block_size, self.dtype,
+                                       self.device)
+        self.runner = ModelRunner(self.model, cache, Sampler(self.config.load.seed), self.faults)
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.runner.execute(scheduler_output)
+
+    # ---- control calls (collective_rpc) ----
+
+    def device_name(self) -> str:
+        if torch.device(self.device).type == "cuda":
+            return torch.cuda.get_device_name(torch.device(self.device))
+        return self.device
+
+    def set_top_k(self, k: int, moe_layers: list[int] | None = None) -> None:
+        self.model.set_top_k(k, moe_layers)
