@@ -62,6 +62,7 @@ class _EngineCollector(Collector):
                               stats.prefill_tokens_per_s)
             yield self._gauge("moeserve:decode_tokens_per_second", "Recent decode rate of the engine.",
                               stats.decode_tokens_per_s)
+            yield self._counter("moeserve:engine_steps", "Steps the engine has run.", stats.step)
             yield self._counter("moeserve:num_preemptions", "Requests preempted to free KV blocks.",
                                 stats.num_preemptions)
             yield self._counter("moeserve:prefix_cache_hits", "KV blocks reused from the prefix cache.",

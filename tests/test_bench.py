@@ -80,3 +80,27 @@ def test_kernel_benchmarks_refuse_full_runs_without_a_gpu():
     for script in ("moe_kernels.py", "tune_kernels.py"):
         result = subprocess.run([sys.executable, str(ROOT / "bench" / script)], capture_output=True, text=True)
         assert result.returncode == 2 and "--smoke" in result.stderr
+
+
+def test_health_under_load_smoke_writes_well_formed_json(tmp_path):
+    out = tmp_path / "health.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "health_under_load.py"), "--smoke", "--out",
+                             str(out)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    h = data["health_ms"]
+    assert h["count"] >= 5 and 0 < h["p50"] <= h["p99"] <= h["max"] and data["health_non_200"] == 0
+    assert data["flood"]["completed"] > 0 and data["flood"]["failed"] == 0
+    assert data["flood_command"].startswith("moeserve bench serve") and data["machine"]["cpu_count"] >= 1
+
+
+def test_serialization_smoke_compares_both_formats(tmp_path):
+    out = tmp_path / "serialization.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "serialization.py"), "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["message"] for r in rows} == {"EngineCoreOutputs", "EngineCoreRequest"}
+    for r in rows:
+        assert r["msgpack_us"] > 0 and r["pickle_us"] > 0 and r["msgpack_bytes"] > 0 and r["pickle_bytes"] > 0
+        assert r["speedup_msgpack_over_pickle"] == r["pickle_us"] / r["msgpack_us"]
