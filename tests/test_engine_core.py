@@ -132,3 +132,30 @@ def test_controllers_run_between_steps_and_change_the_next_step(checkpoints, pro
     assert core.executor.collective_rpc("device_name") == ["cpu"]
     with pytest.raises(ValueError, match="top_k must lie in"):
         core.call("set_top_k", K + 1)
+
+
+def test_one_front_holds_two_engines(checkpoints, prompts):
+    """Each hosted model is its own engine process behind its own client; nothing is shared."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+
+    async def run():
+        a, b = await asyncio.gather(
+            AsyncEngine.start(engine_config(checkpoints("mixtral"), max_model_len=64), "a"),
+            AsyncEngine.start(engine_config(checkpoints("olmoe"), max_model_len=64), "b"))
+        try:
+            assert a.info.pid != b.info.pid and a.info.top_k != b.info.top_k
+            got = await asyncio.gather(_collect(a, "x", {"prompt_token_ids": prompts[2]}, params),
+                                       _collect(b, "x", {"prompt_token_ids": prompts[2]}, params))
+            b.shutdown()
+            assert a.is_alive() and not b.is_alive()
+            again = await _collect(a, "y", {"prompt_token_ids": prompts[2]}, params)
+            return got, again
+        finally:
+            a.shutdown()
+            b.shutdown()
+
+    (on_a, on_b), again = _run(run())
+    for arch, got in (("mixtral", on_a), ("olmoe", on_b)):
+        offline = LLM(checkpoints(arch), max_model_len=64).generate({"prompt_token_ids": prompts[2]}, params)[0]
+        assert got[1] == offline.outputs[0].token_ids
+    assert again == on_a
