@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -133,6 +135,17 @@ class _GpuTelemetry:
         yield from (util, mem)
 
 
+@dataclass(frozen=True)
+class _ModelSeries:
+    """The per-token series with their model label bound once (labels() costs a lookup and a
+    lock; these are touched for every output of every request)."""
+
+    ttft: Any
+    itl: Any
+    generation_tokens: Any
+    request_failure: Any
+
+
 class ServerMetrics:
     """All series of one server. Request-level ones are observed through the methods below."""
 
@@ -165,6 +178,9 @@ class ServerMetrics:
                                   labels + ["reason"], registry=self.registry)
         self.registry.register(_EngineCollector(info, stats, monitor, model_name, expert_metrics,
                                                 _GpuTelemetry.probe()))
+        self.model_series = _ModelSeries(self.ttft.labels(model_name), self.itl.labels(model_name),
+                                         self.generation_tokens.labels(model_name),
+                                         self.request_failure.labels(model_name))
 
     def reject(self, reason: str) -> None:
         self.rejections.labels(self.model_name, reason).inc()

@@ -288,7 +288,7 @@ def test_a_non_streaming_client_that_hangs_up_aborts_its_request(tmp_path):
 
     try:
         stopped_after, natural = asyncio.run(run())
-        assert natural > 5, f"the requests would have finished on their own in {natural:.1f}s"
+        assert natural > 3, f"the requests would have finished on their own in {natural:.1f}s"
         assert stopped_after < 1.0, f"still running {stopped_after:.2f}s after the clients left"
         assert _metric(server.url, "moeserve:num_requests_waiting") == 0
     finally:

@@ -115,6 +115,7 @@ class AsyncEngine:
         self._queues[request_id] = queue
         start = time.monotonic()
         finished = False
+        series = self.metrics.model_series
         try:
             self.client.add(request.children)
             first = last = None
@@ -123,18 +124,18 @@ class AsyncEngine:
                 if isinstance(item, BaseException):
                     finished = True  # nothing of it is left in the engine
                     if isinstance(item, RequestFailedError):
-                        self.metrics.request_failure.labels(self.metrics.model_name).inc()
+                        series.request_failure.inc()
                     raise item
                 now = time.monotonic()
                 new_tokens = sum(len(o.delta_token_ids) for o in item.outputs)
                 if new_tokens:
                     if first is None:
                         first = now
-                        self.metrics.ttft.labels(self.metrics.model_name).observe(now - start)
+                        series.ttft.observe(now - start)
                     else:
-                        self.metrics.itl.labels(self.metrics.model_name).observe(now - last)
+                        series.itl.observe(now - last)
                     last = now
-                    self.metrics.generation_tokens.labels(self.metrics.model_name).inc(new_tokens)
+                    series.generation_tokens.inc(new_tokens)
                 if item.finished:
                     finished = True
                     self._observe_finished(item, start, first, now)

@@ -187,6 +187,7 @@ class _Handler:
         self.id = state.engine.new_request_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
+        self._chunk_head: str | None = None
 
     def streams(self) -> list[AsyncIterator[RequestOutput]]:
         return [
@@ -238,11 +239,13 @@ class _Handler:
                 "choices": choices, "usage": _usage(outs)}
 
     def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
-        body: dict[str, Any] = {"id": self.id, "object": self.object + ("" if not self.chat else ".chunk"),
-                                "created": self.created, "model": self.state.model_name, "choices": choices}
-        if usage is not None:
-            body["usage"] = usage
-        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+        """One SSE event; the fields that never change are serialised once per request."""
+        if self._chunk_head is None:
+            head = {"id": self.id, "object": self.object + ("" if not self.chat else ".chunk"),
+                    "created": self.created, "model": self.state.model_name}
+            self._chunk_head = "data: " + json.dumps(head, ensure_ascii=False)[:-1] + ', "choices": '
+        tail = "}\n\n" if usage is None else f', "usage": {json.dumps(usage)}}}\n\n'
+        return self._chunk_head + json.dumps(choices, ensure_ascii=False) + tail
 
     async def sse(self) -> AsyncIterator[str]:
         n = self.params.n
