@@ -39,8 +39,12 @@ def step_outputs(num_seqs: int, layers: int, experts: int, logprobs: bool, rng: 
                for i in range(num_seqs)]
     load = ExpertLoadStats([[rng.randrange(1000) for _ in range(experts)] for _ in range(layers)],
                            [rng.random() * 100 for _ in range(layers)], num_seqs)
-    stats = EngineStats(1000, time.monotonic(), num_seqs, 12, 3000, {0: 3000}, 16384, 9000, 0.031, 0, num_seqs,
-                        5000.0, 900.0, 3, 120, [2] * layers, load)
+    stats = EngineStats(step=1000, timestamp=time.monotonic(), num_running=num_seqs, num_waiting=12,
+                        num_waiting_tokens=3000, waiting_tokens_by_priority={0: 3000}, num_blocks=16384,
+                        num_free_blocks=9000, step_time_s=0.031, num_prefill_tokens=0, num_decode_tokens=num_seqs,
+                        prefill_tokens_per_s=5000.0, decode_tokens_per_s=900.0, step_time_base_s=0.01,
+                        step_time_per_token_s=2e-5, num_requests_received=5000, num_preemptions=3,
+                        prefix_cache_hits=120, top_k=[2] * layers, expert_load=load)
     return EngineCoreOutputs(outputs, stats)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from moeserve.config import ServerConfig, add_engine_flags, add_flags, engine_config_from_args, from_args
+from moeserve.config import AdmissionConfig, ServerConfig, add_engine_flags, add_flags, engine_config_from_args, from_args
 from moeserve.errors import CheckpointError, EngineStartError
 
 
@@ -102,7 +102,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.model is None:
         args.model, name = _default_model()
         args.served_model_name = args.served_model_name or name
-    asyncio.run(serve(engine_config_from_args(args.model, args), from_args(ServerConfig, args)))
+    asyncio.run(serve(engine_config_from_args(args.model, args), from_args(ServerConfig, args),
+                      from_args(AdmissionConfig, args)))
     return 0
 
 
@@ -131,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (and gRPC with --grpc-port)")
     _add_engine_flags(p, model_optional=True)
     add_flags(p, ServerConfig)
+    add_flags(p, AdmissionConfig)
     p.set_defaults(func=_serve)
     return parser
 

@@ -139,6 +139,29 @@ class ServerConfig:
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
 
 
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """Admission control in the front (entrypoints/admission.py); every check is off by default."""
+
+    max_queued_requests: int | None = _opt(None, "most requests admitted and waiting for their first token; "
+                                           "over it: 503, or lower-priority queued requests are dropped")
+    max_queued_tokens: int | None = _opt(None, "most prompt tokens admitted and waiting (as above)")
+    slo_ttft: float | None = _opt(None, "seconds: refuse (503) a request whose predicted time to first token "
+                                  "exceeds it")
+    tenant_requests_per_second: float | None = _opt(None, "per-tenant request rate (tenant = API key, else the "
+                                                    "x-tenant header); over it: 429")
+    tenant_tokens_per_minute: float | None = _opt(None, "per-tenant tokens (prompt + max_tokens) per minute; "
+                                                  "over it: 429")
+    tenant_config: str | None = _opt(None, "YAML file with per-tenant quotas and API-key tenant names")
+
+    def __post_init__(self) -> None:
+        for name in ("max_queued_requests", "max_queued_tokens", "slo_ttft", "tenant_requests_per_second",
+                     "tenant_tokens_per_minute"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+
+
 # ---- the command line, generated from the fields ----
 
 def _flag(f: Any) -> str:

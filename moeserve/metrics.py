@@ -32,8 +32,8 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1
 
 class _EngineCollector(Collector):
     def __init__(self, info: EngineInfo, stats: Callable[[], EngineStats | None], monitor: LoadMonitor,
-                 model_name: str, expert_metrics: str, gpu: _GpuTelemetry | None):
-        self.info, self.stats, self.monitor = info, stats, monitor
+                 model_name: str, expert_metrics: str, gpu: _GpuTelemetry | None, admission: Any):
+        self.info, self.stats, self.monitor, self.admission = info, stats, monitor, admission
         self.model_name = model_name
         self.expert_metrics = expert_metrics
         self.gpu = gpu
@@ -49,6 +49,11 @@ class _EngineCollector(Collector):
         return c
 
     def collect(self) -> Iterator[Metric]:
+        if self.admission is not None:
+            yield self._gauge("moeserve:admission_queued_requests", "Requests admitted and waiting for a first "
+                              "token.", self.admission.queued_requests)
+            yield self._gauge("moeserve:admission_queued_tokens", "Prompt tokens of those requests.",
+                              self.admission.queued_tokens)
         stats = self.stats()
         if stats is not None:
             yield self._gauge("moeserve:num_requests_running", "Requests in the running batch.", stats.num_running)
@@ -65,6 +70,8 @@ class _EngineCollector(Collector):
             yield self._gauge("moeserve:decode_tokens_per_second", "Recent decode rate of the engine.",
                               stats.decode_tokens_per_s)
             yield self._counter("moeserve:engine_steps", "Steps the engine has run.", stats.step)
+            yield self._counter("moeserve:engine_requests_received", "Sequences the engine has been given.",
+                                stats.num_requests_received)
             yield self._counter("moeserve:num_preemptions", "Requests preempted to free KV blocks.",
                                 stats.num_preemptions)
             yield self._counter("moeserve:prefix_cache_hits", "KV blocks reused from the prefix cache.",
@@ -150,7 +157,7 @@ class ServerMetrics:
     """All series of one server. Request-level ones are observed through the methods below."""
 
     def __init__(self, info: EngineInfo, stats: Callable[[], EngineStats | None], monitor: LoadMonitor,
-                 model_name: str, expert_metrics: str = "layer"):
+                 model_name: str, expert_metrics: str = "layer", admission: Any = None):
         if expert_metrics not in EXPERT_METRICS:
             raise ValueError(f"expert_metrics must be one of {EXPERT_METRICS}, got {expert_metrics!r}")
         self.model_name = model_name
@@ -174,13 +181,23 @@ class ServerMetrics:
                                        labels + ["finished_reason"], registry=self.registry)
         self.request_failure = Counter("moeserve:request_failure", "Requests the engine failed (HTTP 500).",
                                        labels, registry=self.registry)
-        self.rejections = Counter("moeserve:admission_rejections", "Requests refused before reaching the engine.",
-                                  labels + ["reason"], registry=self.registry)
+        self.rejections = Counter("moeserve:admission_rejections", "Requests refused before reaching the engine "
+                                  "(or dropped from its queue), by reason and tenant.",
+                                  labels + ["reason", "tenant"], registry=self.registry)
+        self.admissions = Counter("moeserve:admission_admitted", "Requests admitted, by tenant.", labels + ["tenant"],
+                                  registry=self.registry)
+        self.predicted_ttft = histogram("moeserve:admission_predicted_ttft_seconds",
+                                        "Time to first token predicted at admission.")
         self.registry.register(_EngineCollector(info, stats, monitor, model_name, expert_metrics,
-                                                _GpuTelemetry.probe()))
+                                                _GpuTelemetry.probe(), admission))
         self.model_series = _ModelSeries(self.ttft.labels(model_name), self.itl.labels(model_name),
                                          self.generation_tokens.labels(model_name),
                                          self.request_failure.labels(model_name))
 
-    def reject(self, reason: str) -> None:
-        self.rejections.labels(self.model_name, reason).inc()
+    def reject(self, reason: str, tenant: str = "") -> None:
+        self.rejections.labels(self.model_name, reason, tenant).inc()
+
+    def admitted(self, tenant: str, predicted_ttft: float | None) -> None:
+        self.admissions.labels(self.model_name, tenant).inc()
+        if predicted_ttft is not None:
+            self.predicted_ttft.labels(self.model_name).observe(predicted_ttft)

@@ -89,8 +89,11 @@ def test_abort_frees_blocks_bad_input_fails_at_once_and_the_engine_goes_on(check
 
 def test_every_message_survives_the_wire_and_a_malformed_one_is_refused():
     codec = Codec()
-    stats = EngineStats(3, 1.5, 2, 1, 40, {0: 30, 1: 10}, 100, 60, 0.01, 7, 2, 700.0, 200.0, 1, 4, [2, 1],
-                        ExpertLoadStats([[1, 2], [3, 0]], [0.5, 0.25], 2))
+    stats = EngineStats(step=3, timestamp=1.5, num_running=2, num_waiting=1, num_waiting_tokens=40,
+                        waiting_tokens_by_priority={0: 30, 1: 10}, num_blocks=100, num_free_blocks=60, step_time_s=0.01,
+                        num_prefill_tokens=7, num_decode_tokens=2, prefill_tokens_per_s=700.0, decode_tokens_per_s=200.0,
+                        step_time_base_s=0.004, step_time_per_token_s=1e-4, num_requests_received=5, num_preemptions=1,
+                        prefix_cache_hits=4, top_k=[2, 1], expert_load=ExpertLoadStats([[1, 2], [3, 0]], [0.5, 0.25], 2))
     messages = [
         EngineCoreRequest("r", [1, 2], SamplingParams(temperature=0.5, stop=("x",), seed=3), (2,), -1),
         AbortRequests(["a", "b"]),

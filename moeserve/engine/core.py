@@ -70,7 +70,8 @@ class EngineCore:
         self.info = EngineInfo(
             model=config.model, max_model_len=self.max_model_len, vocab_size=mc.vocab_size,
             eos_token_ids=tuple(generation.eos_token_ids), generation_defaults=generation,
-            num_kv_blocks=self.num_kv_blocks, block_size=block_size, moe_layer_ids=mc.moe_layer_ids,
+            num_kv_blocks=self.num_kv_blocks, block_size=block_size, max_num_seqs=config.scheduler.max_num_seqs,
+            max_num_batched_tokens=config.scheduler.max_num_batched_tokens, moe_layer_ids=mc.moe_layer_ids,
             num_experts=mc.num_experts, top_k=mc.top_k, device=self.executor.collective_rpc("device_name")[0],
             pid=os.getpid(),
         )
@@ -80,6 +81,8 @@ class EngineCore:
         self._step_time = 0.0
         self._prefill_rate = 0.0
         self._decode_rate = 0.0
+        self._step_model = StepTimeModel()
+        self._received = 0
 
     # ---- requests ----
 
@@ -96,6 +99,7 @@ class EngineCore:
                       frozenset(request.eos_token_ids), self.max_model_len, request.priority)
         req.arrival_time = time.monotonic()
         self.scheduler.add_request(req)
+        self._received += 1
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Release the requests and all their blocks (unknown or finished ids are ignored)."""
@@ -155,6 +159,8 @@ class EngineCore:
         self._step_time = time.monotonic() - start
         decode = sched.num_decode_tokens
         prefill = sched.total_num_scheduled_tokens - decode
+        if sched.total_num_scheduled_tokens:
+            self._step_model.add(sched.total_num_scheduled_tokens, self._step_time)
         if self._step_time > 0:
             if prefill:
                 self._prefill_rate = _ema(self._prefill_rate, prefill / self._step_time)
@@ -173,7 +179,8 @@ class EngineCore:
             waiting_tokens_by_priority=by_priority, num_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
             step_time_s=self._step_time, num_prefill_tokens=num_prefill_tokens, num_decode_tokens=num_decode_tokens,
             prefill_tokens_per_s=self._prefill_rate, decode_tokens_per_s=self._decode_rate,
-            num_preemptions=sched.num_preemptions, prefix_cache_hits=bm.stats.hits, top_k=list(self.top_k),
+            step_time_base_s=self._step_model.base, step_time_per_token_s=self._step_model.per_token,
+            num_requests_received=self._received, num_preemptions=sched.num_preemptions, prefix_cache_hits=bm.stats.hits, top_k=list(self.top_k),
             expert_load=expert_load,
         )
 
@@ -203,6 +210,33 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+class StepTimeModel:
+    """step_time ~ base + per_token * tokens, by exponentially weighted least squares over the
+    steps seen (the newest weighs `1 / horizon` of the total). With too little spread in the
+    token counts to separate the two, the line goes through the origin."""
+
+    def __init__(self, horizon: int = 200):
+        self.decay = 1 - 1 / horizon
+        self._w = self._x = self._xx = self._y = self._xy = 0.0
+        self.base = self.per_token = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        d = self.decay
+        self._w, self._x, self._xx = d * self._w + 1, d * self._x + tokens, d * self._xx + tokens * tokens
+        self._y, self._xy = d * self._y + seconds, d * self._xy + tokens * seconds
+        spread = self._w * self._xx - self._x * self._x
+        if spread > 1e-9 * self._w * self._xx:
+            per_token = (self._w * self._xy - self._x * self._y) / spread
+            base = (self._y - per_token * self._x) / self._w
+            if per_token > 0 and base >= 0:
+                self.base, self.per_token = base, per_token
+                return
+        self.base, self.per_token = 0.0, self._xy / self._xx
+
+    def predict(self, tokens: int) -> float:
+        return self.base + self.per_token * tokens
 
 
 def _ema(average: float, sample: float) -> float:

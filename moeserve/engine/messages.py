@@ -68,6 +68,8 @@ class EngineInfo:
     generation_defaults: GenerationDefaults
     num_kv_blocks: int
     block_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
     moe_layer_ids: tuple[int, ...]  # decoder-layer index of each MoE layer
     num_experts: int
     top_k: int  # the checkpoint's K
@@ -107,6 +109,11 @@ class EngineStats:
     num_decode_tokens: int
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
+    # Step time as a function of the tokens in the step, fitted over recent steps (weighted least
+    # squares): step_time ~ step_time_base_s + step_time_per_token_s * tokens.
+    step_time_base_s: float
+    step_time_per_token_s: float
+    num_requests_received: int  # sequences the engine has been given, since start
     num_preemptions: int
     prefix_cache_hits: int  # blocks reused
     top_k: list[int]  # K in force per MoE layer

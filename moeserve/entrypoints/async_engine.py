@@ -19,13 +19,15 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
-from moeserve.config import EngineConfig
+from moeserve.config import AdmissionConfig, EngineConfig
 from moeserve.engine.client import EngineClient, MPEngineClient
 from moeserve.engine.input_processor import InputProcessor, Prompt
 from moeserve.engine.load_monitor import LoadMonitor
 from moeserve.engine.messages import EngineCoreOutputs, EngineStats
 from moeserve.engine.output_processor import OutputProcessor
+from moeserve.entrypoints.admission import DEFAULT_TENANT, AdmissionController, AdmissionPolicy, AdmissionRejected
 from moeserve.errors import EngineDeadError, RequestFailedError
 from moeserve.metrics import ServerMetrics
 from moeserve.outputs import RequestOutput, merge_outputs
@@ -58,27 +60,43 @@ class _Collector:
         return item
 
 
+@dataclass(frozen=True)
+class Submitted:
+    """A request the engine has; read its outputs with AsyncEngine.stream."""
+
+    request_id: str
+    predicted_ttft: float | None  # seconds, from the admission predictor (None before the first step)
+    start: float
+
+
 class AsyncEngine:
     def __init__(self) -> None:
         raise TypeError("use `await AsyncEngine.start(...)`")
 
     @classmethod
-    async def start(cls, config: EngineConfig, model_name: str, log_level: str = "info") -> AsyncEngine:
+    async def start(cls, config: EngineConfig, model_name: str, log_level: str = "info",
+                    admission: AdmissionConfig | None = None) -> AsyncEngine:
         """Start the engine process and wait until it is ready (EngineStartError if it cannot)."""
+        policy = AdmissionPolicy.from_config(admission or AdmissionConfig())  # a bad quota file fails first
         self = cls.__new__(cls)
         self._queues: dict[str, _Collector] = {}
         self._ids = itertools.count()
         self.latest_stats: EngineStats | None = None
         self.death_listeners: list[Callable[[str], None]] = []
         self.client: EngineClient = await MPEngineClient.start(config, self._on_outputs, self._on_dead, log_level)
-        info = self.info = self.client.info
-        self.tokenizer = Tokenizer(config.model)
-        self.input = InputProcessor(self.tokenizer, info)
-        self.output = OutputProcessor(self.tokenizer)
-        self.load_monitor = LoadMonitor(len(info.moe_layer_ids), info.num_experts)
-        self.metrics = ServerMetrics(info, lambda: self.latest_stats, self.load_monitor, model_name,
-                                     config.control.expert_metrics)
-        self.latest_stats = self.latest_stats or await self.client.call("stats", result_type=EngineStats)
+        try:
+            info = self.info = self.client.info
+            self.tokenizer = Tokenizer(config.model)
+            self.input = InputProcessor(self.tokenizer, info)
+            self.output = OutputProcessor(self.tokenizer)
+            self.load_monitor = LoadMonitor(len(info.moe_layer_ids), info.num_experts)
+            self.admission = AdmissionController(policy, info, lambda: self.latest_stats)
+            self.metrics = ServerMetrics(info, lambda: self.latest_stats, self.load_monitor, model_name,
+                                         config.control.expert_metrics, self.admission)
+            self.latest_stats = self.latest_stats or await self.client.call("stats", result_type=EngineStats)
+        except BaseException:
+            self.client.shutdown()  # no engine process outlives a front that failed to start
+            raise
         return self
 
     @property
@@ -102,22 +120,51 @@ class AsyncEngine:
         """Raise ValueError for a prompt the engine would refuse, without queueing anything."""
         self.input.validate(token_ids)
 
-    async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams,
-                       priority: int = 0) -> AsyncIterator[RequestOutput]:
-        """Outputs of one request as the engine produces them. Raises ValueError at once for bad
-        input, RequestFailedError if the engine fails the request, EngineDeadError if the engine
-        stops (before or while it runs)."""
+    def submit(self, request_id: str, prompt: Prompt, params: SamplingParams, priority: int = 0,
+               tenant: str = DEFAULT_TENANT) -> Submitted:
+        """Validate, admit and hand one request to the engine; its outputs are then read with
+        `stream`. Raises at once, with nothing queued: ValueError for bad input,
+        AdmissionRejected (429/503) when admission control refuses it, EngineDeadError if the
+        engine has stopped. Queued requests of a lower class may be dropped to admit it."""
         request = self.input.process(request_id, prompt, params, priority)
         if request_id in self._queues:
             raise ValueError(f"request id {request_id!r} is already in use")
-        queue = _Collector()
+        if not self.is_alive():
+            raise EngineDeadError(self.dead_reason())
+        sequences, prompt_tokens = len(request.children), len(request.prompt_token_ids)
+        max_tokens = params.max_tokens or self.info.max_model_len - prompt_tokens
+        try:
+            if self.admission.config.enabled:
+                predicted, dropped = self.admission.admit(request_id, tenant, priority, prompt_tokens, sequences,
+                                                          max_tokens)
+            else:
+                predicted, dropped = self.admission.predict_ttft(priority, sequences * prompt_tokens, sequences), []
+                self.admission.track(request_id, tenant, priority, prompt_tokens, sequences, max_tokens)
+        except AdmissionRejected as e:
+            self.metrics.reject(e.reason, tenant)
+            raise
+        self.metrics.admitted(tenant, predicted)
         self.output.add(request)
-        self._queues[request_id] = queue
-        start = time.monotonic()
+        self._queues[request_id] = _Collector()
+        try:
+            self.client.add(request.children)
+        except EngineDeadError:
+            self._forget(request_id)
+            raise
+        for victim in dropped:
+            self._drop(victim)
+        return Submitted(request_id, predicted, time.monotonic())
+
+    async def stream(self, submitted: Submitted) -> AsyncIterator[RequestOutput]:
+        """Outputs of a submitted request as the engine produces them (those the caller has not
+        taken yet arrive merged). Raises RequestFailedError if the engine fails the request,
+        EngineDeadError if the engine stops, AdmissionRejected if it is dropped from the queue.
+        Leaving early aborts the request."""
+        request_id, start = submitted.request_id, submitted.start
+        queue = self._queues[request_id]
         finished = False
         series = self.metrics.model_series
         try:
-            self.client.add(request.children)
             first = last = None
             while True:
                 item = await queue.get()
@@ -143,10 +190,36 @@ class AsyncEngine:
                 if finished:
                     return
         finally:
-            self._queues.pop(request_id, None)
-            running = self.output.remove(request_id)
+            running = self._forget(request_id)
             if not finished:
                 self.client.abort(running)
+
+    async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams, priority: int = 0,
+                       tenant: str = DEFAULT_TENANT) -> AsyncIterator[RequestOutput]:
+        """`submit` then `stream`, as one iterator."""
+        submitted = self.submit(request_id, prompt, params, priority, tenant)
+        async for out in self.stream(submitted):
+            yield out
+
+    def cancel(self, submitted: Submitted) -> None:
+        """Give up a submitted request that will not be streamed."""
+        self.client.abort(self._forget(submitted.request_id))
+
+    def _forget(self, request_id: str) -> list[str]:
+        """Drop the request from the front; returns its sequences still running in the engine."""
+        self._queues.pop(request_id, None)
+        self.admission.finished(request_id)
+        return self.output.remove(request_id)
+
+    def _drop(self, request_id: str) -> None:
+        """Take a queued request out to make room for a higher class: aborted in the engine, and
+        its caller told so as a 503."""
+        queue = self._queues.get(request_id)
+        self.metrics.reject("dropped", self.admission.tenant_of(request_id))
+        self.client.abort(self._forget(request_id))
+        self._queues[request_id] = queue  # its stream still reads the rejection, then forgets it
+        queue.put(AdmissionRejected(503, "dropped", "dropped from the queue to admit a higher-priority request",
+                                    self.admission.retry_after()))
 
     # ---- callbacks from the engine client (on the event loop) ----
 
@@ -161,6 +234,7 @@ class AsyncEngine:
         for out in processed.request_outputs:
             queue = self._queues.get(out.request_id)
             if queue is not None:
+                self.admission.progress(out.request_id, sum(len(c.token_ids) for c in out.outputs))
                 queue.put(out)
         for failure in processed.failures:
             queue = self._queues.get(failure.request_id)

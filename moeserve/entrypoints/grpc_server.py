@@ -1,7 +1,9 @@
 """The gRPC front (proto/moeserve.proto): Generate and GenerateStream over the same AsyncEngine
 as HTTP, plus grpc.health.v1 and server reflection.
 
-The same rules as HTTP: with API keys set, every Generation call needs metadata
+The same rules as HTTP: admission control refuses with RESOURCE_EXHAUSTED (quota; HTTP 429) or
+UNAVAILABLE (overload; HTTP 503), the message and a `retry-after` trailer saying what HTTP says;
+the tenant is the API key, else metadata `x-tenant`. With API keys set, every Generation call needs metadata
 `authorization: Bearer <key>` (UNAUTHENTICATED otherwise); health and reflection stay open, as
 /health does. While draining, health answers NOT_SERVING and new calls get UNAVAILABLE; calls in
 flight run on. A cancelled RPC or an exceeded deadline cancels the handler, which aborts the
@@ -17,6 +19,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from moeserve.errors import EngineDeadError, RequestFailedError
+from moeserve.entrypoints.admission import AdmissionRejected
 from moeserve.entrypoints.state import ServerState
 from moeserve.grpc_gen import moeserve_pb2 as pb
 from moeserve.grpc_gen import moeserve_pb2_grpc as pb_grpc
@@ -100,11 +103,18 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request has no prompt (text or token_ids)")
         prompt = request.text if which == "text" else {"prompt_token_ids": list(request.token_ids.ids)}
         request_id = request.request_id or self.engine.new_request_id("grpc")
+        metadata = dict(context.invocation_metadata() or ())
+        key = metadata.get("authorization", "").removeprefix("Bearer ") if self.state.api_keys else None
+        tenant = self.engine.admission.tenant_for(key, metadata.get("x-tenant"))
         try:
-            async for out in self.engine.generate(request_id, prompt, params, request.priority):
+            async for out in self.engine.generate(request_id, prompt, params, request.priority, tenant):
                 yield out
         except ValueError as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except AdmissionRejected as e:
+            code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.status == 429 else grpc.StatusCode.UNAVAILABLE
+            context.set_trailing_metadata((("retry-after", str(e.retry_after)),))
+            await context.abort(code, e.message)
         except RequestFailedError as e:
             await context.abort(grpc.StatusCode.INTERNAL, f"the engine failed this request: {e}")
         except EngineDeadError as e:

@@ -18,7 +18,7 @@ import time
 
 import uvicorn
 
-from moeserve.config import EngineConfig, ServerConfig
+from moeserve.config import AdmissionConfig, EngineConfig, ServerConfig
 from moeserve.entrypoints.async_engine import AsyncEngine
 from moeserve.entrypoints.openai.api_server import build_app
 from moeserve.entrypoints.state import ServerState
@@ -55,9 +55,9 @@ class _DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
-async def serve(engine_config: EngineConfig, config: ServerConfig) -> None:
+async def serve(engine_config: EngineConfig, config: ServerConfig, admission: AdmissionConfig | None = None) -> None:
     name = config.served_model_name or engine_config.model
-    engine = await AsyncEngine.start(engine_config, name, config.log_level)
+    engine = await AsyncEngine.start(engine_config, name, config.log_level, admission)
     try:
         state = ServerState(engine, name, config.api_key)
         if not config.api_key:

@@ -21,13 +21,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
 import moeserve
+from moeserve.entrypoints.admission import AdmissionRejected
+from moeserve.entrypoints.async_engine import Submitted
 from moeserve.entrypoints.openai.protocol import UNSUPPORTED_FIELDS, ChatCompletionRequest, CompletionRequest
 from moeserve.entrypoints.state import ServerState
 from moeserve.errors import EngineDeadError, RequestFailedError
 from moeserve.outputs import CompletionOutput, RequestOutput
 from moeserve.sampling_params import SamplingParams
 
-_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+_ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 429: "RateLimitError",
                 500: "InternalServerError", 503: "ServiceUnavailableError"}
 
 
@@ -181,19 +183,39 @@ async def _unless_disconnected(request: Request, work: Awaitable[Any]) -> Any:
 class _Handler:
     """One completions/chat request: tokenised prompts, sampling params, response shaping."""
 
-    def __init__(self, state: ServerState, chat: bool, body: Any, prompts: list[list[int]], params: SamplingParams):
+    def __init__(self, state: ServerState, chat: bool, body: Any, prompts: list[list[int]], params: SamplingParams,
+                 priority: int, tenant: str):
         self.state, self.chat, self.body, self.prompts, self.params = state, chat, body, prompts, params
+        self.priority, self.tenant = priority, tenant
         self.tokenizer = state.engine.tokenizer
         self.id = state.engine.new_request_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self._chunk_head: str | None = None
+        self.submitted: list[Submitted] = []
+
+    def submit(self) -> None:
+        """Admit every prompt's request, or none (a refusal withdraws the ones already in)."""
+        engine = self.state.engine
+        try:
+            for i, p in enumerate(self.prompts):
+                self.submitted.append(engine.submit(f"{self.id}-{i}", {"prompt_token_ids": p}, self.params,
+                                                    self.priority, self.tenant))
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Withdraw whatever of this request is still in the engine (nothing, once streamed to the end)."""
+        for submitted in self.submitted:
+            self.state.engine.cancel(submitted)
+
+    def headers(self) -> dict[str, str]:
+        predicted = [s.predicted_ttft for s in self.submitted if s.predicted_ttft is not None]
+        return {"x-moeserve-predicted-ttft-ms": f"{1000 * max(predicted):.1f}"} if predicted else {}
 
     def streams(self) -> list[AsyncIterator[RequestOutput]]:
-        return [
-            self.state.engine.generate(f"{self.id}-{i}", {"prompt_token_ids": p}, self.params, self.body.priority)
-            for i, p in enumerate(self.prompts)
-        ]
+        return [self.state.engine.stream(s) for s in self.submitted]
 
     def _logprobs(self, c: CompletionOutput, start: int) -> dict[str, Any] | None:
         if c.logprobs is None:
@@ -286,8 +308,10 @@ class _Handler:
                 yield self._chunk([], _usage([latest[i] for i in sorted(latest)]))
         except RequestFailedError as e:
             yield _error_event(500, str(e))
-        except EngineDeadError as e:
+        except (EngineDeadError, AdmissionRejected) as e:
             yield _error_event(503, str(e))
+        finally:
+            self.close()
         yield "data: [DONE]\n\n"
 
 
@@ -303,6 +327,10 @@ def build_app(state: ServerState) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         return error_response(400, str(exc))
+
+    @app.exception_handler(AdmissionRejected)
+    async def _rejected(request: Request, exc: AdmissionRejected):
+        return error_response(exc.status, exc.message, headers={"Retry-After": str(exc.retry_after)})
 
     @app.exception_handler(_ClientGone)
     async def _client_gone(request: Request, exc: _ClientGone):
@@ -336,7 +364,8 @@ def build_app(state: ServerState) -> FastAPI:
                 "max_model_len": engine.max_model_len}
         return {"object": "list", "data": [card]}
 
-    def _prepare(req: CompletionRequest | ChatCompletionRequest, prompts: list[Any], chat: bool) -> _Handler:
+    def _prepare(request: Request, req: CompletionRequest | ChatCompletionRequest, prompts: list[Any],
+                 chat: bool) -> _Handler:
         if req.model is not None and req.model != state.model_name:
             raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{state.model_name}'",
                            param="model")
@@ -357,24 +386,38 @@ def build_app(state: ServerState) -> FastAPI:
                                     f"{len(ids)} prompt + {params.max_tokens} completion tokens",
                                param="max_tokens")
             token_lists.append(ids)
-        return _Handler(state, chat, req, token_lists, params)
+        priority = req.priority
+        if "priority" not in req.model_fields_set and "x-priority" in request.headers:
+            try:
+                priority = int(request.headers["x-priority"])
+            except ValueError as e:
+                raise APIError(400, "the x-priority header must be an integer") from e
+        key = request.headers.get("authorization", "").removeprefix("Bearer ") if state.api_keys else None
+        tenant = engine.admission.tenant_for(key, request.headers.get("x-tenant"))
+        return _Handler(state, chat, req, token_lists, params, priority, tenant)
 
     async def _respond(request: Request, handler: _Handler, stream: bool):
         if not engine.is_alive():
             raise APIError(503, f"the engine is not running: {engine.dead_reason()}")
-        if stream:  # Starlette cancels the body iterator when the client leaves: that aborts
-            return StreamingResponse(handler.sse(), media_type="text/event-stream")
         try:
-            return await _unless_disconnected(request, handler.full())
+            handler.submit()
+        except EngineDeadError as e:
+            raise APIError(503, str(e)) from e
+        if stream:  # Starlette cancels the body iterator when the client leaves: that aborts
+            return StreamingResponse(handler.sse(), media_type="text/event-stream", headers=handler.headers())
+        try:
+            return JSONResponse(await _unless_disconnected(request, handler.full()), headers=handler.headers())
         except RequestFailedError as e:
             raise APIError(500, f"the engine failed this request: {e}") from e
         except EngineDeadError as e:
             raise APIError(503, str(e)) from e
+        finally:
+            handler.close()
 
     @app.post("/v1/completions", openapi_extra=_json_body_schema(CompletionRequest))
     async def completions(request: Request):
         req = _parse(CompletionRequest, await _json_body(request))
-        return await _respond(request, _prepare(req, req.prompts(), chat=False), req.stream)
+        return await _respond(request, _prepare(request, req, req.prompts(), chat=False), req.stream)
 
     @app.post("/v1/chat/completions", openapi_extra=_json_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request):
@@ -385,7 +428,7 @@ def build_app(state: ServerState) -> FastAPI:
                                            **(req.chat_template_kwargs or {}))
         except Exception as e:
             raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from e
-        return await _respond(request, _prepare(req, [text], chat=True), req.stream)
+        return await _respond(request, _prepare(request, req, [text], chat=True), req.stream)
 
     def openapi() -> dict[str, Any]:
         """FastAPI's document plus the request bodies, which the routes parse themselves (to
