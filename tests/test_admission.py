@@ -100,11 +100,14 @@ def test_the_queue_bound_sheds_lower_classes_first_and_only_unstarted_requests()
     assert (full.status, full.reason) == (503, "queue_requests") and full.retry_after >= 1
     _, dropped = ctl.admit("high", "t", 0, 10, 1, 10)
     assert dropped == ["low-2"]  # the newest of the lowest class
+    ctl.finished("low-2")  # the caller aborts it and says so
     ctl.progress("low-1", 1)  # it started: no longer queued, never dropped
     _, dropped = ctl.admit("high-2", "t", 0, 10, 1, 10)
     assert dropped == []
     _, dropped = ctl.admit("high-3", "t", 0, 10, 1, 10)
-    assert dropped == ["mid"] and ctl.queued_requests == 3
+    assert dropped == ["mid"]
+    ctl.finished("mid")
+    assert ctl.queued_requests == 3
 
 
 def test_the_token_bound_counts_every_sequence():

@@ -223,7 +223,8 @@ class AdmissionController:
               max_tokens: int) -> tuple[float | None, list[str]]:
         """Admit a request of `sequences` sequences of `prompt_tokens` each, or raise
         AdmissionRejected. Returns its predicted TTFT (None when the engine has not measured a
-        step yet) and the queued requests dropped to make room (the caller aborts them)."""
+        step yet) and the queued requests to drop to make room: the caller aborts them and
+        reports them `finished`."""
         now = self.clock()
         charged = sequences * (prompt_tokens + max_tokens)
         rate, tokens = self._tenant_buckets(tenant, now)
@@ -242,8 +243,6 @@ class AdmissionController:
         if slo is not None and predicted is not None and predicted > slo:
             raise AdmissionRejected(503, "slo", f"the predicted time to first token ({predicted:.2f}s) exceeds the "
                                     f"SLO ({slo:g}s)", self.retry_after())
-        for victim in dropped:
-            self.finished(victim)
         if rate is not None:
             rate.take(1, now)
         if tokens is not None:
