@@ -25,6 +25,8 @@ class RequestResult:
     e2e: float | None = None
     prompt_tokens: int = 0
     output_tokens: int = 0
+    refused_after: float | None = None  # seconds until a 429/503 answer came
+    predicted_ttft: float | None = None  # the server's own prediction (moeserve's admission header)
 
     @property
     def tpot(self) -> float | None:
@@ -82,9 +84,13 @@ class HttpTarget:
         try:
             async with client.stream("POST", path, json=self.body(spec), headers=self.headers()) as r:
                 result.status = r.status_code
+                predicted = r.headers.get("x-moeserve-predicted-ttft-ms")
+                result.predicted_ttft = float(predicted) / 1000 if predicted else None
                 if r.status_code != 200:
                     text = (await r.aread()).decode(errors="replace")
                     result.error = _error_message(text) or f"HTTP {r.status_code}"
+                    if r.status_code in (429, 503):
+                        result.refused_after = time.perf_counter() - start
                     return result
                 async for line in r.aiter_lines():
                     if not line.startswith("data: "):
@@ -155,6 +161,8 @@ class GrpcTarget:
             result.status = {grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
                              grpc.StatusCode.INVALID_ARGUMENT: 400}.get(e.code(), 500)
             result.error = f"{e.code().name}: {e.details()}"
+            if result.status in (429, 503):
+                result.refused_after = time.perf_counter() - start
             return result
         end = time.perf_counter()
         result.status, result.ok = 200, clock.first is not None

@@ -73,7 +73,11 @@ def summarize(results: list[RequestResult], duration: float, slo: dict[str, floa
         "tpot_ms": stats([r.tpot for r in ok if r.tpot is not None]),
         "itl_ms": stats([x for r in ok for x in r.itl]),
         "e2e_ms": stats([r.e2e for r in ok]),
+        "refusal_ms": stats([r.refused_after for r in results if r.refused_after is not None]),
     }
+    predicted = [(r.predicted_ttft, r.ttft) for r in ok if r.predicted_ttft is not None and r.ttft is not None]
+    if predicted:
+        summary["ttft_prediction_error_ms"] = stats([measured - guess for guess, measured in predicted])
     if slo:
         good = sum(meets_slo(r, slo) for r in results)
         summary["slo_s"] = slo

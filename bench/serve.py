@@ -11,8 +11,12 @@ which at least --slo-target of the requests meet every --slo.
 
 Metrics (vLLM's definitions): TTFT = first token - send; TPOT = (E2E - TTFT) / (output tokens - 1);
 ITL = time between streamed chunks; E2E = last byte - send; goodput = requests meeting every SLO
-per second (DistServe). Statistics are over successful requests; failures are counted by HTTP
-status (429 and 503 apart). Against moeserve, the server's Prometheus series are read before and
+per second (DistServe). A request the server refused (429, 503: admission control, overload) or
+failed never meets the SLO: it counts against goodput and against the SLO attainment of a
+--slo-search, as a slow success would. Statistics are over successful requests; failures are
+counted by HTTP status (429 and 503 apart), with the latency of each refusal. When the server
+says how long it expects the first token to take (x-moeserve-predicted-ttft-ms), each request
+records the prediction beside the measured TTFT. Against moeserve, the server's Prometheus series are read before and
 after the run (per-expert load, K in force, queue time).
 """
 
@@ -288,7 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--search-steps", type=int, default=5)
     lo.add_argument("--duration", type=float, help="stop sending new requests after this many seconds")
     s = p.add_argument_group("SLO")
-    s.add_argument("--slo", help="e.g. ttft:500ms,tpot:50ms (metrics: ttft, tpot, e2e); enables goodput")
+    s.add_argument("--slo", help="e.g. ttft:500ms,tpot:50ms (metrics: ttft, tpot, e2e); enables goodput. A refused "
+                   "(429/503) or failed request counts as not meeting it")
     s.add_argument("--slo-target", type=float, default=0.9, help="fraction of requests that must meet the SLO")
     o = p.add_argument_group("output")
     o.add_argument("--out", help="JSON file (default: bench/results/serve-<label>-<time>.json)")

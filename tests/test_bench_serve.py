@@ -125,6 +125,9 @@ def test_goodput_and_errors_are_counted(stand_in, tmp_path):
     assert s["rejected_503"] == 1 and s["rejected_429"] == 1
     assert s["errors_by_status"] == {"200": 1, "429": 1, "500": 1, "503": 1}
     assert any("broke mid-stream" in e for e in s["error_samples"])
+    # The two refusals are timed (and are not goodput, above); the 500 is not a refusal.
+    assert s["refusal_ms"]["count"] == 2 and s["refusal_ms"]["max"] < 5000
+    assert s["slo_attainment"] == pytest.approx(8 / 16)
 
 
 def test_poisson_and_bursty_arrivals():
