@@ -43,7 +43,8 @@ def step_outputs(num_seqs: int, layers: int, experts: int, logprobs: bool, rng: 
                         num_waiting_tokens=3000, waiting_tokens_by_priority={0: 3000}, num_blocks=16384,
                         num_free_blocks=9000, step_time_s=0.031, num_prefill_tokens=0, num_decode_tokens=num_seqs,
                         prefill_tokens_per_s=5000.0, decode_tokens_per_s=900.0, step_time_base_s=0.01,
-                        step_time_per_token_s=2e-5, num_requests_received=5000, num_preemptions=3,
+                        step_time_per_token_s=2e-5, prefill_tokens_per_step=100.0, num_requests_received=5000,
+                        num_preemptions=3,
                         prefix_cache_hits=120, top_k=[2] * layers, expert_load=load)
     return EngineCoreOutputs(outputs, stats)
 

@@ -202,7 +202,11 @@ class Bench:
 
                     return await run_load(send, specs, concurrency=concurrency, arrivals=arrivals,
                                           duration=self.args.duration, progress=progress)
-            limits = httpx.Limits(max_connections=max(concurrency or 0, 256))
+            # Closed loop: one connection per client. Open loop: no limit, so that a request is
+            # sent at its arrival time (a pool queue would hold it on the client, timed as server
+            # latency, and httpcore's pool costs O(queued) per release).
+            limits = httpx.Limits(max_connections=concurrency if concurrency is not None else None,
+                                  max_keepalive_connections=concurrency or 1024)
             async with httpx.AsyncClient(base_url=self.base_url, timeout=self.args.timeout, limits=limits) as client:
                 async def send(i, spec, at):
                     return await self.target.send(client, i, spec, at)

@@ -148,6 +148,8 @@ class AdmissionConfig:
     max_queued_tokens: int | None = _opt(None, "most prompt tokens admitted and waiting (as above)")
     slo_ttft: float | None = _opt(None, "seconds: refuse (503) a request whose predicted time to first token "
                                   "exceeds it")
+    slo_tpot: float | None = _opt(None, "seconds: refuse (503) a request that would make the predicted time per "
+                                  "output token (of every running request) exceed it")
     tenant_requests_per_second: float | None = _opt(None, "per-tenant request rate (tenant = API key, else the "
                                                     "x-tenant header); over it: 429")
     tenant_tokens_per_minute: float | None = _opt(None, "per-tenant tokens (prompt + max_tokens) per minute; "
@@ -155,7 +157,7 @@ class AdmissionConfig:
     tenant_config: str | None = _opt(None, "YAML file with per-tenant quotas and API-key tenant names")
 
     def __post_init__(self) -> None:
-        for name in ("max_queued_requests", "max_queued_tokens", "slo_ttft", "tenant_requests_per_second",
+        for name in ("max_queued_requests", "max_queued_tokens", "slo_ttft", "slo_tpot", "tenant_requests_per_second",
                      "tenant_tokens_per_minute"):
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -188,6 +188,10 @@ class ServerMetrics:
                                   registry=self.registry)
         self.predicted_ttft = histogram("moeserve:admission_predicted_ttft_seconds",
                                         "Time to first token predicted at admission.")
+        self.refusal_seconds = Histogram("moeserve:admission_refusal_seconds",
+                                         "From the request reaching the app to its 429/503 answer.", labels,
+                                         buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
+                                         registry=self.registry).labels(model_name)
         self.registry.register(_EngineCollector(info, stats, monitor, model_name, expert_metrics,
                                                 _GpuTelemetry.probe(), admission))
         self.model_series = _ModelSeries(self.ttft.labels(model_name), self.itl.labels(model_name),

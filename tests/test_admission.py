@@ -17,11 +17,12 @@ INFO = EngineInfo(model="m", max_model_len=4096, vocab_size=1000, eos_token_ids=
                   max_num_batched_tokens=1000, moe_layer_ids=(0,), num_experts=8, top_k=2, device="cpu", pid=1)
 
 
-def _stats(base: float = 0.01, per_token: float = 1e-4) -> EngineStats:
+def _stats(base: float = 0.01, per_token: float = 1e-4, prefill: float = 0.0) -> EngineStats:
     return EngineStats(step=10, timestamp=0.0, num_running=0, num_waiting=0, num_waiting_tokens=0,
                        waiting_tokens_by_priority={}, num_blocks=1000, num_free_blocks=1000, step_time_s=0.02,
                        num_prefill_tokens=0, num_decode_tokens=0, prefill_tokens_per_s=0.0, decode_tokens_per_s=0.0,
-                       step_time_base_s=base, step_time_per_token_s=per_token, num_requests_received=0,
+                       step_time_base_s=base, step_time_per_token_s=per_token, prefill_tokens_per_step=prefill,
+                       num_requests_received=0,
                        num_preemptions=0, prefix_cache_hits=0, top_k=[2], expert_load=None)
 
 
@@ -164,3 +165,16 @@ def test_no_request_is_admitted_whose_predicted_ttft_exceeds_the_slo():
         if len(running) > 5 and rng.random() < 0.4:
             ctl.finished(running.pop(0))
     assert admitted > 50 and refused > 50
+
+
+def test_the_tpot_slo_bounds_how_many_decode_together():
+    """Each admitted request adds a token to every step until it ends: with steps costing
+    10 ms + 1 ms per token and 4 prefill tokens per step, a 30.5 ms TPOT SLO admits 16 sequences."""
+    ctl, _ = _controller(_stats(base=0.01, per_token=1e-3, prefill=4), slo_tpot=0.0305)
+    for i in range(16):
+        ctl.admit(f"r{i}", "t", 0, 10, 1, 50)
+    assert ctl.predict_tpot() == pytest.approx(0.01 + 1e-3 * (17 + 4))
+    over = _rejected(lambda: ctl.admit("r16", "t", 0, 10, 1, 50))
+    assert (over.status, over.reason) == (503, "slo_tpot") and "30.5 ms" in over.message
+    ctl.finished("r0")
+    ctl.admit("r16", "t", 0, 10, 1, 50)  # one ended: room for one

@@ -104,3 +104,21 @@ def test_serialization_smoke_compares_both_formats(tmp_path):
     for r in rows:
         assert r["msgpack_us"] > 0 and r["pickle_us"] > 0 and r["msgpack_bytes"] > 0 and r["pickle_bytes"] > 0
         assert r["speedup_msgpack_over_pickle"] == r["pickle_us"] / r["msgpack_us"]
+
+
+def test_overload_smoke_compares_admission_off_and_on(tmp_path):
+    out = tmp_path / "overload.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "overload.py"), "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["saturation_request_rate"] > 0 and data["offered_request_rate"] == 2 * data["saturation_request_rate"]
+    assert data["goodput_ratio"] == data["goodput_on"] / data["goodput_off"]
+    for name in ("off", "on"):
+        series = data["over_time"][name]
+        assert len(series["t"]) == len(series["goodput_per_s"]) == len(series["ttft_p99_ms"]) >= 2
+        assert data["summaries"][name]["num_requests"] > 0
+    assert data["ttft_prediction_error_ms"]["on"]["count"] > 0  # the server's predictions were recorded
+    assert "cumulative_by_ms" in data["server_refusal_ms"]
+    assert (tmp_path / "overload.png").stat().st_size > 0
+    assert data["commands"]["on"].startswith("moeserve bench serve")

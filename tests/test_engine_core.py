@@ -92,7 +92,8 @@ def test_every_message_survives_the_wire_and_a_malformed_one_is_refused():
     stats = EngineStats(step=3, timestamp=1.5, num_running=2, num_waiting=1, num_waiting_tokens=40,
                         waiting_tokens_by_priority={0: 30, 1: 10}, num_blocks=100, num_free_blocks=60, step_time_s=0.01,
                         num_prefill_tokens=7, num_decode_tokens=2, prefill_tokens_per_s=700.0, decode_tokens_per_s=200.0,
-                        step_time_base_s=0.004, step_time_per_token_s=1e-4, num_requests_received=5, num_preemptions=1,
+                        step_time_base_s=0.004, step_time_per_token_s=1e-4, prefill_tokens_per_step=3.5,
+                        num_requests_received=5, num_preemptions=1,
                         prefix_cache_hits=4, top_k=[2, 1], expert_load=ExpertLoadStats([[1, 2], [3, 0]], [0.5, 0.25], 2))
     messages = [
         EngineCoreRequest("r", [1, 2], SamplingParams(temperature=0.5, stop=("x",), seed=3), (2,), -1),

@@ -81,6 +81,7 @@ class EngineCore:
         self._step_time = 0.0
         self._prefill_rate = 0.0
         self._decode_rate = 0.0
+        self._prefill_per_step = 0.0
         self._step_model = StepTimeModel()
         self._received = 0
 
@@ -161,6 +162,7 @@ class EngineCore:
         prefill = sched.total_num_scheduled_tokens - decode
         if sched.total_num_scheduled_tokens:
             self._step_model.add(sched.total_num_scheduled_tokens, self._step_time)
+            self._prefill_per_step = (1 - _RATE_ALPHA) * self._prefill_per_step + _RATE_ALPHA * prefill
         if self._step_time > 0:
             if prefill:
                 self._prefill_rate = _ema(self._prefill_rate, prefill / self._step_time)
@@ -180,6 +182,7 @@ class EngineCore:
             step_time_s=self._step_time, num_prefill_tokens=num_prefill_tokens, num_decode_tokens=num_decode_tokens,
             prefill_tokens_per_s=self._prefill_rate, decode_tokens_per_s=self._decode_rate,
             step_time_base_s=self._step_model.base, step_time_per_token_s=self._step_model.per_token,
+            prefill_tokens_per_step=self._prefill_per_step,
             num_requests_received=self._received, num_preemptions=sched.num_preemptions, prefix_cache_hits=bm.stats.hits, top_k=list(self.top_k),
             expert_load=expert_load,
         )

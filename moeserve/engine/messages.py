@@ -113,6 +113,7 @@ class EngineStats:
     # squares): step_time ~ step_time_base_s + step_time_per_token_s * tokens.
     step_time_base_s: float
     step_time_per_token_s: float
+    prefill_tokens_per_step: float  # average over recent steps, those without prefill included
     num_requests_received: int  # sequences the engine has been given, since start
     num_preemptions: int
     prefix_cache_hits: int  # blocks reused

@@ -6,6 +6,7 @@ Checks, in order, for each engine request (its n sequences together):
     1. tenant quota       requests/s and tokens/min token buckets per tenant  -> 429
     2. queue bound        queued requests and queued prompt tokens            -> 503
     3. TTFT SLO           predicted time to first token > --slo-ttft          -> 503
+    4. TPOT SLO           predicted time per output token > --slo-tpot        -> 503
 
 Queued = admitted and without a first token yet. When the queue bound would be crossed, queued
 requests of a lower class (a larger priority number; vLLM's order) that the front knows have
@@ -21,8 +22,11 @@ The TTFT predictor, from the engine's last EngineStats and the front's own bookk
     steps  = ceil(X / (max_num_batched_tokens - running decodes))   (prefill shares the budget)
     TTFT   ~ (slot wait + steps) x step_time(tokens per step) from the engine's fitted line
 
-It is an estimate (a request that stops early at EOS frees its slot sooner; a prefill already
-under way is counted whole); bench/overload.py measures its error.
+The TPOT predictor is the same line at (sequences admitted and not finished, this one included,
++ the prefill tokens of a recent step): every admitted request decodes in each step until it
+ends, so admitting one more slows them all. Both are estimates (a request that stops early at
+EOS frees its slot sooner; a prefill already under way is counted whole); bench/overload.py
+measures the TTFT predictor's error.
 """
 
 from __future__ import annotations
@@ -66,6 +70,7 @@ class AdmissionPolicy:
     max_queued_requests: int | None = None
     max_queued_tokens: int | None = None
     slo_ttft: float | None = None  # seconds
+    slo_tpot: float | None = None  # seconds
     default_quota: Quota = field(default_factory=Quota)
     tenants: dict[str, Quota] = field(default_factory=dict)
     api_key_tenants: dict[str, str] = field(default_factory=dict)
@@ -73,7 +78,8 @@ class AdmissionPolicy:
     @property
     def enabled(self) -> bool:
         return (self.max_queued_requests is not None or self.max_queued_tokens is not None
-                or self.slo_ttft is not None or self.default_quota != Quota() or bool(self.tenants))
+                or self.slo_ttft is not None or self.slo_tpot is not None or self.default_quota != Quota()
+                or bool(self.tenants))
 
     @classmethod
     def from_config(cls, config: AdmissionConfig) -> AdmissionPolicy:
@@ -101,7 +107,8 @@ class AdmissionPolicy:
                 tenants[str(name)] = _quota(entry, default, f"{tenant_config}: tenant {name}")
                 if key is not None:
                     keys[str(key)] = str(name)
-        return cls(config.max_queued_requests, config.max_queued_tokens, config.slo_ttft, default, tenants, keys)
+        return cls(config.max_queued_requests, config.max_queued_tokens, config.slo_ttft, config.slo_tpot, default,
+                   tenants, keys)
 
 
 def _quota(entry: dict[str, Any], default: Quota, where: str) -> Quota:
@@ -243,6 +250,12 @@ class AdmissionController:
         if slo is not None and predicted is not None and predicted > slo:
             raise AdmissionRejected(503, "slo", f"the predicted time to first token ({predicted:.2f}s) exceeds the "
                                     f"SLO ({slo:g}s)", self.retry_after())
+        slo = self.config.slo_tpot
+        tpot = self.predict_tpot(sequences) if slo is not None else None
+        if tpot is not None and tpot > slo:
+            raise AdmissionRejected(503, "slo_tpot", f"one more request would make the predicted time per output "
+                                    f"token ({1000 * tpot:.0f} ms) exceed the SLO ({1000 * slo:g} ms)",
+                                    self.retry_after())
         if rate is not None:
             rate.take(1, now)
         if tokens is not None:
@@ -302,6 +315,16 @@ class AdmissionController:
         step_time = (stats.step_time_base_s
                      + stats.step_time_per_token_s * min(info.max_num_batched_tokens, decodes + ahead))
         return (slot_wait + steps) * step_time
+
+    def predict_tpot(self, sequences: int = 1) -> float | None:
+        """Seconds per step once this request and every one admitted before it decode together:
+        the engine's step-time line at (sequences decoding + the recent prefill tokens per step)."""
+        stats = self.stats()
+        if stats is None or stats.step_time_per_token_s <= 0:
+            return None
+        decoding = sum(e.sequences for e in self._admitted.values()) + sequences
+        tokens = min(self.info.max_num_batched_tokens, decoding + stats.prefill_tokens_per_step)
+        return stats.step_time_base_s + stats.step_time_per_token_s * tokens
 
     def retry_after(self) -> int:
         """Whole seconds until the queue has likely drained (at least 1)."""

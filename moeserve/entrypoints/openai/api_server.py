@@ -135,7 +135,21 @@ class _Gate:
             if refusal is not None:
                 await refusal(scope, receive, send)
                 return
+            await self.app(scope, receive, self._timing_refusals(send))
+            return
         await self.app(scope, receive, send)
+
+    def _timing_refusals(self, send):
+        """`send`, recording how long the app took to refuse (429/503) a request it answered so."""
+        start = time.perf_counter()
+        refusal_seconds = self.state.engine.metrics.refusal_seconds
+
+        async def timed(message) -> None:
+            if message["type"] == "http.response.start" and message["status"] in (429, 503):
+                refusal_seconds.observe(time.perf_counter() - start)
+            await send(message)
+
+        return timed
 
     def _refusal(self, scope) -> Response | None:
         state, metrics = self.state, self.state.engine.metrics
