@@ -12,7 +12,8 @@ Per token row, in fp32:
 which is what moeserve.model.moe.router.select_experts_torch computes, except that on an exact
 tie it follows torch.topk's (unspecified) order. The K choices stay in registers
 ([BLOCK_T, BLOCK_K]) until one store at the end.
-k is read from device memory, so lowering K is no host sync and no recompilation.
+k (one value per token) is read from device memory, so lowering K is no host sync and no
+recompilation.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import triton.language as tl
 def topk_router_kernel(
     # Pointers
     logits_ptr,  # [T, E]
-    k_ptr,  # [] int64, the K in force
+    k_ptr,  # [T] int64, the K in force per token
     weights_ptr,  # [T, K] out
     ids_ptr,  # [T, K] int64 out
     # Dimensions and strides
@@ -53,7 +54,7 @@ def topk_router_kernel(
     else:
         e = tl.exp(x - tl.max(x, axis=1)[:, None])
         scores = e / tl.sum(e, axis=1)[:, None]
-    k_in_force = tl.load(k_ptr)
+    k_in_force = tl.load(k_ptr + rows, mask=row_mask, other=0)  # [BT]
 
     slot = tl.arange(0, BLOCK_K)  # [BK]
     weights = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
@@ -77,7 +78,8 @@ def topk_router_kernel(
 def fused_topk(
     logits: torch.Tensor, top_k: int, k: torch.Tensor, renormalize: bool, scoring: str = "softmax"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T, E] -> (weights [T, K] fp32, expert ids [T, K] int64 in [0, E])."""
+    """logits [T, E], k [T] or [] (the K in force per token, or for all) -> (weights [T, K] fp32,
+    expert ids [T, K] int64 in [0, E])."""
     if logits.dim() != 2 or not 0 < top_k <= logits.shape[1]:
         raise ValueError(f"logits must be [T, E] with 0 < top_k <= E, got {tuple(logits.shape)}, top_k={top_k}")
     if scoring not in ("softmax", "sigmoid"):
@@ -90,7 +92,7 @@ def fused_topk(
     block_e = triton.next_power_of_2(E)
     block_t = max(1, min(triton.next_power_of_2(T), 4096 // block_e, 64))
     topk_router_kernel[(triton.cdiv(T, block_t),)](
-        logits, k.to(device=logits.device, dtype=torch.int64).reshape(()), weights, ids,
+        logits, k.to(device=logits.device, dtype=torch.int64).reshape(-1).expand(T).contiguous(), weights, ids,
         T, E, logits.stride(0), logits.stride(1),
         TOP_K=top_k, SIGMOID=scoring == "sigmoid", RENORMALIZE=renormalize, BLOCK_T=block_t, BLOCK_E=block_e,
         BLOCK_K=triton.next_power_of_2(top_k),

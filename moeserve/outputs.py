@@ -16,6 +16,7 @@ class CompletionOutput:
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     delta_text: str = ""  # text new since the previous output for this request (streaming)
     delta_token_ids: tuple[int, ...] = ()
+    num_degraded_tokens: int = 0  # its tokens (prompt included) that ran with fewer experts than asked
 
     @property
     def finished(self) -> bool:

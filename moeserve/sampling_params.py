@@ -14,6 +14,8 @@ class SamplingParams:
     None means "up to the context length". Penalties follow vLLM/OpenAI: repetition_penalty
     divides positive (multiplies negative) logits of tokens seen in the prompt or output;
     presence/frequency penalties subtract from logits of tokens seen in the output.
+    moe_top_k is not sampling but travels with it: the experts per token the request asks for
+    (fewer than the model's K is cheaper and close; the engine may lower it further under load).
     """
 
     n: int = 1
@@ -33,6 +35,7 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    moe_top_k: int | None = None  # experts per token for this request (<= the model's K); None: the model's
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -55,6 +58,7 @@ class SamplingParams:
             (self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens must be <= max_tokens"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
             (all(s for s in self.stop), "stop strings must be non-empty"),
+            (self.moe_top_k is None or self.moe_top_k >= 1, "moe_top_k must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:

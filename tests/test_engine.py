@@ -243,3 +243,49 @@ def test_expert_load_off_records_nothing(checkpoints, prompts):
     assert not model.load.enabled and int(model.expert_load().logical.sum()) == 0
     engine.add_request("x", {"prompt_token_ids": prompts[0]}, SamplingParams(max_tokens=2))
     assert engine.core.step().stats.expert_load is None
+
+
+def test_requests_of_different_k_in_one_batch_each_equal_transformers_at_their_k(checkpoints, prompts):
+    """moe_top_k = 1 computes what the checkpoint saved with num_experts_per_tok = 1 computes
+    (transformers, the equality rule); requests at K = 1 and at the model's K share batches and
+    each equals its own oracle."""
+    from moeserve.testing.oracle import hf_greedy, load_hf_model
+
+    for arch in ("mixtral", "qwen3_moe"):
+        path = checkpoints(arch)
+        engine = LLMEngine(engine_config(path, max_model_len=128, block_size=4))
+        K = engine.core.model_config.top_k
+        mixed = [SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True, logprobs=5,
+                                moe_top_k=1 if i % 2 else None) for i in range(len(prompts))]
+        for i, (p, params) in enumerate(zip(prompts, mixed)):
+            engine.add_request(str(i), {"prompt_token_ids": p}, params)
+        done = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        oracles = {1: load_hf_model(path, num_experts_per_tok=1), K: load_hf_model(path)}
+        for i, p in enumerate(prompts):
+            k = 1 if i % 2 else K
+            expected = hf_greedy(oracles[k], p, MAX_NEW)
+            problem = greedy_divergence(_trace(done[str(i)]), expected)
+            assert problem is None, f"{arch} prompt {i} at K={k}: {problem}"
+            assert done[str(i)].outputs[0].num_degraded_tokens == 0  # asked for K = 1: not degraded
+
+
+def test_kv_computed_at_one_k_is_never_reused_at_another(checkpoints, prompts):
+    engine = LLMEngine(engine_config(checkpoints("mixtral"), max_model_len=128, block_size=4))
+    prompt = prompts[7] + prompts[4]  # 11 full blocks
+    at = {k: SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, logprobs=5, moe_top_k=k) for k in (1, 3)}
+    fresh = {k: _run(LLMEngine(engine_config(checkpoints("mixtral"), max_model_len=128, block_size=4)), [prompt],
+                     params=at[k])["0"] for k in (1, 3)}
+    first = _run(engine, [prompt], params=at[3])["0"]
+    other_k = _run(engine, [prompt], params=at[1])["0"]
+    same_k = _run(engine, [prompt], params=at[1])["0"]
+    assert first.num_cached_tokens == 0 and other_k.num_cached_tokens == 0  # K = 3 blocks are not K = 1 blocks
+    assert same_k.num_cached_tokens == (len(prompt) - 1) // 4 * 4  # two K = 1 requests share
+    for out, k in ((first, 3), (other_k, 1)):  # computed whole, as the fresh runs were: bit for bit
+        assert out.outputs[0].token_ids == fresh[k].outputs[0].token_ids
+        assert out.outputs[0].logprobs == fresh[k].outputs[0].logprobs
+    # From cached blocks the last bits of a logprob may move (other matmul shapes): the equality rule.
+    assert greedy_divergence(_trace(same_k), _trace(fresh[1])) is None

@@ -255,3 +255,18 @@ def test_fused_experts_compiled_at_serving_shapes(M):
     got = fused_experts(*inputs)
     assert torch.isfinite(got).all()
     _assert_agrees(got, expected, inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_router_kernel_takes_a_k_per_token(dtype, device):
+    """Requests of different K share a batch: each row is masked to its own K."""
+    T, E, K = 37, 8, 4
+    logits = torch.randn(T, E, generator=torch.Generator().manual_seed(5)).to(dtype).to(device)
+    k_t = torch.tensor([1, 2, 3, 4] * 9 + [2], device=device)
+    w_ref, ids_ref = select_experts_torch(logits, K, k_t, True)
+    w, ids = fused_topk(logits, K, k_t, True)
+    assert torch.equal(ids, ids_ref)
+    for row, k in enumerate(k_t.tolist()):
+        assert (ids[row, k:] == E).all() and (w[row, k:] == 0).all() and (ids[row, :k] < E).all()
+    torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(w.sum(dim=1), torch.ones(T, device=device))

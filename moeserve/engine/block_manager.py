@@ -23,9 +23,13 @@ from dataclasses import dataclass
 from typing import Sequence
 
 
-def block_key(parent: bytes | None, tokens: Sequence[int]) -> bytes:
-    """Key of a full block given its parent's key (None for the first block)."""
+def block_key(parent: bytes | None, tokens: Sequence[int], salt: bytes = b"") -> bytes:
+    """Key of a full block given its parent's key (None for the first block) and `salt`, what
+    else its keys/values depend on: the expert configuration it was computed under (a block
+    computed with fewer experts per token holds other keys/values than the same tokens at the
+    model's K, so the two must never be shared)."""
     h = hashlib.sha256(parent or b"")
+    h.update(salt + b"|")
     h.update(b",".join(str(t).encode() for t in tokens))
     return h.digest()
 
@@ -64,14 +68,14 @@ class BlockManager:
         self._ref[block] = 1
         return block
 
-    def _prefix_keys(self, token_ids: Sequence[int]) -> list[bytes]:
+    def _prefix_keys(self, token_ids: Sequence[int], salt: bytes) -> list[bytes]:
         keys, parent = [], None
         for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
-            parent = block_key(parent, token_ids[start : start + self.block_size])
+            parent = block_key(parent, token_ids[start : start + self.block_size], salt)
             keys.append(parent)
         return keys
 
-    def lookup_prefix(self, token_ids: Sequence[int]) -> list[int]:
+    def lookup_prefix(self, token_ids: Sequence[int], salt: bytes = b"") -> list[int]:
         """Cached blocks holding a prefix of `token_ids` (changes nothing; `allocate` counts hits).
 
         Hits stop before the block holding the last token: the model needs at least that token
@@ -80,7 +84,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits = []
-        for key in self._prefix_keys(token_ids[: len(token_ids) - 1]):
+        for key in self._prefix_keys(token_ids[: len(token_ids) - 1], salt):
             block = self._cached.get(key)
             if block is None:
                 break
@@ -105,7 +109,8 @@ class BlockManager:
         self.stats.hits += len(hits)
         return True
 
-    def cache_full_blocks(self, table: list[int], token_ids: Sequence[int], keys: list[bytes]) -> None:
+    def cache_full_blocks(self, table: list[int], token_ids: Sequence[int], keys: list[bytes],
+                          salt: bytes = b"") -> None:
         """Publish the full blocks of `token_ids` (a sequence's tokens up to the end of what is
         scheduled); `keys` is that sequence's list of full-block keys so far, extended in place.
 
@@ -118,7 +123,7 @@ class BlockManager:
             return
         bs = self.block_size
         for i in range(len(keys), len(token_ids) // bs):
-            key = block_key(keys[-1] if keys else None, token_ids[i * bs : (i + 1) * bs])
+            key = block_key(keys[-1] if keys else None, token_ids[i * bs : (i + 1) * bs], salt)
             keys.append(key)
             block = table[i]
             if self._key[block] is None and key not in self._cached:

@@ -16,9 +16,11 @@ dead rather than serve from a state nobody can vouch for.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import time
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from moeserve.config import EngineConfig
@@ -65,7 +67,7 @@ class EngineCore:
             )
         self.executor.initialize_cache(self.num_kv_blocks)
         self.block_manager = BlockManager(self.num_kv_blocks, block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.expert_config)
         generation = GenerationDefaults.from_pretrained(config.model, mc)
         self.info = EngineInfo(
             model=config.model, max_model_len=self.max_model_len, vocab_size=mc.vocab_size,
@@ -76,6 +78,9 @@ class EngineCore:
             pid=os.getpid(),
         )
         self.top_k = [mc.top_k] * mc.num_moe_layers  # K in force per MoE layer (the core sets it)
+        self.class_limits = ClassLimits()  # what the degradation controller allows each class
+        self._degraded_tokens = 0
+        self._recent_ttft: collections.deque[tuple[float, float]] = collections.deque()
         self.controllers: list[Controller] = []
         self._step = 0
         self._step_time = 0.0
@@ -117,6 +122,7 @@ class EngineCore:
         self.faults.check("schedule")
         sched = self.scheduler.schedule()
         self._note_first_scheduled(sched, start)
+        self._count_degraded(sched)
         try:
             result = self.executor.execute(sched)
         except Exception as e:
@@ -137,9 +143,24 @@ class EngineCore:
                 req.first_scheduled_time = now
                 req.num_cached_tokens = new.num_computed_tokens
 
+    def expert_config(self, req: Request) -> tuple[int, int]:
+        """(the K the request asked for, the K it runs at now: capped by its class's limit)."""
+        requested = req.sampling_params.moe_top_k or self.model_config.top_k
+        return requested, min(requested, self.class_limits.k_for(req.priority, requested))
+
+    def _count_degraded(self, sched: SchedulerOutput) -> None:
+        for request_id, (requested, running) in sched.top_k.items():
+            if running < requested:
+                n = sched.num_scheduled_tokens[request_id]
+                self.scheduler.requests[request_id].num_degraded_tokens += n
+                self._degraded_tokens += n
+
     def _output(self, req: Request) -> EngineCoreOutput:
         first = not req.reported
         req.reported = True
+        if first:
+            now = time.monotonic()
+            self._recent_ttft.append((now, now - req.arrival_time))
         logprobs = [req.output_logprobs[-1]] if req.sampling_params.logprobs is not None else None
         return EngineCoreOutput(
             request_id=req.request_id,
@@ -149,6 +170,7 @@ class EngineCore:
             stop_reason=req.stop_reason,
             num_cached_tokens=req.num_cached_tokens if first else None,
             queue_time_s=req.first_scheduled_time - req.arrival_time if first else None,
+            num_degraded_tokens=req.num_degraded_tokens,
         )
 
     def _fail(self, request_id: str, error: Exception) -> EngineCoreOutput:
@@ -175,6 +197,7 @@ class EngineCore:
         """The engine's state now; the step figures are those of the last step when given."""
         sched, bm = self.scheduler, self.block_manager
         by_priority = sched.waiting_tokens_by_priority()
+        classes = {r.priority for r in sched.requests.values()}
         return EngineStats(
             step=self._step, timestamp=time.monotonic(), num_running=len(sched.running),
             num_waiting=sched.num_waiting, num_waiting_tokens=sum(by_priority.values()),
@@ -183,6 +206,8 @@ class EngineCore:
             prefill_tokens_per_s=self._prefill_rate, decode_tokens_per_s=self._decode_rate,
             step_time_base_s=self._step_model.base, step_time_per_token_s=self._step_model.per_token,
             prefill_tokens_per_step=self._prefill_per_step,
+            top_k_by_class={p: self.class_limits.k_for(p, self.model_config.top_k) for p in sorted(classes)},
+            num_degraded_tokens=self._degraded_tokens, recent_ttft_s=self._ttft_p90(),
             num_requests_received=self._received, num_preemptions=sched.num_preemptions, prefix_cache_hits=bm.stats.hits, top_k=list(self.top_k),
             expert_load=expert_load,
         )
@@ -203,6 +228,20 @@ class EngineCore:
             return self.executor.collective_rpc(*args)
         raise ValueError(f"unknown engine call {method!r}")
 
+    def _ttft_p90(self, window_s: float = 10.0) -> float:
+        """p90 of the engine-side TTFT of the requests whose first token came in the last window."""
+        recent, horizon = self._recent_ttft, time.monotonic() - window_s
+        while recent and recent[0][0] < horizon:
+            recent.popleft()
+        if not recent:
+            return 0.0
+        values = sorted(t for _, t in recent)
+        return values[min(len(values) - 1, int(0.9 * len(values)))]
+
+    def set_class_limits(self, limits: ClassLimits) -> None:
+        """What the degradation controller allows each class, from the next step."""
+        self.class_limits = limits
+
     def set_top_k(self, k: int, moe_layers: list[int] | None = None) -> None:
         """The K in force for every MoE layer (or the given MoE-layer indices), from the next step."""
         if not 1 <= k <= self.model_config.top_k:
@@ -213,6 +252,20 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
+
+
+@dataclass(frozen=True)
+class ClassLimits:
+    """The K each priority class may run at: classes >= `from_priority` (the lower ones; a
+    larger number is a lower class) at most `k`; the others at their request's K."""
+
+    from_priority: int | float | None = None  # None: no limit; -inf: every class
+    k: int = 1
+
+    def k_for(self, priority: int, requested: int) -> int:
+        if self.from_priority is not None and priority >= self.from_priority:
+            return min(self.k, requested)
+        return requested
 
 
 class StepTimeModel:

@@ -60,6 +60,9 @@ class InputProcessor:
         else:
             token_ids = list(prompt)
         self.validate(token_ids)
+        if params.moe_top_k is not None and params.moe_top_k > self.info.top_k:
+            raise ValueError(f"moe_top_k={params.moe_top_k} is more than the model's {self.info.top_k} experts per "
+                             "token")
         children = []
         for i in range(params.n):
             child_params = params

@@ -117,8 +117,11 @@ class EngineStats:
     num_requests_received: int  # sequences the engine has been given, since start
     num_preemptions: int
     prefix_cache_hits: int  # blocks reused
-    top_k: list[int]  # K in force per MoE layer
+    top_k: list[int]  # K in force per MoE layer (for every token)
     expert_load: ExpertLoadStats | None  # None when expert metrics are off, or no step ran
+    top_k_by_class: dict[int, int] = field(default_factory=dict)  # K in force per priority class present
+    num_degraded_tokens: int = 0  # since start: tokens run with fewer experts than their request asked
+    recent_ttft_s: float = 0.0  # p90 of the engine-side TTFT (arrival -> first token) of recent requests
 
     @property
     def kv_usage(self) -> float:
@@ -137,6 +140,7 @@ class EngineCoreOutput:
     stop_reason: int | None = None  # the stop token id that ended it
     num_cached_tokens: int | None = None  # on the first output: prompt tokens from the prefix cache
     queue_time_s: float | None = None  # on the first output: engine arrival -> first scheduled
+    num_degraded_tokens: int = 0  # so far: tokens it ran with fewer experts than it asked for
     error: str | None = None
 
 

@@ -34,6 +34,7 @@ class _Sequence:
     stop_reason: int | str | None = None
     sent: int = 0  # tokens already reported
     cumulative_logprob: float = 0.0
+    num_degraded_tokens: int = 0
 
 
 @dataclass
@@ -118,6 +119,7 @@ class OutputProcessor:
         if out.queue_time_s is not None and parent.queue_time_s is None:
             parent.queue_time_s = out.queue_time_s
         params = parent.request.children[seq.index].sampling_params
+        seq.num_degraded_tokens = out.num_degraded_tokens
         for i, token in enumerate(out.new_token_ids):
             seq.token_ids.append(token)
             if out.new_logprobs is not None:
@@ -156,6 +158,7 @@ class OutputProcessor:
                 stop_reason=seq.stop_reason,
                 delta_text=seq.detokenizer.take_delta(finished),
                 delta_token_ids=tuple(seq.token_ids[seq.sent:]),
+                num_degraded_tokens=seq.num_degraded_tokens,
             ))
             seq.sent = len(seq.token_ids)
         done = all(c.finished for c in completions)

@@ -50,6 +50,7 @@ class Request:
     first_scheduled_time: float | None = None
     num_cached_tokens: int = 0  # prompt tokens its first schedule found in the prefix cache
     reported: bool = False  # its first output (which carries the two above) has been sent
+    num_degraded_tokens: int = 0  # tokens it ran with fewer experts than it asked for
 
     @property
     def all_token_ids(self) -> list[int]:

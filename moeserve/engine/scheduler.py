@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from moeserve.config import SchedulerConfig
@@ -57,16 +58,27 @@ class SchedulerOutput:
     num_scheduled_tokens: dict[str, int]  # request id -> tokens to run; iteration order = batch order
     finished_request_ids: frozenset[str]  # the runner drops their state (finished, aborted, preempted)
     num_decode_tokens: int = 0  # of the scheduled tokens, those that are one new token after an output
+    # request id -> (its requested K, the K it runs at this step); absent: the model's K for both
+    top_k: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
         return sum(self.num_scheduled_tokens.values())
 
 
+ExpertConfig = tuple[int, int]  # (the request's K, the K it runs at now)
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+    """`expert_config(request)` says under which expert configuration the request's tokens run
+    this step; it salts the prefix-cache keys of the blocks they fill (and of the lookups), so KV
+    computed under one configuration is never reused under another. None: one configuration."""
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 expert_config: Callable[[Request], ExpertConfig] | None = None):
         self.config = config
         self.block_manager = block_manager
+        self.expert_config = expert_config
         self.requests: dict[str, Request] = {}
         self.waiting: list[tuple[tuple[int, int], Request]] = []  # heap by sort_key
         self.running: list[Request] = []
@@ -85,6 +97,7 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         bm, budget = self.block_manager, self.config.max_num_batched_tokens
         scheduled: dict[str, int] = {}
+        top_k: dict[str, ExpertConfig] = {}
         new_data: list[NewRequestData] = []
         cached_data: list[CachedRequestData] = []
         preempted = False
@@ -102,10 +115,11 @@ class Scheduler:
                 if victim is req:
                     break
             else:
+                salt = self._salt(req, top_k)
                 filled = (req.num_computed_tokens + n) // bm.block_size
                 if bm.enable_prefix_caching and len(req.block_keys) < filled:  # a block just filled
                     bm.cache_full_blocks(req.block_table, req.all_token_ids[: req.num_computed_tokens + n],
-                                         req.block_keys)
+                                         req.block_keys, salt)
                 cached_data.append(CachedRequestData(req.request_id, tuple(req.block_table[old_blocks:]), req.num_computed_tokens))
                 scheduled[req.request_id] = n
                 budget -= n
@@ -117,18 +131,20 @@ class Scheduler:
                 heapq.heappop(self.waiting)
                 continue
             tokens = req.all_token_ids
-            hits = bm.lookup_prefix(tokens)
+            salt = self._salt(req, top_k)
+            hits = bm.lookup_prefix(tokens, salt)
             computed = len(hits) * bm.block_size
             n = min(len(tokens) - computed, budget)
             if n < len(tokens) - computed and not self.config.enable_chunked_prefill:
                 break
             if not bm.allocate(req.block_table, computed + n, hits):
+                top_k.pop(req.request_id, None)
                 break
             heapq.heappop(self.waiting)
             req.num_computed_tokens = computed
             req.status = RequestStatus.RUNNING
             self.running.append(req)
-            bm.cache_full_blocks(req.block_table, tokens[: computed + n], req.block_keys)
+            bm.cache_full_blocks(req.block_table, tokens[: computed + n], req.block_keys, salt)
             new_data.append(
                 NewRequestData(req.request_id, tuple(tokens), len(req.prompt_token_ids), tuple(req.block_table),
                                computed, req.sampling_params, req.eos_token_ids)
@@ -139,7 +155,15 @@ class Scheduler:
         dropped, self._dropped = frozenset(self._dropped), set()
         decode = sum(1 for r, n in scheduled.items() if n == 1 and self.requests[r].output_token_ids
                      and self.requests[r].num_computed_tokens == self.requests[r].num_tokens - 1)
-        return SchedulerOutput(tuple(new_data), tuple(cached_data), scheduled, dropped, decode)
+        top_k = {r: top_k[r] for r in scheduled if r in top_k}
+        return SchedulerOutput(tuple(new_data), tuple(cached_data), scheduled, dropped, decode, top_k)
+
+    def _salt(self, req: Request, top_k: dict[str, ExpertConfig]) -> bytes:
+        """Records the request's expert configuration for this step; its prefix-cache salt."""
+        if self.expert_config is None:
+            return b""
+        config = top_k[req.request_id] = self.expert_config(req)
+        return b"k%d/%d" % config
 
     def discard_step(self, output: SchedulerOutput) -> None:
         """The step's forward failed, so the blocks it was to fill hold nothing: withdraw their

@@ -10,6 +10,7 @@ Shape legend: T tokens in the flat step batch, D hidden, V vocabulary, L_moe MoE
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -49,9 +50,22 @@ class _Backbone(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
+@dataclass(frozen=True)
+class TokenTopK:
+    """The K in force per token for one step, built with the batch: `requested` [T] is the K of
+    each token's request (its own, or the model's), `degraded` [T] <= requested the K after the
+    degradation controller lowered it for the request's class. MoE layers marked in
+    `MoEForCausalLM.degrade_layers` take `degraded`, the others `requested`; every layer also
+    caps it at its own `top_k`."""
+
+    requested: torch.Tensor  # [T] int64
+    degraded: torch.Tensor  # [T] int64
+
+
 class MoEForCausalLM(nn.Module):
     """Runtime state (not weights) lives in device buffers updated in place between steps:
-    `top_k` [L_moe] (the K in force per MoE layer, 1 <= k <= config.top_k), each layer's
+    `top_k` [L_moe] (the K in force per MoE layer for every token, 1 <= k <= config.top_k),
+    `degrade_layers` [L_moe] bool (which layers a request's degraded K applies to), each layer's
     placement maps, and the load counters of the last forward.
     """
 
@@ -72,6 +86,7 @@ class MoEForCausalLM(nn.Module):
         self.tie_weights()
         self.rotary = RotaryEmbedding(config.rope)
         self.register_buffer("top_k", torch.empty(config.num_moe_layers, dtype=torch.int64), persistent=False)
+        self.register_buffer("degrade_layers", torch.empty(config.num_moe_layers, dtype=torch.bool), persistent=False)
         self.load = LoadRecorder(config.num_moe_layers, config.num_experts, self.num_slots)
         self.requires_grad_(False)
         self.reset_state()
@@ -85,6 +100,7 @@ class MoEForCausalLM(nn.Module):
     def reset_state(self) -> None:
         """(Re)initialise every non-weight buffer: K, placement maps, counters."""
         self.top_k.fill_(self.config.top_k)
+        self.degrade_layers.fill_(True)
         for module in self.modules():
             if module is not self and hasattr(module, "reset_state"):
                 module.reset_state()
@@ -102,13 +118,21 @@ class MoEForCausalLM(nn.Module):
         else:
             self.top_k[torch.tensor(list(moe_layers), dtype=torch.int64)] = k
 
+    def set_degrade_layers(self, moe_layers: Iterable[int] | None) -> None:
+        """The MoE layers (all when None) in which a request's degraded K applies."""
+        self.degrade_layers.fill_(moe_layers is None)
+        if moe_layers is not None:
+            self.degrade_layers[torch.tensor(list(moe_layers), dtype=torch.int64)] = True
+
     def expert_load(self) -> ExpertLoad:
         """Routed-token counts of the last forward."""
         return self.load.snapshot()
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: PagedKVCache) -> torch.Tensor:
-        """input_ids [T] -> final-norm hidden states [T, D]; writes this step's keys/values."""
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: PagedKVCache,
+                token_top_k: TokenTopK | None = None) -> torch.Tensor:
+        """input_ids [T] -> final-norm hidden states [T, D]; writes this step's keys/values.
+        Without `token_top_k` every token runs at each layer's `top_k`."""
         self.load.begin_step()
         h = self.model.embed_tokens(input_ids)  # [T, D]
         cos, sin = self.rotary(meta.positions, h.dtype)  # [T, Dh] x2
@@ -121,7 +145,11 @@ class MoEForCausalLM(nn.Module):
             if layer.moe_layer is None:
                 h = residual + layer.mlp(x)
             else:
-                h = residual + layer.mlp(x, self.top_k[layer.moe_layer], self.load)
+                k = self.top_k[layer.moe_layer]  # []
+                if token_top_k is not None:
+                    k = torch.minimum(torch.where(self.degrade_layers[layer.moe_layer], token_top_k.degraded,
+                                                  token_top_k.requested), k)  # [T]
+                h = residual + layer.mlp(x, k, self.load)
         return self.model.norm(h)
 
     @torch.inference_mode()

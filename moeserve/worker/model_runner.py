@@ -16,7 +16,7 @@ from moeserve.engine.faults import FaultInjector
 from moeserve.engine.messages import ExpertLoadStats
 from moeserve.engine.scheduler import SchedulerOutput
 from moeserve.model.attention import AttentionMetadata, PagedKVCache
-from moeserve.model.decoder import MoEForCausalLM
+from moeserve.model.decoder import MoEForCausalLM, TokenTopK
 from moeserve.sampling_params import SamplingParams
 from moeserve.worker.sampler import Sampler, SamplingRow
 
@@ -86,7 +86,7 @@ class ModelRunner:
         meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.kv_cache.block_size, self.device)
         input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
         self.faults.check("forward")
-        hidden = self.model(input_ids, meta, self.kv_cache)  # [T, D]
+        hidden = self.model(input_ids, meta, self.kv_cache, self._token_top_k(out))  # [T, D]
 
         for req_id, n in out.num_scheduled_tokens.items():
             self.requests[req_id].num_computed_tokens += n
@@ -102,6 +102,20 @@ class ModelRunner:
         for req_id, (token, _) in zip(sample_ids, sampled):
             self.requests[req_id].token_ids.append(token)
         return ModelRunnerOutput(sample_ids, [t for t, _ in sampled], [lp for _, lp in sampled], load)
+
+    def _token_top_k(self, out: SchedulerOutput) -> TokenTopK | None:
+        """Each token's (requested, running) K, in batch order; None when every token runs at the
+        model's K (the common case costs nothing)."""
+        K = self.model.config.top_k
+        if all(config == (K, K) for config in out.top_k.values()):
+            return None
+        requested, running = [], []
+        for req_id, n in out.num_scheduled_tokens.items():
+            asked, runs = out.top_k.get(req_id, (K, K))
+            requested += [asked] * n
+            running += [runs] * n
+        return TokenTopK(torch.tensor(requested, dtype=torch.int64, device=self.device),
+                         torch.tensor(running, dtype=torch.int64, device=self.device))
 
     def _expert_load(self) -> ExpertLoadStats | None:
         """The step's counts on the host: one copy of [L_moe, E] after the forward."""

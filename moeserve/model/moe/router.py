@@ -2,10 +2,11 @@
 
 Shape legend: T tokens, E logical experts, K = the model's experts per token (K_max).
 
-The top-K is always taken at K_max and choices at positions >= k (the K in force for this layer)
-are masked: their id becomes E ("no expert", dropped by dispatch and load accounting) and their
-weight 0. k is a 0-dim device tensor, so lowering K needs no host sync, no reload and no new
-CUDA graph. Running at k < K_max computes exactly what the checkpoint would compute with
+The top-K is always taken at K_max and choices at positions >= k (the K in force for the token
+in this layer) are masked: their id becomes E ("no expert", dropped by dispatch and load
+accounting) and their weight 0. k is a device tensor, one value per token ([T], or a 0-dim one
+for every token), so lowering K, for a layer or for some requests, needs no host sync, no
+reload and no new CUDA graph. Running at k < K_max computes exactly what the checkpoint would compute with
 num_experts_per_tok = k: renormalising families (Mixtral; Qwen/OLMoE with norm_topk_prob)
 renormalise over the k kept experts, so at k = 1 the top expert gets weight 1.0; the others keep
 the top expert's raw softmax probability.
@@ -33,8 +34,8 @@ class Routing:
 def select_experts_torch(
     logits: torch.Tensor, top_k: int, k: torch.Tensor, renormalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T, E] -> (weights [T, K] fp32, ids [T, K] int64 in [0, E]); the reference that the
-    fused router kernel (moeserve.kernels.router) is tested against.
+    """logits [T, E], k [T] or [] -> (weights [T, K] fp32, ids [T, K] int64 in [0, E]); the
+    reference that the fused router kernel (moeserve.kernels.router) is tested against.
 
     Exactly equal scores are left to torch.topk, as transformers does: bf16 logits that round
     together are real ties, and following topk keeps this path bit-identical to transformers on
@@ -44,7 +45,7 @@ def select_experts_torch(
     E = logits.shape[-1]
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # [T, E]
     top_w, top_ids = torch.topk(probs, top_k, dim=-1)  # [T, K] x2
-    active = torch.arange(top_k, device=logits.device) < k  # [K]
+    active = torch.arange(top_k, device=logits.device) < k.reshape(-1, 1)  # [T, K] or [1, K]
     top_w = top_w * active
     if renormalize:
         top_w = top_w / top_w.sum(dim=-1, keepdim=True)
