@@ -27,6 +27,7 @@ class RequestResult:
     output_tokens: int = 0
     refused_after: float | None = None  # seconds until a 429/503 answer came
     predicted_ttft: float | None = None  # the server's own prediction (moeserve's admission header)
+    degraded_tokens: int | None = None  # tokens run with fewer experts than asked (moeserve says so)
 
     @property
     def tpot(self) -> float | None:
@@ -106,6 +107,10 @@ class HttpTarget:
                         text = choice.get("text") or (choice.get("delta") or {}).get("content")
                         if text:
                             clock.tick(result)
+                        if "moeserve" in choice:
+                            result.degraded_tokens = choice["moeserve"].get("degraded_tokens")
+                    if "moeserve" in chunk:
+                        result.degraded_tokens = chunk["moeserve"].get("degraded_tokens")
                     usage = chunk.get("usage") or usage
             end = time.perf_counter()
         except (httpx.HTTPError, json.JSONDecodeError) as e:
@@ -157,6 +162,7 @@ class GrpcTarget:
                 if reply.token_ids:
                     clock.tick(result)
                 result.output_tokens, result.prompt_tokens = reply.completion_tokens, reply.prompt_tokens
+                result.degraded_tokens = reply.degraded_tokens
         except grpc.aio.AioRpcError as e:
             result.status = {grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
                              grpc.StatusCode.INVALID_ARGUMENT: 400}.get(e.code(), 500)

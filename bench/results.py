@@ -75,6 +75,10 @@ def summarize(results: list[RequestResult], duration: float, slo: dict[str, floa
         "e2e_ms": stats([r.e2e for r in ok]),
         "refusal_ms": stats([r.refused_after for r in results if r.refused_after is not None]),
     }
+    reported = [r.degraded_tokens for r in ok if r.degraded_tokens is not None]
+    if reported:
+        summary["degraded_requests"] = sum(1 for d in reported if d > 0)
+        summary["degraded_tokens"] = sum(reported)
     predicted = [(r.predicted_ttft, r.ttft) for r in ok if r.predicted_ttft is not None and r.ttft is not None]
     if predicted:
         summary["ttft_prediction_error_ms"] = stats([measured - guess for guess, measured in predicted])

@@ -90,6 +90,18 @@ class ParallelConfig:
 class ControlConfig:
     expert_metrics: str = _opt("layer", "MoE accounting and series in /metrics: off (no accounting work at "
                                "all), per layer, or per (layer, expert)", choices=EXPERT_METRICS)
+    degradation: str = _opt("off", "fewer experts per token under load: off, auto (lowest priority classes "
+                            "first, engine/degradation.py), force-k1 (every request)",
+                            choices=("off", "auto", "force-k1"))
+    degradation_k: int = _opt(1, "experts per token of a degraded class")
+    degradation_slo_ttft: float = _opt(1.0, "seconds: the TTFT the degradation controller defends")
+    degradation_slo_tpot: float = _opt(0.1, "seconds: the time per output token it defends")
+    degradation_enter: float = _opt(1.0, "degrade one more class while the pressure (worst of TTFT, TPOT and "
+                                    "queue against their targets) is above this")
+    degradation_leave: float = _opt(0.7, "restore one class while the pressure is below this (< enter)")
+    degradation_dwell: float = _opt(5.0, "seconds at least between two changes")
+    degradation_layers: str | None = _opt(None, "comma-separated MoE-layer indices a degraded K applies to "
+                                          "(default: every MoE layer)")
 
     @property
     def record_expert_load(self) -> bool:

@@ -74,6 +74,14 @@ class _EngineCollector(Collector):
                                 stats.num_requests_received)
             yield self._counter("moeserve:num_preemptions", "Requests preempted to free KV blocks.",
                                 stats.num_preemptions)
+            yield self._counter("moeserve:degraded_tokens", "Tokens run with fewer experts than their request "
+                                "asked for (the degradation controller).", stats.num_degraded_tokens)
+            by_class = GaugeMetricFamily("moeserve:moe_top_k_by_class", "Experts per token in force for each "
+                                         "priority class present (the model's K when not degraded).",
+                                         labels=["model_name", "priority"])
+            for priority, k in stats.top_k_by_class.items():
+                by_class.add_metric([self.model_name, str(priority)], k)
+            yield by_class
             yield self._counter("moeserve:prefix_cache_hits", "KV blocks reused from the prefix cache.",
                                 stats.prefix_cache_hits)
             if self.expert_metrics != "off":

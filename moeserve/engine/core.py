@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from moeserve.config import EngineConfig
 from moeserve.engine.block_manager import BlockManager
+from moeserve.engine.degradation import ClassLimits, DegradationController, DegradationSettings
 from moeserve.engine.faults import FaultInjector
 from moeserve.engine.messages import (
     EngineCoreOutput,
@@ -78,10 +79,23 @@ class EngineCore:
             pid=os.getpid(),
         )
         self.top_k = [mc.top_k] * mc.num_moe_layers  # K in force per MoE layer (the core sets it)
+        self.controllers: list[Controller] = []
         self.class_limits = ClassLimits()  # what the degradation controller allows each class
+        control = config.control
+        if control.degradation != "off":
+            controller = DegradationController(DegradationSettings(
+                control.degradation, control.degradation_k, control.degradation_slo_ttft, control.degradation_slo_tpot,
+                control.degradation_enter, control.degradation_leave, control.degradation_dwell))
+            self.class_limits = controller.limits
+            self.add_controller(controller)
+        if control.degradation_layers:
+            layers = [int(x) for x in control.degradation_layers.split(",") if x.strip()]
+            if not all(0 <= layer < mc.num_moe_layers for layer in layers):
+                raise ValueError(f"degradation_layers must be MoE-layer indices in [0, {mc.num_moe_layers}), "
+                                 f"got {control.degradation_layers!r}")
+            self.executor.collective_rpc("set_degrade_layers", layers)
         self._degraded_tokens = 0
         self._recent_ttft: collections.deque[tuple[float, float]] = collections.deque()
-        self.controllers: list[Controller] = []
         self._step = 0
         self._step_time = 0.0
         self._prefill_rate = 0.0
@@ -252,20 +266,6 @@ class EngineCore:
 
     def shutdown(self) -> None:
         self.executor.shutdown()
-
-
-@dataclass(frozen=True)
-class ClassLimits:
-    """The K each priority class may run at: classes >= `from_priority` (the lower ones; a
-    larger number is a lower class) at most `k`; the others at their request's K."""
-
-    from_priority: int | float | None = None  # None: no limit; -inf: every class
-    k: int = 1
-
-    def k_for(self, priority: int, requested: int) -> int:
-        if self.from_priority is not None and priority >= self.from_priority:
-            return min(self.k, requested)
-        return requested
 
 
 class StepTimeModel:

@@ -29,7 +29,7 @@ from moeserve.sampling_params import SamplingParams
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 _OPEN_SERVICES = (health.SERVICE_NAME, reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection")
 _OPTIONAL = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-             "repetition_penalty", "seed", "min_tokens", "ignore_eos", "logprobs", "skip_special_tokens")
+             "repetition_penalty", "seed", "min_tokens", "ignore_eos", "logprobs", "skip_special_tokens", "moe_top_k")
 
 
 def sampling_params(options: pb.SamplingOptions) -> SamplingParams:
@@ -52,7 +52,7 @@ def _response(out: RequestOutput, delta: bool) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         request_id=out.request_id, text=c.delta_text if delta else c.text, token_ids=list(tokens),
         logprobs=logprobs, finish_reason=c.finish_reason or "", prompt_tokens=len(out.prompt_token_ids),
-        completion_tokens=len(c.token_ids),
+        completion_tokens=len(c.token_ids), degraded_tokens=c.num_degraded_tokens,
     )
 
 

@@ -96,3 +96,6 @@ class Worker:
 
     def set_top_k(self, k: int, moe_layers: list[int] | None = None) -> None:
         self.model.set_top_k(k, moe_layers)
+
+    def set_degrade_layers(self, moe_layers: list[int] | None) -> None:
+        self.model.set_degrade_layers(moe_layers)

@@ -80,6 +80,10 @@ def _parse(model: type[BaseModel], body: dict[str, Any]) -> Any:
         raise APIError(400, f"invalid '{loc}': {first['msg']}", param=loc) from e
 
 
+def _degraded(outputs: list[RequestOutput]) -> int:
+    return sum(c.num_degraded_tokens for o in outputs for c in o.outputs)
+
+
 def _usage(outputs: list[RequestOutput]) -> dict[str, int]:
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
     completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
@@ -207,6 +211,7 @@ class _Handler:
         self.object = "chat.completion" if chat else "text_completion"
         self._chunk_head: str | None = None
         self.submitted: list[Submitted] = []
+        self.degraded_tokens: int | None = None
 
     def submit(self) -> None:
         """Admit every prompt's request, or none (a refusal withdraws the ones already in)."""
@@ -225,8 +230,15 @@ class _Handler:
             self.state.engine.cancel(submitted)
 
     def headers(self) -> dict[str, str]:
+        """The admission's TTFT prediction; once the response is whole, how many of its tokens
+        ran with fewer experts than asked (a stream says it in its last chunks instead)."""
+        headers = {}
         predicted = [s.predicted_ttft for s in self.submitted if s.predicted_ttft is not None]
-        return {"x-moeserve-predicted-ttft-ms": f"{1000 * max(predicted):.1f}"} if predicted else {}
+        if predicted:
+            headers["x-moeserve-predicted-ttft-ms"] = f"{1000 * max(predicted):.1f}"
+        if self.degraded_tokens is not None:
+            headers["x-moeserve-degraded-tokens"] = str(self.degraded_tokens)
+        return headers
 
     def streams(self) -> list[AsyncIterator[RequestOutput]]:
         return [self.state.engine.stream(s) for s in self.submitted]
@@ -271,16 +283,21 @@ class _Handler:
         outs = [finals[i] for i in range(len(self.prompts))]
         n = self.params.n
         choices = [self._choice(i * n + c.index, c) for i, o in enumerate(outs) for c in o.outputs]
+        self.degraded_tokens = _degraded(outs)
         return {"id": self.id, "object": self.object, "created": self.created, "model": self.state.model_name,
-                "choices": choices, "usage": _usage(outs)}
+                "choices": choices, "usage": _usage(outs), "moeserve": {"degraded_tokens": self.degraded_tokens}}
 
-    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None) -> str:
+    def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None,
+               moeserve: dict[str, Any] | None = None) -> str:
         """One SSE event; the fields that never change are serialised once per request."""
         if self._chunk_head is None:
             head = {"id": self.id, "object": self.object + ("" if not self.chat else ".chunk"),
                     "created": self.created, "model": self.state.model_name}
             self._chunk_head = "data: " + json.dumps(head, ensure_ascii=False)[:-1] + ', "choices": '
-        tail = "}\n\n" if usage is None else f', "usage": {json.dumps(usage)}}}\n\n'
+        tail = "" if usage is None else f', "usage": {json.dumps(usage)}'
+        if moeserve is not None:
+            tail += f', "moeserve": {json.dumps(moeserve)}'
+        tail += "}\n\n"
         return self._chunk_head + json.dumps(choices, ensure_ascii=False) + tail
 
     async def sse(self) -> AsyncIterator[str]:
@@ -314,12 +331,15 @@ class _Handler:
                     else:
                         choice["text"] = c.delta_text
                         choice["stop_reason"] = c.stop_reason
+                    if c.finished:
+                        choice["moeserve"] = {"degraded_tokens": c.num_degraded_tokens}
                     sent_tokens[index] = -1 if c.finished else len(c.token_ids)
                     choices.append(choice)
                 if choices:
                     yield self._chunk(choices, _usage(list(latest.values())) if continuous else None)
             if include_usage:
-                yield self._chunk([], _usage([latest[i] for i in sorted(latest)]))
+                outs = [latest[i] for i in sorted(latest)]
+                yield self._chunk([], _usage(outs), {"degraded_tokens": _degraded(outs)})
         except RequestFailedError as e:
             yield _error_event(500, str(e))
         except (EngineDeadError, AdmissionRejected) as e:

@@ -56,6 +56,7 @@ class _SamplingFields(BaseModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     priority: int = 0
+    moe_top_k: int | None = Field(None, ge=1)  # moeserve: experts per token for this request
 
     def _sampling(self, max_tokens: int | None, logprobs: int | None, defaults) -> SamplingParams:
         temperature = self.temperature if self.temperature is not None else (defaults.temperature or 1.0)
@@ -77,6 +78,7 @@ class _SamplingFields(BaseModel):
             include_stop_str_in_output=self.include_stop_str_in_output,
             logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens,
+            moe_top_k=self.moe_top_k,
         )
 
 
