@@ -122,3 +122,20 @@ def test_overload_smoke_compares_admission_off_and_on(tmp_path):
     assert "cumulative_by_ms" in data["server_refusal_ms"]
     assert (tmp_path / "overload.png").stat().st_size > 0
     assert data["commands"]["on"].startswith("moeserve bench serve")
+
+
+def test_degrade_smoke_reports_quality_speed_and_load(tmp_path):
+    out = tmp_path / "degrade.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "degrade.py"), "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    q = data["quality"]["embedded"]
+    assert data["perplexity_rise"] == q["perplexity_k1_renormalized"] / q["perplexity_k"] - 1
+    assert 0 <= data["top1_agreement"] <= 1 and q["positions"] > 0
+    layer = data["speed"]["embedded"]["moe_layer"]
+    assert data["moe_speedup"] == layer["speedup"] > 0 and set(layer["by_batch_tokens"]) == {"8", "32"}
+    assert data["e2e_speedup"] == data["speed"]["embedded"]["e2e"]["speedup"] > 0
+    load = data["under_load"]
+    assert data["goodput_ratio_degradation_only"] == load["goodput_ratio"]
+    assert load["degradation"]["num_requests"] > 0 and "--degradation" in load["server_flags"]
