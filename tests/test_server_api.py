@@ -159,6 +159,7 @@ BAD_REQUESTS = [
     (json.dumps({"prompt": "x", "temperature": -1}).encode(), "invalid 'temperature': Input should be greater than or equal to 0"),
     (json.dumps({"prompt": "x", "frobnicate": 1}).encode(), "unknown field 'frobnicate'"),
     (json.dumps({"prompt": "x", "n": 129}).encode(), "invalid 'n': Input should be less than or equal to 128"),
+    (json.dumps({"prompt": "x", "moe_top_k": 4}).encode(), "moe_top_k=4 is more than the model's 3 experts"),
     (json.dumps({"prompt": [1, 2, 99999]}).encode(), "outside the vocabulary"),
 ]
 BAD_CHATS = [

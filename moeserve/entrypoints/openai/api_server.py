@@ -435,6 +435,8 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(503, f"the engine is not running: {engine.dead_reason()}")
         try:
             handler.submit()
+        except ValueError as e:  # what only the engine's own checks know (moe_top_k above the model's K)
+            raise APIError(400, str(e)) from e
         except EngineDeadError as e:
             raise APIError(503, str(e)) from e
         if stream:  # Starlette cancels the body iterator when the client leaves: that aborts
