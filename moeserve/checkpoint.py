@@ -4,7 +4,7 @@ Every tensor the model needs must come from the files, with the right shape, exa
 anything else is a CheckpointError naming the tensor. Per-expert Hub tensors
 (`block_sparse_moe.experts.{e}.w1/w2/w3` for Mixtral, `mlp.experts.{e}.{gate,up,down}_proj`
 for Qwen/OLMoE) are copied once into the physical-slot tensors w13 [P, 2I, D] / w2 [P, D, I]
-at slot e; spare slots start zeroed and empty.
+at expert e's home slot (slot e with one slot group); spare slots start zeroed and empty.
 """
 
 from __future__ import annotations
@@ -122,6 +122,7 @@ def load_model(
     num_redundant_experts: int = 0,
     expert_backend: str = "auto",
     attention_backend: str = "auto",
+    expert_slot_groups: int = 1,
 ) -> MoEForCausalLM:
     """Build the model on the meta device, allocate it on `device` in `dtype` ('auto' follows
     the checkpoint), then fill every parameter from the checkpoint. Backends 'auto': triton
@@ -135,7 +136,7 @@ def load_model(
 
     expert_backend, attention_backend = resolve_backends(expert_backend, attention_backend, device, torch_dtype)
     with torch.device("meta"):
-        model = MoEForCausalLM(config, num_redundant_experts, expert_backend, attention_backend)
+        model = MoEForCausalLM(config, num_redundant_experts, expert_backend, attention_backend, expert_slot_groups)
     _materialise(model, torch.device(device), torch_dtype)
     model.reset_state()
     _fill(model, config, files)
@@ -203,6 +204,7 @@ def _fill(model: MoEForCausalLM, config: ModelConfig, files: list[Path]) -> None
     experts_needed = {(layer, e, part) for layer in moe_layer_ids for e in range(config.num_experts)
                       for part in ("gate", "up", "down")}
     I = config.moe_intermediate_size
+    home = model.layout.home_slot  # expert e's weights go to slot home[e]
     expert_part = {hub: part for part, hub in _expert_names(config).items()}
 
     for hub_name, tensor in _iter_tensors(files):
@@ -218,7 +220,8 @@ def _fill(model: MoEForCausalLM, config: ModelConfig, files: list[Path]) -> None
             if (layer, expert, part) not in experts_needed:
                 raise CheckpointError(f"tensor {hub_name} appears twice (under two names)")
             mlp = model.model.layers[layer].mlp
-            target = {"gate": mlp.w13[expert, :I], "up": mlp.w13[expert, I:], "down": mlp.w2[expert]}[part]
+            slot = home[expert]
+            target = {"gate": mlp.w13[slot, :I], "up": mlp.w13[slot, I:], "down": mlp.w2[slot]}[part]
             _copy(hub_name, target, tensor)
             experts_needed.discard((layer, expert, part))
             continue

@@ -43,7 +43,12 @@ class LoadConfig:
                                "grouped_mm", flag="--moe-backend", choices=EXPERT_BACKENDS)
     attention_backend: str = _opt("auto", "paged attention: auto (triton on CUDA, torch on CPU), torch, triton",
                                   choices=ATTENTION_BACKENDS)
-    num_redundant_experts: int = _opt(0, "spare expert slots per MoE layer")
+    num_redundant_experts: int = _opt(0, "spare expert slots per MoE layer (each costs one expert's weights of "
+                                      "memory, allocated at start)")
+    moe_capacity_factor: float | None = _opt(None, "at most ceil(CF * T*K / E) token-slots per expert per step; "
+                                             "overflow is re-routed or dropped (default: off, exact semantics)")
+    moe_overflow: str = _opt("reroute", "token-slots over capacity: reroute (to the token's next-best expert with "
+                             "room) or drop", choices=("reroute", "drop"))
     seed: int = _opt(0, "seed of unseeded sampling")
 
     def __post_init__(self) -> None:
@@ -51,6 +56,8 @@ class LoadConfig:
             raise ValueError("max_model_len must be >= 2")
         if self.num_redundant_experts < 0:
             raise ValueError(f"num_redundant_experts must be >= 0, got {self.num_redundant_experts}")
+        if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
+            raise ValueError(f"moe_capacity_factor must be > 0, got {self.moe_capacity_factor}")
 
 
 @dataclass(frozen=True)
@@ -84,6 +91,13 @@ class SchedulerConfig:
 class ParallelConfig:
     distributed_executor_backend: str = _opt("uni", "executor: uni (one worker in the engine process)",
                                              choices=EXECUTOR_BACKENDS)
+    expert_slot_groups: int = _opt(1, "groups the expert slots are split into, each a contiguous block of experts "
+                                   "and spares (what an expert-parallel rank owns); replication balances load "
+                                   "across them")
+
+    def __post_init__(self) -> None:
+        if self.expert_slot_groups < 1:
+            raise ValueError(f"expert_slot_groups must be >= 1, got {self.expert_slot_groups}")
 
 
 @dataclass(frozen=True)
@@ -102,10 +116,25 @@ class ControlConfig:
     degradation_dwell: float = _opt(5.0, "seconds at least between two changes")
     degradation_layers: str | None = _opt(None, "comma-separated MoE-layer indices a degraded K applies to "
                                           "(default: every MoE layer)")
+    replication: str = _opt("off", "hot-expert replication into spare slots while serving: off, auto "
+                            "(engine/replication.py; needs --num-redundant-experts and >= 2 slot groups)",
+                            choices=("off", "auto"))
+    replication_window: int = _opt(64, "steps of expert load the replication planner looks at")
+    replication_interval: int = _opt(8, "steps between two planning rounds (each round plans one expert move "
+                                     "per MoE layer; one move is applied per step)")
+    replication_threshold: float = _opt(0.9, "act on a layer while its balancedness (mean / max slot-group "
+                                        "load) is below this")
+
+    def __post_init__(self) -> None:
+        if self.replication_window < 1 or self.replication_interval < 1:
+            raise ValueError("replication_window and replication_interval must be >= 1")
+        if not 0 < self.replication_threshold <= 1:
+            raise ValueError(f"replication_threshold must be in (0, 1], got {self.replication_threshold}")
 
     @property
     def record_expert_load(self) -> bool:
-        return self.expert_metrics != "off"
+        """The replication planner needs the counts even with no expert series in /metrics."""
+        return self.expert_metrics != "off" or self.replication != "off"
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from moeserve.engine.messages import (
     EngineStats,
     ExpertLoadStats,
 )
+from moeserve.engine.replication import ReplicationPlanner, ReplicationSettings
 from moeserve.engine.request import Request
 from moeserve.engine.scheduler import Scheduler, SchedulerOutput
 from moeserve.executor import Executor
@@ -94,6 +95,10 @@ class EngineCore:
                 raise ValueError(f"degradation_layers must be MoE-layer indices in [0, {mc.num_moe_layers}), "
                                  f"got {control.degradation_layers!r}")
             self.executor.collective_rpc("set_degrade_layers", layers)
+        self.replication: ReplicationPlanner | None = None
+        if control.replication == "auto":
+            self.replication = self._replication_planner()
+            self.add_controller(self.replication)
         self._degraded_tokens = 0
         self._recent_ttft: collections.deque[tuple[float, float]] = collections.deque()
         self._step = 0
@@ -103,6 +108,16 @@ class EngineCore:
         self._prefill_per_step = 0.0
         self._step_model = StepTimeModel()
         self._received = 0
+
+    def _replication_planner(self) -> ReplicationPlanner:
+        spares, groups = self.config.load.num_redundant_experts, self.config.parallel.expert_slot_groups
+        if spares < 1 or groups < 2:
+            raise ValueError("replication balances load across slot groups with spare slots: it needs "
+                             f"--num-redundant-experts >= 1 and --expert-slot-groups >= 2 (got {spares}, {groups})")
+        control = self.config.control
+        settings = ReplicationSettings(control.replication_window, control.replication_interval,
+                                       control.replication_threshold)
+        return ReplicationPlanner(settings, self.model_config.num_experts, self.executor.collective_rpc("placement")[0])
 
     # ---- requests ----
 
@@ -223,7 +238,7 @@ class EngineCore:
             top_k_by_class={p: self.class_limits.k_for(p, self.model_config.top_k) for p in sorted(classes)},
             num_degraded_tokens=self._degraded_tokens, recent_ttft_s=self._ttft_p90(),
             num_requests_received=self._received, num_preemptions=sched.num_preemptions, prefix_cache_hits=bm.stats.hits, top_k=list(self.top_k),
-            expert_load=expert_load,
+            expert_load=expert_load, replication=self.replication.stats() if self.replication else None,
         )
 
     # ---- control ----

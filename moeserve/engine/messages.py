@@ -89,6 +89,20 @@ class ExpertLoadStats:
     logical: list[list[int]]  # [L_moe][E] tokens routed to each expert
     gate_entropy: list[float]  # [L_moe] summed over the step's tokens (nats)
     num_tokens: int  # tokens that entered each MoE layer
+    overflow: list[list[int]] = field(default_factory=list)  # [L_moe][2] re-routed, dropped (capacity factor)
+
+
+@dataclass(frozen=True)
+class ReplicationStats:
+    """The replication planner's view (engine/replication.py), over its load window."""
+
+    replicas: list[list[int]]  # [L_moe][E] copies of each expert
+    balancedness: list[float]  # [L_moe] mean / max slot-group load with the current placement
+    balancedness_home: list[float]  # [L_moe] the same load on the start placement (no replication)
+    num_replications: int  # expert copies made since start
+    num_retirements: int  # copies retired since start
+    stall_seconds_total: float  # steps' time spent copying expert weights, since start
+    stall_seconds_max: float  # the longest single copy
 
 
 @dataclass(frozen=True)
@@ -122,6 +136,7 @@ class EngineStats:
     top_k_by_class: dict[int, int] = field(default_factory=dict)  # K in force per priority class present
     num_degraded_tokens: int = 0  # since start: tokens run with fewer experts than their request asked
     recent_ttft_s: float = 0.0  # p90 of the engine-side TTFT (arrival -> first token) of recent requests
+    replication: ReplicationStats | None = None  # None when replication is off
 
     @property
     def kv_usage(self) -> float:

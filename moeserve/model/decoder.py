@@ -18,11 +18,11 @@ from torch import nn
 from moeserve.model_config import ModelConfig
 from moeserve.model.attention import Attention, AttentionMetadata, PagedKVCache
 from moeserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
-from moeserve.model.moe import ExpertBackend, ExpertLoad, LoadRecorder, SparseMoE, get_expert_backend
+from moeserve.model.moe import ExpertBackend, ExpertLoad, LoadRecorder, SlotLayout, SparseMoE, get_expert_backend
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config: ModelConfig, layer_id: int, moe_layer: int | None, num_slots: int,
+    def __init__(self, config: ModelConfig, layer_id: int, moe_layer: int | None, layout: SlotLayout,
                  backend: ExpertBackend, attention_backend: str):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -33,18 +33,18 @@ class DecoderLayer(nn.Module):
         if moe_layer is None:
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
         else:
-            self.mlp = SparseMoE(config, moe_layer, num_slots, backend)
+            self.mlp = SparseMoE(config, moe_layer, layout, backend)
 
 
 class _Backbone(nn.Module):
     """Holds the `model.` prefix of the Hub parameter names."""
 
-    def __init__(self, config: ModelConfig, num_slots: int, backend: ExpertBackend, attention_backend: str):
+    def __init__(self, config: ModelConfig, layout: SlotLayout, backend: ExpertBackend, attention_backend: str):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         moe_index = {layer: i for i, layer in enumerate(config.moe_layer_ids)}
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, moe_index.get(i), num_slots, backend, attention_backend)
+            DecoderLayer(config, i, moe_index.get(i), layout, backend, attention_backend)
             for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -75,13 +75,15 @@ class MoEForCausalLM(nn.Module):
         num_redundant_experts: int = 0,
         expert_backend: str = "torch",
         attention_backend: str = "torch",
+        expert_slot_groups: int = 1,
     ):
         super().__init__()
         self.config = config
         self.num_slots = config.num_experts + num_redundant_experts
+        self.layout = SlotLayout(config.num_experts, self.num_slots, expert_slot_groups)
         self.expert_backend, self.attention_backend = expert_backend, attention_backend
         backend = get_expert_backend(expert_backend)
-        self.model = _Backbone(config, self.num_slots, backend, attention_backend)
+        self.model = _Backbone(config, self.layout, backend, attention_backend)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.rotary = RotaryEmbedding(config.rope)
@@ -123,6 +125,11 @@ class MoEForCausalLM(nn.Module):
         self.degrade_layers.fill_(moe_layers is None)
         if moe_layers is not None:
             self.degrade_layers[torch.tensor(list(moe_layers), dtype=torch.int64)] = True
+
+    def set_capacity(self, capacity_factor: float | None, overflow: str = "reroute") -> None:
+        """Cap token-slots per expert per step at ceil(CF * T*K / E) in every MoE layer (None: off)."""
+        for moe in self.moe_layers:
+            moe.set_capacity(capacity_factor, overflow)
 
     def expert_load(self) -> ExpertLoad:
         """Routed-token counts of the last forward."""

@@ -122,4 +122,5 @@ class ModelRunner:
         if not self.model.load.enabled:
             return None
         load = self.model.expert_load()
-        return ExpertLoadStats(load.logical.tolist(), load.gate_entropy.tolist(), load.num_tokens)
+        return ExpertLoadStats(load.logical.tolist(), load.gate_entropy.tolist(), load.num_tokens,
+                               load.overflow.tolist())

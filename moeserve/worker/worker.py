@@ -39,8 +39,10 @@ class Worker:
         load = self.config.load
         self.model = load_model(load.model, dtype=load.dtype, device=self.device,
                                 num_redundant_experts=load.num_redundant_experts, expert_backend=load.expert_backend,
-                                attention_backend=load.attention_backend)
+                                attention_backend=load.attention_backend,
+                                expert_slot_groups=self.config.parallel.expert_slot_groups)
         self.model.load.enabled = self.config.control.record_expert_load
+        self.model.set_capacity(load.moe_capacity_factor, load.moe_overflow)
         return self.model.config
 
     @property
@@ -99,3 +101,14 @@ class Worker:
 
     def set_degrade_layers(self, moe_layers: list[int] | None) -> None:
         self.model.set_degrade_layers(moe_layers)
+
+    def placement(self) -> list[tuple[list[int], list[int]]]:
+        """Each MoE layer's (phy2log [P], slot group [P]) as this worker holds it."""
+        return [(moe.placement.phy2log.tolist(), moe.placement.slot_rank.tolist()) for moe in self.model.moe_layers]
+
+    def replicate_expert(self, moe_layer: int, expert: int, slot: int) -> None:
+        """Copy `expert` into the empty `slot` of one MoE layer and publish it (from the next step)."""
+        self.model.moe_layers[moe_layer].replicate(expert, slot)
+
+    def retire_replica(self, moe_layer: int, slot: int) -> None:
+        self.model.moe_layers[moe_layer].retire(slot)

@@ -1,4 +1,5 @@
-"""SparseMoE: router -> placement -> dispatch/experts/combine -> load accounting (+ shared expert).
+"""SparseMoE: router -> capacity (optional) -> placement -> dispatch/experts/combine -> load
+accounting (+ shared expert).
 
 Shape legend: T tokens, D hidden, E logical experts, P physical slots, K experts per token,
 I expert intermediate size.
@@ -14,7 +15,8 @@ from moeserve.model_config import ModelConfig
 from moeserve.model.layers import GatedMLP
 from moeserve.model.moe.experts import ExpertBackend
 from moeserve.model.moe.load import LoadRecorder
-from moeserve.model.moe.placement import ExpertPlacement
+from moeserve.model.moe.capacity import OVERFLOW_MODES, apply_capacity
+from moeserve.model.moe.placement import ExpertPlacement, SlotLayout
 from moeserve.model.moe.router import Router
 
 
@@ -22,18 +24,23 @@ class SparseMoE(nn.Module):
     """Expert weights live in physical-slot tensors w13 [P, 2I, D] and w2 [P, D, I]; slot s holds
     the weights of placement.phy2log[s]. A shared expert (Qwen2-MoE) is a dense path added for
     every token, gated by sigmoid(shared_expert_gate(x)); it is outside counts, placement and K.
+    With `capacity_factor` set, the routing passes through capacity.apply_capacity first (off:
+    exact semantics).
     """
 
-    def __init__(self, config: ModelConfig, moe_layer: int, num_slots: int, backend: ExpertBackend):
+    def __init__(self, config: ModelConfig, moe_layer: int, layout: SlotLayout, backend: ExpertBackend):
         super().__init__()
         D, I, E = config.hidden_size, config.moe_intermediate_size, config.num_experts
+        num_slots = layout.num_slots
         self.moe_layer = moe_layer
         self.intermediate_size = I
         self.gate = Router(D, E, config.top_k, config.renormalize, config.router_weights_fp32,
                            select=backend.select_experts)
         self.w13 = nn.Parameter(torch.empty(num_slots, 2 * I, D), requires_grad=False)  # [P, 2I, D]
         self.w2 = nn.Parameter(torch.empty(num_slots, D, I), requires_grad=False)  # [P, D, I]
-        self.placement = ExpertPlacement(E, num_slots)
+        self.placement = ExpertPlacement(layout)
+        self.capacity_factor: float | None = None
+        self.overflow = "reroute"
         self.backend = backend
         self.shared_expert: GatedMLP | None = None
         if config.shared_expert_intermediate_size:
@@ -42,18 +49,36 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, load: LoadRecorder) -> torch.Tensor:
         routing = self.gate(x, k)  # ids/weights [T, K]
-        slots = self.placement.slots_for(routing.expert_ids)  # [T, K]
-        load.record(self.moe_layer, routing.expert_ids, slots, routing.logits)
+        expert_ids = routing.expert_ids  # [T, K]
+        if self.capacity_factor is not None:
+            limited = apply_capacity(expert_ids, routing.logits, self.capacity_factor, self.overflow)
+            expert_ids = limited.expert_ids
+            load.record_overflow(self.moe_layer, limited.rerouted, limited.dropped)
+        slots = self.placement.slots_for(expert_ids)  # [T, K]
+        load.record(self.moe_layer, expert_ids, slots, routing.logits)
         out = self.backend(x, slots, routing.weights, self.w13, self.w2)  # [T, D]
         if self.shared_expert is not None:
             out = out + F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
 
+    def set_capacity(self, capacity_factor: float | None, overflow: str = "reroute") -> None:
+        if capacity_factor is not None and capacity_factor <= 0:
+            raise ValueError(f"capacity factor must be > 0, got {capacity_factor}")
+        if overflow not in OVERFLOW_MODES:
+            raise ValueError(f"overflow must be one of {OVERFLOW_MODES}, got {overflow!r}")
+        self.capacity_factor, self.overflow = capacity_factor, overflow
+
     @torch.no_grad()
     def replicate(self, expert: int, slot: int) -> None:
         """Copy `expert`'s weights into the empty `slot`, then publish the new map (in that order,
         so no step can route to a slot whose weights are not there yet)."""
+        if int(self.placement.phy2log[slot]) >= 0:
+            raise ValueError(f"slot {slot} already holds expert {int(self.placement.phy2log[slot])}")
         source = int(self.placement.log2phy[expert, 0])
         self.w13[slot].copy_(self.w13[source])
         self.w2[slot].copy_(self.w2[source])
         self.placement.add_replica(expert, slot)
+
+    def retire(self, slot: int) -> None:
+        """Unpublish one copy (never the last); its weights stay until the slot is reused."""
+        self.placement.remove_replica(slot)

@@ -23,6 +23,7 @@ class ExpertLoad:
     physical: torch.Tensor  # [L_moe, P] int64
     gate_entropy: torch.Tensor  # [L_moe] fp32, summed over the step's tokens (nats)
     num_tokens: int  # tokens that entered each MoE layer
+    overflow: torch.Tensor  # [L_moe, 2] int64: token-slots re-routed, dropped by the capacity factor
 
 
 class LoadRecorder(nn.Module):
@@ -36,6 +37,7 @@ class LoadRecorder(nn.Module):
         self.register_buffer("logical", torch.zeros(num_moe_layers, num_experts + 1, dtype=torch.int64))
         self.register_buffer("physical", torch.zeros(num_moe_layers, num_slots + 1, dtype=torch.int64))
         self.register_buffer("entropy", torch.zeros(num_moe_layers, dtype=torch.float32))
+        self.register_buffer("overflow", torch.zeros(num_moe_layers, 2, dtype=torch.int64))
         self.num_tokens = 0
 
     def begin_step(self) -> None:
@@ -46,6 +48,7 @@ class LoadRecorder(nn.Module):
         self.logical.zero_()
         self.physical.zero_()
         self.entropy.zero_()
+        self.overflow.zero_()
         self.num_tokens = 0
 
     def record(self, moe_layer: int, expert_ids: torch.Tensor, slots: torch.Tensor, logits: torch.Tensor) -> None:
@@ -60,7 +63,14 @@ class LoadRecorder(nn.Module):
         self.entropy[moe_layer] += -(logp.exp() * logp).sum()
         self.num_tokens = expert_ids.shape[0]
 
+    def record_overflow(self, moe_layer: int, rerouted: torch.Tensor, dropped: torch.Tensor) -> None:
+        """Device scalars from the capacity factor (no host read)."""
+        if self.enabled:
+            self.overflow[moe_layer, 0] += rerouted
+            self.overflow[moe_layer, 1] += dropped
+
     def snapshot(self) -> ExpertLoad:
         return ExpertLoad(logical=self.logical[:, : self.num_experts].clone(),
                           physical=self.physical[:, : self.num_slots].clone(),
-                          gate_entropy=self.entropy.clone(), num_tokens=self.num_tokens)
+                          gate_entropy=self.entropy.clone(), num_tokens=self.num_tokens,
+                          overflow=self.overflow.clone())
