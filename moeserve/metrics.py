@@ -86,6 +86,8 @@ class _EngineCollector(Collector):
                                 stats.prefix_cache_hits)
             if self.expert_metrics != "off":
                 yield from self._moe(stats)
+            if stats.replication is not None:
+                yield from self._replication(stats)
         if self.gpu is not None:
             yield from self.gpu.collect(self.model_name)
 
@@ -96,6 +98,7 @@ class _EngineCollector(Collector):
             "routed": monitor.layer_tokens.tolist(),
             "balance": monitor.balancedness(),
             "entropy": monitor.mean_gate_entropy(),
+            "cv2": monitor.cv2(),
             "k": stats.top_k,
         }
         routed = CounterMetricFamily("moeserve:moe_layer_tokens", "Tokens that entered each MoE layer.",
@@ -106,12 +109,20 @@ class _EngineCollector(Collector):
         entropy = GaugeMetricFamily("moeserve:moe_gate_entropy", "Mean entropy (nats) of the gate per token.",
                                     labels=["model_name", "layer"])
         top_k = GaugeMetricFamily("moeserve:moe_top_k", "Experts per token in force.", labels=["model_name", "layer"])
+        cv2 = GaugeMetricFamily("moeserve:moe_load_cv2", "Variance / mean^2 of recent per-expert load (0 = even).",
+                                labels=["model_name", "layer"])
+        overflow = CounterMetricFamily("moeserve:moe_overflow_token_slots", "Token-slots over an expert's capacity "
+                                       "(--moe-capacity-factor), by what happened to them.",
+                                       labels=["model_name", "layer", "outcome"])
         for i, layer in enumerate(layers):
             routed.add_metric([self.model_name, layer], per_layer["routed"][i])
             balance.add_metric([self.model_name, layer], per_layer["balance"][i])
             entropy.add_metric([self.model_name, layer], per_layer["entropy"][i])
             top_k.add_metric([self.model_name, layer], per_layer["k"][i])
-        yield from (routed, balance, entropy, top_k)
+            cv2.add_metric([self.model_name, layer], per_layer["cv2"][i])
+            overflow.add_metric([self.model_name, layer, "rerouted"], int(monitor.overflow[i, 0]))
+            overflow.add_metric([self.model_name, layer, "dropped"], int(monitor.overflow[i, 1]))
+        yield from (routed, balance, entropy, top_k, cv2, overflow)
         if self.expert_metrics == "expert":
             experts = CounterMetricFamily("moeserve:expert_routed_tokens",
                                           "Tokens routed to each expert (each token counts once per chosen expert).",
@@ -120,6 +131,34 @@ class _EngineCollector(Collector):
                 for expert, value in enumerate(row):
                     experts.add_metric([self.model_name, layer, str(expert)], value)
             yield experts
+
+
+    def _replication(self, stats: EngineStats) -> Iterator[Metric]:
+        rep = stats.replication
+        layers = [str(i) for i in self.info.moe_layer_ids]
+        balance = GaugeMetricFamily("moeserve:replication_balancedness", "Mean / max slot-group load over the "
+                                    "planner's window, with the current placement and with the start placement.",
+                                    labels=["model_name", "layer", "placement"])
+        slots = GaugeMetricFamily("moeserve:moe_slots_in_use", "Expert slots holding a copy (experts + replicas).",
+                                  labels=["model_name", "layer"])
+        for i, layer in enumerate(layers):
+            balance.add_metric([self.model_name, layer, "current"], rep.balancedness[i])
+            balance.add_metric([self.model_name, layer, "start"], rep.balancedness_home[i])
+            slots.add_metric([self.model_name, layer], sum(rep.replicas[i]))
+        yield from (balance, slots)
+        if self.expert_metrics == "expert":
+            replicas = GaugeMetricFamily("moeserve:expert_replicas", "Copies of each expert.",
+                                         labels=["model_name", "layer", "expert"])
+            for layer, row in zip(layers, rep.replicas):
+                for expert, value in enumerate(row):
+                    replicas.add_metric([self.model_name, layer, str(expert)], value)
+            yield replicas
+        yield self._counter("moeserve:replications", "Expert copies made into spare slots.", rep.num_replications)
+        yield self._counter("moeserve:replica_retirements", "Expert copies retired.", rep.num_retirements)
+        yield self._counter("moeserve:replication_stall_seconds", "Step time spent copying expert weights "
+                            "(divide by moeserve:replications for the mean per copy).", rep.stall_seconds_total)
+        yield self._gauge("moeserve:replication_stall_seconds_max", "The longest step stall one copy caused.",
+                          rep.stall_seconds_max)
 
 
 class _GpuTelemetry:

@@ -139,3 +139,18 @@ def test_degrade_smoke_reports_quality_speed_and_load(tmp_path):
     load = data["under_load"]
     assert data["goodput_ratio_degradation_only"] == load["goodput_ratio"]
     assert load["degradation"]["num_requests"] > 0 and "--degradation" in load["server_flags"]
+
+
+def test_replication_smoke_reports_balance_before_and_after(tmp_path):
+    out = tmp_path / "replication.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "replication.py"), "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    zipf = data["zipf64"]
+    assert data["balancedness_before"] == zipf["balancedness_before"] and data["max_stall_ms"] == zipf["max_stall_ms"]
+    assert data["extra_slot_fraction"] == zipf["num_redundant_experts"] / zipf["num_experts"]
+    assert zipf["replications"] >= 1 and zipf["max_stall_ms"] > 0
+    assert zipf["balancedness_after"] > zipf["balancedness_before"]  # the planner improved a skewed load
+    assert all(abs(s - 1.2) < 0.5 for s in data["zipf_fit"]["zipf_s_fitted_per_layer"])
+    assert zipf["moe_layer_time"]["parallel_speedup"] > 0

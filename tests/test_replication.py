@@ -243,3 +243,39 @@ def test_replication_refuses_a_configuration_with_nothing_to_balance(checkpoints
     with pytest.raises(ValueError, match="slot groups"):
         LLMEngine(engine_config(checkpoints("mixtral"), max_model_len=64, replication="auto",
                                 num_redundant_experts=2))
+
+
+def test_server_reports_replication_and_overflow_in_metrics(checkpoints):
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from server_utils import start_server
+
+    server = start_server(str(checkpoints("qwen3_moe")), "--max-model-len", "128", "--expert-metrics", "expert",
+                          "--num-redundant-experts", "4", "--expert-slot-groups", "4", "--replication", "auto",
+                          "--replication-window", "4", "--replication-interval", "2", "--replication-threshold", "1.0",
+                          "--moe-capacity-factor", "1.0")
+    try:
+        for i in range(4):
+            r = httpx.post(f"{server.url}/v1/completions", timeout=60,
+                           json={"prompt": f"def f_{i}(x): return x", "max_tokens": 16, "ignore_eos": True})
+            assert r.status_code == 200
+        families = {f.name: f for f in text_string_to_metric_families(httpx.get(f"{server.url}/metrics").text)}
+    finally:
+        server.stop()
+
+    def values(name: str) -> list:
+        return [s for s in families[name].samples if not s.name.endswith("_created")]
+
+    assert values("moeserve:replications")[0].value >= 1
+    assert values("moeserve:replication_stall_seconds_max")[0].value > 0
+    placements = {s.labels["placement"] for s in values("moeserve:replication_balancedness")}
+    assert placements == {"current", "start"}
+    replicas = values("moeserve:expert_replicas")
+    in_use = {s.labels["layer"]: s.value for s in values("moeserve:moe_slots_in_use")}
+    for layer, n in in_use.items():  # the two series describe the same placement
+        assert n == sum(s.value for s in replicas if s.labels["layer"] == layer)
+    assert max(in_use.values()) > 8
+    rerouted = sum(s.value for s in values("moeserve:moe_overflow_token_slots") if s.labels["outcome"] == "rerouted")
+    assert rerouted > 0  # a capacity factor of 1.0 overflows on a random router
+    assert all(s.value >= 0 for s in values("moeserve:moe_load_cv2"))

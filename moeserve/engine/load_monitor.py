@@ -22,6 +22,7 @@ class LoadMonitor:
         self.layer_tokens = np.zeros(num_moe_layers, dtype=np.int64)
         self.entropy_sum = np.zeros(num_moe_layers, dtype=np.float64)
         self._ema = np.zeros((num_moe_layers, num_experts), dtype=np.float64)
+        self.overflow = np.zeros((num_moe_layers, 2), dtype=np.int64)  # re-routed, dropped (capacity factor)
 
     def update(self, load: ExpertLoadStats) -> None:
         if load.num_tokens == 0:
@@ -32,11 +33,19 @@ class LoadMonitor:
         self.entropy_sum += np.asarray(load.gate_entropy, dtype=np.float64)
         self._ema *= 1 - self.alpha
         self._ema += self.alpha * counts
+        if load.overflow:
+            self.overflow += np.asarray(load.overflow, dtype=np.int64)
 
     def balancedness(self) -> list[float]:
         peak = self._ema.max(axis=1)
         mean = self._ema.mean(axis=1)
         return np.where(peak > 0, mean / np.maximum(peak, 1e-12), 1.0).tolist()
+
+    def cv2(self) -> list[float]:
+        """Squared coefficient of variation (variance / mean^2) of the smoothed expert load, per
+        layer: 0 = even; the auxiliary-loss papers' imbalance measure."""
+        mean = self._ema.mean(axis=1)
+        return np.where(mean > 0, self._ema.var(axis=1) / np.maximum(mean, 1e-12) ** 2, 0.0).tolist()
 
     def mean_gate_entropy(self) -> list[float]:
         """Mean entropy (nats) of the gate's softmax per token since start, per layer."""
