@@ -21,6 +21,7 @@ from torch import nn
 
 from moeserve.model_config import CheckpointError, ModelConfig, parse_dtype
 from moeserve.model.decoder import MoEForCausalLM
+from moeserve.model.moe.dispatch import ExpertParallelGroup
 
 _EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$")
 # Tensors some Hub checkpoints carry that hold nothing the model needs.
@@ -86,7 +87,9 @@ def _open(f: Path):
         raise CheckpointError(f"{f.name}: not a readable safetensors file ({e})") from e
 
 
-def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+def _iter_tensors(files: list[Path], skip=lambda name: False) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every tensor in the files, except those `skip(name)` says are not needed
+    here (never read: an expert-parallel worker reads only its own experts)."""
     seen: set[str] = set()
     with ExitStack() as stack:
         for f in files:
@@ -95,6 +98,8 @@ def _iter_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
                 if name in seen:
                     raise CheckpointError(f"tensor {name} appears in more than one weight file")
                 seen.add(name)
+                if skip(name):
+                    continue
                 try:
                     tensor = handle.get_tensor(name)
                 except Exception as e:
@@ -123,10 +128,12 @@ def load_model(
     expert_backend: str = "auto",
     attention_backend: str = "auto",
     expert_slot_groups: int = 1,
+    ep: ExpertParallelGroup | None = None,
 ) -> MoEForCausalLM:
     """Build the model on the meta device, allocate it on `device` in `dtype` ('auto' follows
     the checkpoint), then fill every parameter from the checkpoint. Backends 'auto': triton
-    kernels on CUDA (when triton is installed), torch elsewhere."""
+    kernels on CUDA (when triton is installed), torch elsewhere. With `ep` (an expert-parallel
+    worker) only that worker's slots are allocated and only their experts read."""
     path = Path(path)
     config = ModelConfig.from_pretrained(path)
     files = weight_files(path)
@@ -136,7 +143,7 @@ def load_model(
 
     expert_backend, attention_backend = resolve_backends(expert_backend, attention_backend, device, torch_dtype)
     with torch.device("meta"):
-        model = MoEForCausalLM(config, num_redundant_experts, expert_backend, attention_backend, expert_slot_groups)
+        model = MoEForCausalLM(config, num_redundant_experts, expert_backend, attention_backend, expert_slot_groups, ep)
     _materialise(model, torch.device(device), torch_dtype)
     model.reset_state()
     _fill(model, config, files)
@@ -207,7 +214,17 @@ def _fill(model: MoEForCausalLM, config: ModelConfig, files: list[Path]) -> None
     home = model.layout.home_slot  # expert e's weights go to slot home[e]
     expert_part = {hub: part for part, hub in _expert_names(config).items()}
 
-    for hub_name, tensor in _iter_tensors(files):
+    def elsewhere(hub_name: str) -> bool:
+        """An expert another worker holds (only under expert parallelism)."""
+        match = _EXPERT_RE.match(_hub_to_moeserve(hub_name, config))
+        if model.ep is None or not match or int(match[1]) not in moe_layer_ids or int(match[2]) >= config.num_experts:
+            return False
+        if model.model.layers[int(match[1])].mlp.local(home[int(match[2])]) is not None:
+            return False
+        experts_needed.discard((int(match[1]), int(match[2]), expert_part.get(match[3])))
+        return True
+
+    for hub_name, tensor in _iter_tensors(files, elsewhere):
         if _IGNORED_RE.search(hub_name):
             continue
         name = _hub_to_moeserve(hub_name, config)
@@ -220,7 +237,7 @@ def _fill(model: MoEForCausalLM, config: ModelConfig, files: list[Path]) -> None
             if (layer, expert, part) not in experts_needed:
                 raise CheckpointError(f"tensor {hub_name} appears twice (under two names)")
             mlp = model.model.layers[layer].mlp
-            slot = home[expert]
+            slot = mlp.local(home[expert])
             target = {"gate": mlp.w13[slot, :I], "up": mlp.w13[slot, I:], "down": mlp.w2[slot]}[part]
             _copy(hub_name, target, tensor)
             experts_needed.discard((layer, expert, part))

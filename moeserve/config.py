@@ -23,7 +23,7 @@ from typing import Any
 EXPERT_BACKENDS = ("auto", "torch", "triton", "grouped_mm")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 EXPERT_METRICS = ("off", "layer", "expert")
-EXECUTOR_BACKENDS = ("uni",)
+EXECUTOR_BACKENDS = ("auto", "uni", "mp", "ray")
 
 
 def _opt(default: Any, help: str, flag: str | None = None, choices: tuple[str, ...] | None = None,
@@ -89,15 +89,57 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    distributed_executor_backend: str = _opt("uni", "executor: uni (one worker in the engine process)",
+    distributed_executor_backend: str = _opt("auto", "executor: uni (one worker in the engine process), ray "
+                                             "(worker actors in a Ray placement group), mp (worker processes on "
+                                             "this host, no Ray); auto: uni for one worker, ray for more",
                                              choices=EXECUTOR_BACKENDS)
+    expert_parallel_size: int = _opt(1, "workers the experts are sharded over (attention runs data-parallel: "
+                                     "each worker serves its own requests)")
+    data_parallel_size: int = _opt(1, "with --enable-expert-parallel: the same as --expert-parallel-size "
+                                   "(vLLM's spelling)")
+    enable_expert_parallel: bool = _opt(False, "vLLM's switch: --data-parallel-size N --enable-expert-parallel "
+                                        "shards the experts over N workers")
     expert_slot_groups: int = _opt(1, "groups the expert slots are split into, each a contiguous block of experts "
                                    "and spares (what an expert-parallel rank owns); replication balances load "
-                                   "across them")
+                                   "across them. With expert parallelism: one per worker")
+    ray_address: str | None = _opt(None, "Ray cluster to join (host:port); default: start a local Ray instance")
+    ray_placement_strategy: str = _opt("PACK", "Ray placement group strategy for the workers: PACK (one node when "
+                                       "it fits) or SPREAD (across nodes)", choices=("PACK", "SPREAD"))
+    distributed_timeout: float = _opt(10.0, "seconds a collective (or a worker's answer) may take before the "
+                                      "step fails")
 
     def __post_init__(self) -> None:
-        if self.expert_slot_groups < 1:
-            raise ValueError(f"expert_slot_groups must be >= 1, got {self.expert_slot_groups}")
+        for name in ("expert_slot_groups", "expert_parallel_size", "data_parallel_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.data_parallel_size > 1 and not self.enable_expert_parallel:
+            raise ValueError("--data-parallel-size without --enable-expert-parallel (whole-engine replicas) is not "
+                             "an engine setting here: run replicas (see the README) or add --enable-expert-parallel")
+        if self.data_parallel_size > 1 and self.expert_parallel_size > 1 and \
+                self.data_parallel_size != self.expert_parallel_size:
+            raise ValueError("--data-parallel-size and --expert-parallel-size name the same workers: give one")
+        if self.world_size > 1 and self.expert_slot_groups not in (1, self.world_size):
+            raise ValueError(f"with {self.world_size} expert-parallel workers the slot groups are the workers' "
+                             f"shares: --expert-slot-groups must be {self.world_size} (or left out)")
+        if self.world_size > 1 and self.distributed_executor_backend == "uni":
+            raise ValueError("the uni executor runs one worker: use --distributed-executor-backend ray or mp")
+        if self.distributed_timeout <= 0:
+            raise ValueError("distributed_timeout must be > 0")
+
+    @property
+    def world_size(self) -> int:
+        """Workers: expert-parallel ranks (one engine, one scheduler)."""
+        return max(self.expert_parallel_size, self.data_parallel_size if self.enable_expert_parallel else 1)
+
+    @property
+    def num_slot_groups(self) -> int:
+        return self.world_size if self.world_size > 1 else self.expert_slot_groups
+
+    @property
+    def executor_backend(self) -> str:
+        if self.distributed_executor_backend != "auto":
+            return self.distributed_executor_backend
+        return "uni" if self.world_size == 1 else "ray"
 
 
 @dataclass(frozen=True)

@@ -68,8 +68,11 @@ class EngineCore:
                 f"max_model_len={self.max_model_len}: lower max_model_len or give the cache more memory"
             )
         self.executor.initialize_cache(self.num_kv_blocks)
-        self.block_manager = BlockManager(self.num_kv_blocks, block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager, self.expert_config)
+        # one KV pool per worker (attention is data-parallel under expert parallelism)
+        self.block_pools = [BlockManager(self.num_kv_blocks, block_size, config.cache.enable_prefix_caching)
+                            for _ in range(config.parallel.world_size)]
+        self.block_manager = self.block_pools[0]
+        self.scheduler = Scheduler(config.scheduler, self.block_pools, self.expert_config)
         generation = GenerationDefaults.from_pretrained(config.model, mc)
         self.info = EngineInfo(
             model=config.model, max_model_len=self.max_model_len, vocab_size=mc.vocab_size,
@@ -110,7 +113,7 @@ class EngineCore:
         self._received = 0
 
     def _replication_planner(self) -> ReplicationPlanner:
-        spares, groups = self.config.load.num_redundant_experts, self.config.parallel.expert_slot_groups
+        spares, groups = self.config.load.num_redundant_experts, self.config.parallel.num_slot_groups
         if spares < 1 or groups < 2:
             raise ValueError("replication balances load across slot groups with spare slots: it needs "
                              f"--num-redundant-experts >= 1 and --expert-slot-groups >= 2 (got {spares}, {groups})")
@@ -224,20 +227,21 @@ class EngineCore:
     def stats(self, num_prefill_tokens: int = 0, num_decode_tokens: int = 0,
               expert_load: ExpertLoadStats | None = None) -> EngineStats:
         """The engine's state now; the step figures are those of the last step when given."""
-        sched, bm = self.scheduler, self.block_manager
+        sched, pools = self.scheduler, self.block_pools
         by_priority = sched.waiting_tokens_by_priority()
         classes = {r.priority for r in sched.requests.values()}
         return EngineStats(
             step=self._step, timestamp=time.monotonic(), num_running=len(sched.running),
             num_waiting=sched.num_waiting, num_waiting_tokens=sum(by_priority.values()),
-            waiting_tokens_by_priority=by_priority, num_blocks=bm.num_blocks, num_free_blocks=bm.num_free_blocks,
+            waiting_tokens_by_priority=by_priority, num_blocks=sum(bm.num_blocks for bm in pools),
+            num_free_blocks=sum(bm.num_free_blocks for bm in pools),
             step_time_s=self._step_time, num_prefill_tokens=num_prefill_tokens, num_decode_tokens=num_decode_tokens,
             prefill_tokens_per_s=self._prefill_rate, decode_tokens_per_s=self._decode_rate,
             step_time_base_s=self._step_model.base, step_time_per_token_s=self._step_model.per_token,
             prefill_tokens_per_step=self._prefill_per_step,
             top_k_by_class={p: self.class_limits.k_for(p, self.model_config.top_k) for p in sorted(classes)},
             num_degraded_tokens=self._degraded_tokens, recent_ttft_s=self._ttft_p90(),
-            num_requests_received=self._received, num_preemptions=sched.num_preemptions, prefix_cache_hits=bm.stats.hits, top_k=list(self.top_k),
+            num_requests_received=self._received, num_preemptions=sched.num_preemptions, prefix_cache_hits=sum(bm.stats.hits for bm in pools), top_k=list(self.top_k),
             expert_load=expert_load, replication=self.replication.stats() if self.replication else None,
         )
 

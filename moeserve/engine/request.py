@@ -51,6 +51,7 @@ class Request:
     num_cached_tokens: int = 0  # prompt tokens its first schedule found in the prefix cache
     reported: bool = False  # its first output (which carries the two above) has been sent
     num_degraded_tokens: int = 0  # tokens it ran with fewer experts than it asked for
+    rank: int | None = None  # the worker (KV pool) it runs on, from its first schedule
 
     @property
     def all_token_ids(self) -> list[int]:

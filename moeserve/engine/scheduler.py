@@ -10,6 +10,11 @@ steps: that is all chunked prefill is.
 
 The output is a typed SchedulerOutput: a request's data is sent whole once (when it starts or
 restarts after preemption), afterwards only its new blocks.
+
+With several workers (expert parallelism, attention data-parallel) there is one block pool per
+worker: a request is given the rank with the most free blocks when it is first admitted and
+keeps it; its blocks, its prefix-cache hits and the requests it may preempt are all in that
+rank's pool. `SchedulerOutput.ranks` says where each scheduled request runs.
 """
 
 from __future__ import annotations
@@ -60,6 +65,15 @@ class SchedulerOutput:
     num_decode_tokens: int = 0  # of the scheduled tokens, those that are one new token after an output
     # request id -> (its requested K, the K it runs at this step); absent: the model's K for both
     top_k: dict[str, tuple[int, int]] = field(default_factory=dict)
+    ranks: dict[str, int] = field(default_factory=dict)  # request id -> its worker; empty with one worker
+    active: bool | None = None  # the step runs on some worker (None: iff tokens are scheduled here)
+
+    def rank_of(self, request_id: str) -> int:
+        return self.ranks.get(request_id, 0)
+
+    @property
+    def runs(self) -> bool:
+        return bool(self.num_scheduled_tokens) if self.active is None else self.active
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -74,10 +88,11 @@ class Scheduler:
     this step; it salts the prefix-cache keys of the blocks they fill (and of the lookups), so KV
     computed under one configuration is never reused under another. None: one configuration."""
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager | list[BlockManager],
                  expert_config: Callable[[Request], ExpertConfig] | None = None):
         self.config = config
-        self.block_manager = block_manager
+        self.pools = block_manager if isinstance(block_manager, list) else [block_manager]
+        self.block_manager = self.pools[0]
         self.expert_config = expert_config
         self.requests: dict[str, Request] = {}
         self.waiting: list[tuple[tuple[int, int], Request]] = []  # heap by sort_key
@@ -94,8 +109,26 @@ class Scheduler:
         self.requests[request.request_id] = request
         heapq.heappush(self.waiting, (request.sort_key, request))
 
+    def _pool(self, req: Request) -> BlockManager:
+        return self.pools[req.rank or 0]
+
+    def _assign_rank(self, req: Request) -> None:
+        """The pool with the most free blocks, then the fewest running requests."""
+        if req.rank is None:
+            running = [0] * len(self.pools)
+            for r in self.running:
+                running[r.rank or 0] += 1
+            req.rank = max(range(len(self.pools)), key=lambda i: (self.pools[i].num_free_blocks, -running[i], -i))
+
+    def _victim(self, rank: int | None) -> Request:
+        """The lowest-priority, latest-arrived running request of that rank's pool (running is sorted)."""
+        for i in range(len(self.running) - 1, -1, -1):
+            if self.running[i].rank == rank:
+                return self.running.pop(i)
+        raise AssertionError("a running request's own rank has no running request")
+
     def schedule(self) -> SchedulerOutput:
-        bm, budget = self.block_manager, self.config.max_num_batched_tokens
+        budget = self.config.max_num_batched_tokens
         scheduled: dict[str, int] = {}
         top_k: dict[str, ExpertConfig] = {}
         new_data: list[NewRequestData] = []
@@ -106,10 +139,11 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
+            bm = self._pool(req)
             n = min(req.num_tokens - req.num_computed_tokens, budget)
             old_blocks = len(req.block_table)
             while not bm.allocate(req.block_table, req.num_computed_tokens + n):
-                victim = self.running.pop()
+                victim = self._victim(req.rank)
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
@@ -130,6 +164,8 @@ class Scheduler:
             if req.status.finished:  # aborted while waiting
                 heapq.heappop(self.waiting)
                 continue
+            self._assign_rank(req)
+            bm = self._pool(req)
             tokens = req.all_token_ids
             salt = self._salt(req, top_k)
             hits = bm.lookup_prefix(tokens, salt)
@@ -156,7 +192,8 @@ class Scheduler:
         decode = sum(1 for r, n in scheduled.items() if n == 1 and self.requests[r].output_token_ids
                      and self.requests[r].num_computed_tokens == self.requests[r].num_tokens - 1)
         top_k = {r: top_k[r] for r in scheduled if r in top_k}
-        return SchedulerOutput(tuple(new_data), tuple(cached_data), scheduled, dropped, decode, top_k)
+        ranks = {r: self.requests[r].rank or 0 for r in scheduled} if len(self.pools) > 1 else {}
+        return SchedulerOutput(tuple(new_data), tuple(cached_data), scheduled, dropped, decode, top_k, ranks)
 
     def _salt(self, req: Request, top_k: dict[str, ExpertConfig]) -> bytes:
         """Records the request's expert configuration for this step; its prefix-cache salt."""
@@ -173,10 +210,10 @@ class Scheduler:
             req = self.requests.get(req_id)
             if req is not None:
                 start = req.num_computed_tokens
-                self.block_manager.uncache(req.block_table[start // bs : (start + n) // bs])
+                self._pool(req).uncache(req.block_table[start // bs : (start + n) // bs])
 
     def _preempt(self, req: Request) -> None:
-        self.block_manager.free(req.block_table)
+        self._pool(req).free(req.block_table)
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1
@@ -213,7 +250,7 @@ class Scheduler:
         if req.status is RequestStatus.RUNNING:
             self.running.remove(req)
         req.status = status
-        self.block_manager.free(req.block_table)
+        self._pool(req).free(req.block_table)
         self._dropped.add(req.request_id)
         del self.requests[req.request_id]
 

@@ -3,8 +3,9 @@
     execute(SchedulerOutput) -> ModelRunnerOutput     every step
     collective_rpc(method, *args) -> [result per worker]   control calls, by Worker method name
 
-One worker in the engine process today (UniProcExecutor); an executor with N workers keeps the
-same two calls, so the core does not know how many workers there are.
+UniProcExecutor: one worker in the engine process. With N expert-parallel workers
+(multiproc.py: processes on this host; ray_executor.py: Ray actors in a placement group) the
+calls are the same, so the core does not know how many workers there are.
 """
 
 from __future__ import annotations
@@ -27,11 +28,19 @@ class Executor(ABC):
 
     @staticmethod
     def create(config: EngineConfig, faults: FaultInjector | None = None) -> Executor:
-        backend = config.parallel.distributed_executor_backend
+        backend = config.parallel.executor_backend
         if backend == "uni":
             from moeserve.executor.uniproc import UniProcExecutor
 
             return UniProcExecutor(config, faults)
+        if backend == "mp":
+            from moeserve.executor.multiproc import MultiprocExecutor
+
+            return MultiprocExecutor(config, faults)
+        if backend == "ray":
+            from moeserve.executor.ray_executor import RayExecutor
+
+            return RayExecutor(config, faults)
         raise ValueError(f"unknown executor backend {backend!r}")
 
     @abstractmethod

@@ -19,11 +19,12 @@ from moeserve.model_config import ModelConfig
 from moeserve.model.attention import Attention, AttentionMetadata, PagedKVCache
 from moeserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
 from moeserve.model.moe import ExpertBackend, ExpertLoad, LoadRecorder, SlotLayout, SparseMoE, get_expert_backend
+from moeserve.model.moe.dispatch import ExpertParallelGroup
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int, moe_layer: int | None, layout: SlotLayout,
-                 backend: ExpertBackend, attention_backend: str):
+                 backend: ExpertBackend, attention_backend: str, ep: ExpertParallelGroup | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer_id, attention_backend)
@@ -33,18 +34,19 @@ class DecoderLayer(nn.Module):
         if moe_layer is None:
             self.mlp = GatedMLP(config.hidden_size, config.intermediate_size)
         else:
-            self.mlp = SparseMoE(config, moe_layer, layout, backend)
+            self.mlp = SparseMoE(config, moe_layer, layout, backend, ep)
 
 
 class _Backbone(nn.Module):
     """Holds the `model.` prefix of the Hub parameter names."""
 
-    def __init__(self, config: ModelConfig, layout: SlotLayout, backend: ExpertBackend, attention_backend: str):
+    def __init__(self, config: ModelConfig, layout: SlotLayout, backend: ExpertBackend, attention_backend: str,
+                 ep: ExpertParallelGroup | None = None):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         moe_index = {layer: i for i, layer in enumerate(config.moe_layer_ids)}
         self.layers = nn.ModuleList(
-            DecoderLayer(config, i, moe_index.get(i), layout, backend, attention_backend)
+            DecoderLayer(config, i, moe_index.get(i), layout, backend, attention_backend, ep)
             for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -76,14 +78,16 @@ class MoEForCausalLM(nn.Module):
         expert_backend: str = "torch",
         attention_backend: str = "torch",
         expert_slot_groups: int = 1,
+        ep: ExpertParallelGroup | None = None,
     ):
         super().__init__()
         self.config = config
         self.num_slots = config.num_experts + num_redundant_experts
         self.layout = SlotLayout(config.num_experts, self.num_slots, expert_slot_groups)
+        self.ep = ep
         self.expert_backend, self.attention_backend = expert_backend, attention_backend
         backend = get_expert_backend(expert_backend)
-        self.model = _Backbone(config, self.layout, backend, attention_backend)
+        self.model = _Backbone(config, self.layout, backend, attention_backend, ep)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.rotary = RotaryEmbedding(config.rope)
@@ -158,6 +162,14 @@ class MoEForCausalLM(nn.Module):
                                                   token_top_k.requested), k)  # [T]
                 h = residual + layer.mlp(x, k, self.load)
         return self.model.norm(h)
+
+    @torch.inference_mode()
+    def forward_idle(self) -> None:
+        """An expert-parallel worker with no tokens this step joins every MoE layer's collectives."""
+        self.load.begin_step()
+        x = self.model.embed_tokens.weight[:0]  # [0, D]
+        for moe in self.moe_layers:
+            moe.forward_idle(x)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -4,10 +4,14 @@ It keeps its own copy of each running request's tokens and block table, built fr
 NewRequestData and kept current from the diffs (new blocks) and its own samples, so per step
 only the diffs cross from the scheduler. A request is sampled when its scheduled tokens reach
 the end of its known tokens; a prefill chunk that stops short produces nothing.
+
+Under expert parallelism every worker gets the whole SchedulerOutput and runs the requests of
+its own rank; a worker with none still joins the step's MoE collectives (`forward_idle`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -48,8 +52,9 @@ class _RunnerRequest:
 
 class ModelRunner:
     def __init__(self, model: MoEForCausalLM, kv_cache: PagedKVCache, sampler: Sampler,
-                 faults: FaultInjector | None = None):
+                 faults: FaultInjector | None = None, rank: int = 0):
         self.model = model
+        self.rank = rank
         self.faults = faults or FaultInjector()
         self.kv_cache = kv_cache
         self.sampler = sampler
@@ -59,6 +64,8 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         for req_id in out.finished_request_ids:
             self.requests.pop(req_id, None)
+        if self.model.ep is not None:
+            out = _for_rank(out, self.rank)
         for new in out.new_requests:
             self.requests[new.request_id] = _RunnerRequest(
                 list(new.token_ids), new.num_prompt_tokens, list(new.block_table), new.num_computed_tokens,
@@ -69,6 +76,10 @@ class ModelRunner:
             state.block_table.extend(diff.new_block_ids)
             assert state.num_computed_tokens == diff.num_computed_tokens, "runner and scheduler disagree"
         if not out.num_scheduled_tokens:
+            if self.model.ep is not None and out.runs:
+                self.faults.check("forward")
+                self.model.forward_idle()
+                return ModelRunnerOutput([], [], [], self._expert_load())
             return ModelRunnerOutput.empty()
 
         ids: list[int] = []
@@ -124,3 +135,16 @@ class ModelRunner:
         load = self.model.expert_load()
         return ExpertLoadStats(load.logical.tolist(), load.gate_entropy.tolist(), load.num_tokens,
                                load.overflow.tolist())
+
+
+def _for_rank(out: SchedulerOutput, rank: int) -> SchedulerOutput:
+    """The part of a step that runs on `rank`; `active` keeps saying whether the step runs at all."""
+    mine = {r for r in out.num_scheduled_tokens if out.rank_of(r) == rank}
+    return dataclasses.replace(
+        out,
+        new_requests=tuple(n for n in out.new_requests if n.request_id in mine),
+        cached_requests=tuple(c for c in out.cached_requests if c.request_id in mine),
+        num_scheduled_tokens={r: n for r, n in out.num_scheduled_tokens.items() if r in mine},
+        top_k={r: k for r, k in out.top_k.items() if r in mine},
+        ranks={}, active=bool(out.num_scheduled_tokens),
+    )

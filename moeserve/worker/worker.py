@@ -19,6 +19,8 @@ from moeserve.engine.faults import FaultInjector
 from moeserve.engine.scheduler import SchedulerOutput
 from moeserve.model.attention import PagedKVCache
 from moeserve.model.decoder import MoEForCausalLM
+from moeserve.model.moe import SlotLayout
+from moeserve.model.moe.dispatch import ExpertParallelGroup
 from moeserve.model_config import ModelConfig, resolve_device
 from moeserve.worker import kv_sizing
 from moeserve.worker.model_runner import ModelRunner, ModelRunnerOutput
@@ -28,19 +30,30 @@ logger = logging.getLogger(__name__)
 
 
 class Worker:
-    def __init__(self, config: EngineConfig, faults: FaultInjector | None = None):
+    """`rank` and `group` place it in the expert-parallel data-plane group (a torch.distributed
+    process group of `config.parallel.world_size` workers); with one worker there is none."""
+
+    def __init__(self, config: EngineConfig, faults: FaultInjector | None = None, rank: int = 0,
+                 group: object | None = None):
         self.config = config
         self.faults = faults or FaultInjector()
+        self.rank, self.group = rank, group
         self.device = resolve_device(config.load.device)
         self.model: MoEForCausalLM | None = None
         self.runner: ModelRunner | None = None
 
     def load_model(self) -> ModelConfig:
-        load = self.config.load
+        load, parallel = self.config.load, self.config.parallel
+        ep = None
+        if parallel.world_size > 1:
+            mc = ModelConfig.from_pretrained(load.model)
+            layout = SlotLayout(mc.num_experts, mc.num_experts + load.num_redundant_experts, parallel.world_size)
+            offset, count = layout.group_slots(self.rank)
+            ep = ExpertParallelGroup(self.rank, parallel.world_size, self.group, offset, count)
         self.model = load_model(load.model, dtype=load.dtype, device=self.device,
                                 num_redundant_experts=load.num_redundant_experts, expert_backend=load.expert_backend,
-                                attention_backend=load.attention_backend,
-                                expert_slot_groups=self.config.parallel.expert_slot_groups)
+                                attention_backend=load.attention_backend, expert_slot_groups=parallel.num_slot_groups,
+                                ep=ep)
         self.model.load.enabled = self.config.control.record_expert_load
         self.model.set_capacity(load.moe_capacity_factor, load.moe_overflow)
         return self.model.config
@@ -84,7 +97,7 @@ class Worker:
     def initialize_cache(self, num_blocks: int) -> None:
         cache = PagedKVCache.for_model(self.model.config, num_blocks, self.config.cache.block_size, self.dtype,
                                        self.device)
-        self.runner = ModelRunner(self.model, cache, Sampler(self.config.load.seed), self.faults)
+        self.runner = ModelRunner(self.model, cache, Sampler(self.config.load.seed), self.faults, self.rank)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.runner.execute(scheduler_output)
@@ -101,6 +114,11 @@ class Worker:
 
     def set_degrade_layers(self, moe_layers: list[int] | None) -> None:
         self.model.set_degrade_layers(moe_layers)
+
+    def expert_weight_bytes(self) -> int:
+        """Bytes of expert weights resident on this worker (its slots only)."""
+        return sum(moe.w13.numel() * moe.w13.element_size() + moe.w2.numel() * moe.w2.element_size()
+                   for moe in self.model.moe_layers)
 
     def placement(self) -> list[tuple[list[int], list[int]]]:
         """Each MoE layer's (phy2log [P], slot group [P]) as this worker holds it."""

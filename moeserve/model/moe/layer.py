@@ -16,6 +16,7 @@ from moeserve.model.layers import GatedMLP
 from moeserve.model.moe.experts import ExpertBackend
 from moeserve.model.moe.load import LoadRecorder
 from moeserve.model.moe.capacity import OVERFLOW_MODES, apply_capacity
+from moeserve.model.moe.dispatch import ExpertParallelGroup, dispatch_combine, wire
 from moeserve.model.moe.placement import ExpertPlacement, SlotLayout
 from moeserve.model.moe.router import Router
 
@@ -28,16 +29,19 @@ class SparseMoE(nn.Module):
     exact semantics).
     """
 
-    def __init__(self, config: ModelConfig, moe_layer: int, layout: SlotLayout, backend: ExpertBackend):
+    def __init__(self, config: ModelConfig, moe_layer: int, layout: SlotLayout, backend: ExpertBackend,
+                 ep: ExpertParallelGroup | None = None):
         super().__init__()
         D, I, E = config.hidden_size, config.moe_intermediate_size, config.num_experts
-        num_slots = layout.num_slots
+        self.ep = ep
+        self.slot_offset = ep.slot_offset if ep else 0  # global slot of local slot 0
+        num_slots = ep.num_local_slots if ep else layout.num_slots  # the slots whose weights live here
         self.moe_layer = moe_layer
         self.intermediate_size = I
         self.gate = Router(D, E, config.top_k, config.renormalize, config.router_weights_fp32,
                            select=backend.select_experts)
-        self.w13 = nn.Parameter(torch.empty(num_slots, 2 * I, D), requires_grad=False)  # [P, 2I, D]
-        self.w2 = nn.Parameter(torch.empty(num_slots, D, I), requires_grad=False)  # [P, D, I]
+        self.w13 = nn.Parameter(torch.empty(num_slots, 2 * I, D), requires_grad=False)  # [P_local, 2I, D]
+        self.w2 = nn.Parameter(torch.empty(num_slots, D, I), requires_grad=False)  # [P_local, D, I]
         self.placement = ExpertPlacement(layout)
         self.capacity_factor: float | None = None
         self.overflow = "reroute"
@@ -56,10 +60,27 @@ class SparseMoE(nn.Module):
             load.record_overflow(self.moe_layer, limited.rerouted, limited.dropped)
         slots = self.placement.slots_for(expert_ids)  # [T, K]
         load.record(self.moe_layer, expert_ids, slots, routing.logits)
-        out = self.backend(x, slots, routing.weights, self.w13, self.w2)  # [T, D]
+        if self.ep is None:
+            out = self.backend(x, slots, routing.weights, self.w13, self.w2)  # [T, D]
+        else:
+            out = dispatch_combine(x, slots, routing.weights, self.placement.slot_rank, self.ep, self._local_experts)
         if self.shared_expert is not None:
             out = out + F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out
+
+    def _local_experts(self, rows: torch.Tensor, local_slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return self.backend(rows, local_slots, weights, self.w13, self.w2)
+
+    def forward_idle(self, x: torch.Tensor) -> None:
+        """A worker with no tokens this step: join the layer's collectives with nothing to send."""
+        K = self.gate.top_k
+        empty = torch.empty(0, K, dtype=torch.int64, device=x.device)
+        dispatch_combine(x[:0], empty, empty.float(), self.placement.slot_rank, self.ep, self._local_experts)
+
+    def local(self, slot: int) -> int | None:
+        """The index of global `slot` in this worker's tensors, None when another worker owns it."""
+        i = slot - self.slot_offset
+        return i if 0 <= i < self.w13.shape[0] else None
 
     def set_capacity(self, capacity_factor: float | None, overflow: str = "reroute") -> None:
         if capacity_factor is not None and capacity_factor <= 0:
@@ -71,12 +92,26 @@ class SparseMoE(nn.Module):
     @torch.no_grad()
     def replicate(self, expert: int, slot: int) -> None:
         """Copy `expert`'s weights into the empty `slot`, then publish the new map (in that order,
-        so no step can route to a slot whose weights are not there yet)."""
+        so no step can route to a slot whose weights are not there yet). Under expert parallelism
+        every worker calls this: the owner of a copy sends it over the data-plane group to the
+        owner of `slot` (a local copy when they are the same), and every worker updates its map."""
         if int(self.placement.phy2log[slot]) >= 0:
             raise ValueError(f"slot {slot} already holds expert {int(self.placement.phy2log[slot])}")
         source = int(self.placement.log2phy[expert, 0])
-        self.w13[slot].copy_(self.w13[source])
-        self.w2[slot].copy_(self.w2[source])
+        src, dst = self.local(source), self.local(slot)
+        if self.ep is None or (src is not None and dst is not None):
+            self.w13[dst].copy_(self.w13[src])
+            self.w2[dst].copy_(self.w2[src])
+        elif src is not None:
+            to = int(self.placement.slot_rank[slot])
+            torch.distributed.send(wire(self.w13[src].contiguous()), to, group=self.ep.group)
+            torch.distributed.send(wire(self.w2[src].contiguous()), to, group=self.ep.group)
+        elif dst is not None:
+            frm = int(self.placement.slot_rank[source])
+            for t in (self.w13[dst], self.w2[dst]):
+                buf = torch.empty_like(t)
+                torch.distributed.recv(wire(buf), frm, group=self.ep.group)
+                t.copy_(buf)
         self.placement.add_replica(expert, slot)
 
     def retire(self, slot: int) -> None:

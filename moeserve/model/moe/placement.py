@@ -52,6 +52,11 @@ class SlotLayout:
         first_spare, spares = N * g // G, N * (g + 1) // G - N * g // G
         return first_expert + first_spare, experts, spares, first_expert
 
+    def group_slots(self, g: int) -> tuple[int, int]:
+        """(first slot, number of slots) of group g."""
+        start, experts, spares, _ = self._bounds(g)
+        return start, experts + spares
+
     @property
     def home_slot(self) -> list[int]:
         out = []

@@ -1,0 +1,90 @@
+"""A worker in a process of its own (a local process or a Ray actor) and its channel to the
+executor: ZMQ, never a Ray call per step.
+
+    executor (ROUTER, bound on the engine's host)  <->  worker r (DEALER, identity b"w<r>")
+    -> WorkerCall(method, args)          every step ("execute_model") and every control call
+    <- WorkerReply(rank, ok, value)      the method's result, or the error's text
+
+On start a worker joins the data-plane group (torch.distributed: gloo on CPU, NCCL on CUDA,
+with the configured timeout), builds its Worker, says hello, and serves calls in order until
+told to stop. Messages are pickled dataclasses: both ends are moeserve processes of one engine.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import pickle
+import socket
+import traceback
+from dataclasses import dataclass
+from typing import Any
+
+from moeserve.config import EngineConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class WorkerCall:
+    method: str
+    args: tuple = ()
+    kwargs: dict | None = None
+
+
+@dataclass(frozen=True)
+class WorkerReply:
+    rank: int
+    ok: bool
+    value: Any = None  # the result, or the error's text
+
+
+STOP = WorkerCall("__stop__")
+HELLO = "__hello__"
+
+
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def run_worker(config: EngineConfig, rank: int, dist_url: str, executor_address: str) -> None:
+    """The worker's whole life: join the group, build the Worker, serve calls until STOP."""
+    import torch
+    import torch.distributed as dist
+    import zmq
+
+    from moeserve.worker.worker import Worker
+
+    parallel = config.parallel
+    if os.environ.get("MOESERVE_WORKER_THREADS"):
+        torch.set_num_threads(int(os.environ["MOESERVE_WORKER_THREADS"]))
+    backend = "nccl" if config.load.device.startswith("cuda") else "gloo"
+    dist.init_process_group(backend, init_method=dist_url, rank=rank, world_size=parallel.world_size,
+                            timeout=datetime.timedelta(seconds=parallel.distributed_timeout))
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, b"w%d" % rank)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(executor_address)
+    try:
+        worker = Worker(config, rank=rank, group=dist.group.WORLD)
+        sock.send(pickle.dumps(WorkerReply(rank, True, HELLO)))
+        while True:
+            call: WorkerCall = pickle.loads(sock.recv())
+            if call.method == STOP.method:
+                break
+            try:
+                value = getattr(worker, call.method)(*call.args, **(call.kwargs or {}))
+                reply = WorkerReply(rank, True, value)
+            except Exception as e:  # the executor decides what a failed call means
+                logger.exception("worker %d: %s failed", rank, call.method)
+                reply = WorkerReply(rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+            sock.send(pickle.dumps(reply))
+    finally:
+        sock.close()
+        ctx.term()
+        if dist.is_initialized():
+            dist.destroy_process_group()
