@@ -84,6 +84,13 @@ class _EngineCollector(Collector):
             yield by_class
             yield self._counter("moeserve:prefix_cache_hits", "KV blocks reused from the prefix cache.",
                                 stats.prefix_cache_hits)
+            if len(stats.running_by_rank) > 1:
+                by_rank = GaugeMetricFamily("moeserve:worker_requests_running", "Running requests on each "
+                                            "expert-parallel worker (each runs attention for its own).",
+                                            labels=["model_name", "rank"])
+                for rank, n in enumerate(stats.running_by_rank):
+                    by_rank.add_metric([self.model_name, str(rank)], n)
+                yield by_rank
             if self.expert_metrics != "off":
                 yield from self._moe(stats)
             if stats.replication is not None:

@@ -243,7 +243,14 @@ class EngineCore:
             num_degraded_tokens=self._degraded_tokens, recent_ttft_s=self._ttft_p90(),
             num_requests_received=self._received, num_preemptions=sched.num_preemptions, prefix_cache_hits=sum(bm.stats.hits for bm in pools), top_k=list(self.top_k),
             expert_load=expert_load, replication=self.replication.stats() if self.replication else None,
+            running_by_rank=self._running_by_rank(),
         )
+
+    def _running_by_rank(self) -> list[int]:
+        counts = [0] * len(self.block_pools)
+        for req in self.scheduler.running:
+            counts[req.rank or 0] += 1
+        return counts
 
     # ---- control ----
 

@@ -137,6 +137,7 @@ class EngineStats:
     num_degraded_tokens: int = 0  # since start: tokens run with fewer experts than their request asked
     recent_ttft_s: float = 0.0  # p90 of the engine-side TTFT (arrival -> first token) of recent requests
     replication: ReplicationStats | None = None  # None when replication is off
+    running_by_rank: list[int] = field(default_factory=list)  # running requests on each worker
 
     @property
     def kv_usage(self) -> float:

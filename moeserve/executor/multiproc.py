@@ -54,4 +54,4 @@ def _worker_main(config: EngineConfig, rank: int, dist_url: str, address: str) -
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # die with the engine
     except OSError:
         pass
-    run_worker(config, rank, dist_url, address)
+    run_worker(config, rank, dist_url, address, "127.0.0.1")

@@ -50,14 +50,36 @@ def free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def run_worker(config: EngineConfig, rank: int, dist_url: str, executor_address: str) -> None:
-    """The worker's whole life: join the group, build the Worker, serve calls until STOP."""
+def interface_of(ip: str) -> str | None:
+    """The name of the network interface that holds `ip` (Linux), None when none does."""
+    import fcntl
+    import struct
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(s.fileno(), 0x8915, struct.pack("256s", name.encode()[:15]))  # SIOCGIFADDR
+            except OSError:
+                continue
+            if socket.inet_ntoa(packed[20:24]) == ip:
+                return name
+    return None
+
+
+def run_worker(config: EngineConfig, rank: int, dist_url: str, executor_address: str, host: str) -> None:
+    """The worker's whole life: join the group, build the Worker, serve calls until STOP.
+    `host` is this worker's address as the cluster knows it: the data plane uses its interface
+    (not whatever the hostname resolves to) unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME say."""
     import torch
     import torch.distributed as dist
     import zmq
 
     from moeserve.worker.worker import Worker
 
+    interface = interface_of(host)
+    if interface is not None:
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
+        os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
     parallel = config.parallel
     if os.environ.get("MOESERVE_WORKER_THREADS"):
         torch.set_num_threads(int(os.environ["MOESERVE_WORKER_THREADS"]))

@@ -120,6 +120,12 @@ class Worker:
         return sum(moe.w13.numel() * moe.w13.element_size() + moe.w2.numel() * moe.w2.element_size()
                    for moe in self.model.moe_layers)
 
+    def slot_codes(self) -> list[dict[int, tuple[float, float]]]:
+        """Per MoE layer: global slot -> (mean of its w13, mean of its w2), for this worker's
+        slots (tests encode an expert's id in its weights)."""
+        return [{moe.slot_offset + i: (float(moe.w13[i].float().mean()), float(moe.w2[i].float().mean()))
+                 for i in range(moe.w13.shape[0])} for moe in self.model.moe_layers]
+
     def placement(self) -> list[tuple[list[int], list[int]]]:
         """Each MoE layer's (phy2log [P], slot group [P]) as this worker holds it."""
         return [(moe.placement.phy2log.tolist(), moe.placement.slot_rank.tolist()) for moe in self.model.moe_layers]

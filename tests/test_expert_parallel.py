@@ -1,0 +1,190 @@
+"""Expert parallelism on Ray, for real: a Ray cluster in a network namespace this module creates
+(one node; a second module-scoped cluster spans two namespaces joined by a veth pair), workers
+as actors in a placement group, the expert all-to-all over gloo. Each check runs
+tests/ep_driver.py inside the namespace and compares with the one-process engine here, under the
+equality rule. The mp executor (local worker processes, no Ray) gets the same comparison."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeserve import SamplingParams
+from moeserve.config import engine_config
+from moeserve.engine.llm_engine import LLMEngine
+from moeserve.testing.checkpoints import make_tiny_checkpoint
+from moeserve.testing.equality import GreedyTrace, greedy_divergence
+
+from netns import ray_cluster_fixture
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+DRIVER = str(Path(__file__).with_name("ep_driver.py"))
+MAX_TOKENS = 10
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    yield from ray_cluster_fixture(num_cpus=4)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """The four families; Qwen3-MoE with 10 experts, which 4 workers cannot split evenly."""
+    root = tmp_path_factory.mktemp("ep")
+    return {
+        "mixtral": make_tiny_checkpoint("mixtral", root / "mixtral"),
+        "qwen2_moe": make_tiny_checkpoint("qwen2_moe", root / "qwen2_moe"),  # with its shared expert
+        "qwen3_moe": make_tiny_checkpoint("qwen3_moe", root / "qwen3_moe", num_experts=10),
+        "olmoe": make_tiny_checkpoint("olmoe", root / "olmoe"),
+    }
+
+
+def _driver(cluster, *args: str, timeout: float = 600) -> dict:
+    done = cluster.run([sys.executable, DRIVER, *args, "--ray-address", cluster.address], timeout=timeout)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, f"driver failed ({done.returncode}):\n{done.stderr[-6000:]}"
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _single(model: Path, prompts: list[list[int]], **settings) -> tuple[list[GreedyTrace], list[list[int]]]:
+    """The one-process engine on the same schedule as the driver (the first prompt alone for 3 steps)."""
+    engine = LLMEngine(engine_config(model, max_model_len=128, block_size=4, **settings))
+    totals: list[list[int]] = []
+
+    class Totals:
+        def between_steps(self, core, stats):
+            if stats.expert_load is not None:
+                if not totals:
+                    totals.extend([0] * len(r) for r in stats.expert_load.logical)
+                for acc, row in zip(totals, stats.expert_load.logical):
+                    for e, v in enumerate(row):
+                        acc[e] += v
+
+    engine.core.add_controller(Totals())
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
+    engine.add_request("0", {"prompt_token_ids": prompts[0]}, params)
+    done, step = {}, 0
+    while engine.has_unfinished_requests() or step < 3:
+        if step == 3:
+            for i, p in enumerate(prompts[1:], start=1):
+                engine.add_request(str(i), {"prompt_token_ids": p}, params)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = GreedyTrace(out.outputs[0].token_ids, out.outputs[0].logprobs)
+        step += 1
+    engine.core.shutdown()
+    return [done[str(i)] for i in range(len(prompts))], totals
+
+
+def _traces(result: dict) -> list[GreedyTrace]:
+    return [GreedyTrace(tuple(t["tokens"]), tuple({int(k): v for k, v in lp.items()} for lp in t["logprobs"]))
+            for t in result["traces"]]
+
+
+def _expert_bytes_per_slot(model: Path) -> int:
+    from moeserve import ModelConfig
+
+    mc = ModelConfig.from_pretrained(model)
+    return 3 * mc.hidden_size * mc.moe_intermediate_size * 4 * mc.num_moe_layers  # fp32
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_two_and_four_workers_equal_one(cluster, models, prompts, tmp_path, arch):
+    model = models[arch]
+    prompt_file = tmp_path / "prompts.json"
+    prompt_file.write_text(json.dumps(prompts))
+    expected, expected_load = _single(model, prompts)
+    from moeserve import ModelConfig
+
+    E = ModelConfig.from_pretrained(model).num_experts
+    for workers in (2, 4):
+        got = _driver(cluster, "generate", str(model), str(prompt_file), "--workers", str(workers),
+                      "--max-tokens", str(MAX_TOKENS))
+        for i, (a, b) in enumerate(zip(_traces(got), expected)):
+            assert greedy_divergence(a, b) is None, f"{arch}, {workers} workers, prompt {i}"
+        assert got["logical"] == expected_load, "expert-load counts summed over ranks"
+        per_rank = got["running_by_rank"]
+        assert all(len(r) == workers for r in per_rank)
+        assert any(r.count(0) == workers - 1 and sum(r) == 1 for r in per_rank[:3]), "a step with idle ranks"
+        assert all(sum(1 for r in per_rank if r[k]) for k in range(workers)), "every rank ran requests"
+        shares = [E * (g + 1) // workers - E * g // workers for g in range(workers)]
+        assert got["expert_bytes"] == [n * _expert_bytes_per_slot(model) for n in shares]
+
+
+def test_replication_across_workers_moves_each_experts_own_weights(cluster, tmp_path):
+    """Each expert's weights encode its id; after copies across workers, a retirement and a
+    reused slot, every slot holds the code of the expert the maps say it holds."""
+    from safetensors.torch import load_file, save_file
+
+    model = make_tiny_checkpoint("mixtral", tmp_path / "coded")
+    for f in model.glob("*.safetensors"):
+        tensors = load_file(f)
+        for name in tensors:
+            if ".experts." in name:
+                e = int(name.split(".experts.")[1].split(".")[0])
+                tensors[name] = torch.full_like(tensors[name], float(e + 1))
+        save_file(tensors, f, metadata={"format": "pt"})
+    got = _driver(cluster, "move", str(model))
+    for layer, (phy2log, groups) in enumerate(got["placement"][0]):
+        assert phy2log == got["expected"], f"layer {layer}"
+        assert all(p[layer][0] == phy2log for p in got["placement"])  # both workers agree on the map
+        for rank, codes in enumerate(got["codes"]):
+            for slot, (w13, w2) in codes[layer].items():
+                slot = int(slot)
+                assert groups[slot] == rank
+                if phy2log[slot] >= 0:
+                    assert w13 == w2 == phy2log[slot] + 1, f"layer {layer} slot {slot} on worker {rank}"
+
+
+def test_replication_planner_under_expert_parallelism_keeps_generations_equal(cluster, models, prompts, tmp_path):
+    model = models["mixtral"]
+    prompt_file = tmp_path / "prompts.json"
+    prompt_file.write_text(json.dumps(prompts))
+    expected, _ = _single(model, prompts)
+    got = _driver(cluster, "generate", str(model), str(prompt_file), "--workers", "2", "--spares", "2",
+                  "--replication", "--max-tokens", str(MAX_TOKENS))
+    assert got["replications"] >= 1
+    for i, (a, b) in enumerate(zip(_traces(got), expected)):
+        assert greedy_divergence(a, b) is None, f"prompt {i}"
+
+
+def test_serve_with_two_workers_end_to_end(cluster, models):
+    model = models["mixtral"]
+    got = _driver(cluster, "serve", str(model), "--workers", "2", "--prompt", "the expert router")
+    from moeserve import LLM
+
+    llm = LLM(str(model), max_model_len=128)
+    expected = llm.generate("the expert router", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert got["text"] == expected[0].outputs[0].text and got["usage"] == 12
+    assert got["streamed"] and got["metrics_has_ranks"]
+
+
+def test_mp_executor_workers_equal_one(models, prompts):
+    """The same engine with worker processes on this host and no Ray."""
+    model = models["olmoe"]
+    expected, expected_load = _single(model, prompts)
+    got, load = _single(model, prompts, expert_parallel_size=3, distributed_executor_backend="mp")
+    for i, (a, b) in enumerate(zip(got, expected)):
+        assert greedy_divergence(a, b) is None, f"prompt {i}"
+    assert load == expected_load
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    yield from ray_cluster_fixture(two_nodes=True)
+
+
+def test_spread_places_workers_on_both_nodes(two_nodes, models, prompts, tmp_path):
+    model = models["qwen2_moe"]
+    prompt_file = tmp_path / "prompts.json"
+    prompt_file.write_text(json.dumps(prompts))
+    expected, _ = _single(model, prompts)
+    got = _driver(two_nodes, "generate", str(model), str(prompt_file), "--workers", "2", "--spread",
+                  "--max-tokens", str(MAX_TOKENS))
+    assert sorted(got["worker_nodes"]) == two_nodes.ips
+    for i, (a, b) in enumerate(zip(_traces(got), expected)):
+        assert greedy_divergence(a, b) is None, f"prompt {i}"
