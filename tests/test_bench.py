@@ -154,3 +154,17 @@ def test_replication_smoke_reports_balance_before_and_after(tmp_path):
     assert zipf["balancedness_after"] > zipf["balancedness_before"]  # the planner improved a skewed load
     assert all(abs(s - 1.2) < 0.5 for s in data["zipf_fit"]["zipf_s_fitted_per_layer"])
     assert zipf["moe_layer_time"]["parallel_speedup"] > 0
+
+
+def test_ep_smoke_reports_the_all_to_all_share(tmp_path):
+    out = tmp_path / "ep.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "ep.py"), "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    runs = {r["workers"]: r for r in data["runs"]}
+    assert set(runs) == {1, 2, 4}
+    assert runs[1]["comm_share"] == 0 and runs[1]["a2a_calls_per_step"] == 0
+    for n in (2, 4):  # five all-to-alls per MoE layer per step (2 layers in the smoke model)
+        assert runs[n]["a2a_calls_per_step"] == 10 and 0 < runs[n]["comm_share"] < 1
+        assert runs[n]["output_tok_s"] > 0

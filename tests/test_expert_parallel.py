@@ -188,3 +188,22 @@ def test_spread_places_workers_on_both_nodes(two_nodes, models, prompts, tmp_pat
     assert sorted(got["worker_nodes"]) == two_nodes.ips
     for i, (a, b) in enumerate(zip(_traces(got), expected)):
         assert greedy_divergence(a, b) is None, f"prompt {i}"
+
+
+def test_vllm_spelling_on_the_command_line(models):
+    """`--data-parallel-size 2 --enable-expert-parallel` is `--expert-parallel-size 2`; without
+    the switch it is refused in one line."""
+    import subprocess
+
+    from moeserve import LLM
+
+    model = str(models["mixtral"])
+    run = [sys.executable, "-m", "moeserve.cli", "generate", model, "--prompt", "def f(x):", "--max-tokens", "8",
+           "--max-model-len", "64", "--ignore-eos", "--distributed-executor-backend", "mp", "--data-parallel-size", "2"]
+    result = subprocess.run([*run, "--enable-expert-parallel"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    expected = LLM(model, max_model_len=64).generate("def f(x):", SamplingParams(temperature=0, max_tokens=8,
+                                                                                  ignore_eos=True))
+    assert result.stdout == expected[0].outputs[0].text + "\n"
+    refused = subprocess.run(run, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "--enable-expert-parallel" in refused.stderr.strip().splitlines()[-1]

@@ -3,6 +3,7 @@ machine without a Ray install). Ray's executor is the one for clusters."""
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 
 from moeserve.config import EngineConfig
@@ -23,6 +24,8 @@ class MultiprocExecutor(MultiWorkerExecutor):
                                     args=(config, rank, dist_url, address)) for rank in range(self.world_size)]
         for p in self.procs:
             p.start()
+        self._closed = False
+        atexit.register(self.shutdown)  # before multiprocessing joins its children at exit
         try:
             self._await_hello(_START_TIMEOUT_S)
             self.model_config = self.collective_rpc("load_model")[0]
@@ -37,6 +40,10 @@ class MultiprocExecutor(MultiWorkerExecutor):
         return None
 
     def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.shutdown)
         self._stop_workers()
         for p in self.procs:
             p.join(5)

@@ -74,16 +74,20 @@ def run_worker(config: EngineConfig, rank: int, dist_url: str, executor_address:
     import torch.distributed as dist
     import zmq
 
+    from moeserve.model_config import resolve_device
     from moeserve.worker.worker import Worker
 
+    parallel = config.parallel
+    cuda = resolve_device(config.load.device).startswith("cuda")
     interface = interface_of(host)
     if interface is not None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
         os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
-    parallel = config.parallel
     if os.environ.get("MOESERVE_WORKER_THREADS"):
         torch.set_num_threads(int(os.environ["MOESERVE_WORKER_THREADS"]))
-    backend = "nccl" if config.load.device.startswith("cuda") else "gloo"
+    elif not cuda:  # workers on one host share its cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // parallel.world_size))
+    backend = "nccl" if cuda else "gloo"
     dist.init_process_group(backend, init_method=dist_url, rank=rank, world_size=parallel.world_size,
                             timeout=datetime.timedelta(seconds=parallel.distributed_timeout))
     ctx = zmq.Context()

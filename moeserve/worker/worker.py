@@ -39,6 +39,8 @@ class Worker:
         self.faults = faults or FaultInjector()
         self.rank, self.group = rank, group
         self.device = resolve_device(config.load.device)
+        if self.device == "cuda" and torch.cuda.device_count() > 1:  # local workers: one GPU each
+            self.device = f"cuda:{rank % torch.cuda.device_count()}"
         self.model: MoEForCausalLM | None = None
         self.runner: ModelRunner | None = None
 
@@ -114,6 +116,10 @@ class Worker:
 
     def set_degrade_layers(self, moe_layers: list[int] | None) -> None:
         self.model.set_degrade_layers(moe_layers)
+
+    def comm_seconds(self) -> tuple[float, int]:
+        """(seconds, calls) in the expert all-to-alls since the last ask (0 with one worker)."""
+        return self.model.ep.timer.take() if self.model.ep is not None else (0.0, 0)
 
     def expert_weight_bytes(self) -> int:
         """Bytes of expert weights resident on this worker (its slots only)."""

@@ -18,10 +18,25 @@ gloo has no bf16/fp16 all-to-all; half-precision rows travel bit-cast to int16 (
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+
+class CommTimer:
+    """Wall seconds spent in this worker's all-to-alls (meaningful on gloo, where they block;
+    on NCCL they are asynchronous and this measures only their launch)."""
+
+    def __init__(self):
+        self.seconds = 0.0
+        self.calls = 0
+
+    def take(self) -> tuple[float, int]:
+        out = (self.seconds, self.calls)
+        self.seconds, self.calls = 0.0, 0
+        return out
 
 
 @dataclass(frozen=True)
@@ -34,6 +49,7 @@ class ExpertParallelGroup:
     group: object  # torch.distributed ProcessGroup
     slot_offset: int
     num_local_slots: int
+    timer: CommTimer = field(default_factory=CommTimer, compare=False)
 
 
 def wire(t: torch.Tensor) -> torch.Tensor:
@@ -41,8 +57,12 @@ def wire(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t
 
 
-def _a2a(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int], group) -> None:
-    dist.all_to_all_single(wire(out), wire(inp.contiguous()), out_splits, in_splits, group=group)
+def _a2a(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],
+         ep: ExpertParallelGroup) -> None:
+    start = time.perf_counter()
+    dist.all_to_all_single(wire(out), wire(inp.contiguous()), out_splits, in_splits, group=ep.group)
+    ep.timer.seconds += time.perf_counter() - start
+    ep.timer.calls += 1
 
 
 def dispatch_combine(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor, slot_rank: torch.Tensor,
@@ -57,23 +77,23 @@ def dispatch_combine(x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor
     order = torch.argsort(owner, stable=True)  # [T*K]
     send_counts = torch.bincount(owner, minlength=R + 1)[:R]  # [R]
     recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts, group=ep.group)
+    _a2a(recv_counts, send_counts, [1] * R, [1] * R, ep)
     send_splits, recv_splits = send_counts.tolist(), recv_counts.tolist()
     N, M = sum(send_splits), sum(recv_splits)
     picked = order[:N]  # [N] token-slots, grouped by owner rank
     tokens = picked // K  # [N]
     send_rows = x[tokens]  # [N, D]
     recv_rows = x.new_empty(M, x.shape[1])
-    _a2a(recv_rows, send_rows, recv_splits, send_splits, ep.group)
+    _a2a(recv_rows, send_rows, recv_splits, send_splits, ep)
     recv_slots = flat.new_empty(M)
-    _a2a(recv_slots, flat[picked], recv_splits, send_splits, ep.group)
+    _a2a(recv_slots, flat[picked], recv_splits, send_splits, ep)
     flat_weights = weights.reshape(-1)
     recv_weights = flat_weights.new_empty(M)
-    _a2a(recv_weights, flat_weights[picked], recv_splits, send_splits, ep.group)
+    _a2a(recv_weights, flat_weights[picked], recv_splits, send_splits, ep)
     local = (recv_slots - ep.slot_offset)[:, None]  # [M, 1] in [0, P_local)
     y = compute(recv_rows, local, recv_weights[:, None]) if M else recv_rows  # [M, D] weighted
     back = x.new_empty(N, x.shape[1])
-    _a2a(back, y, send_splits, recv_splits, ep.group)
+    _a2a(back, y, send_splits, recv_splits, ep)
     out = torch.zeros_like(x)
     out.index_add_(0, tokens, back)
     return out
