@@ -107,6 +107,23 @@ def _iter_tensors(files: list[Path], skip=lambda name: False) -> Iterator[tuple[
                 yield name, tensor
 
 
+def read_expert(path: str | Path, config: ModelConfig, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One expert's (w13 [2I, D], w2 [D, I]) of decoder layer `layer`, read from the files alone
+    (a restarted expert-parallel worker refilling a slot that held a replica)."""
+    names = {part: _expert_hub_name(config, layer, expert, part) for part in ("gate", "up", "down")}
+    found: dict[str, torch.Tensor] = {}
+    for f in weight_files(Path(path)):
+        with _open(f) as handle:
+            keys = set(handle.keys())
+            for part, name in names.items():
+                if name in keys:
+                    found[part] = handle.get_tensor(name)
+    missing = [names[p] for p in names if p not in found]
+    if missing:
+        raise CheckpointError(f"{path}: no tensor {missing[0]}")
+    return torch.cat([found["gate"], found["up"]]), found["down"]
+
+
 def _checkpoint_dtype(config: ModelConfig, files: list[Path]) -> torch.dtype:
     if config.checkpoint_dtype:
         return parse_dtype(config.checkpoint_dtype)

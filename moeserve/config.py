@@ -107,6 +107,9 @@ class ParallelConfig:
                                        "it fits) or SPREAD (across nodes)", choices=("PACK", "SPREAD"))
     distributed_timeout: float = _opt(10.0, "seconds a collective (or a worker's answer) may take before the "
                                       "step fails")
+    ep_failure_policy: str = _opt("recover", "when an expert-parallel worker dies or hangs: recover (fail the "
+                                  "requests it touched, restart it, rebuild the group, serve again) or fail (the "
+                                  "engine stops)", choices=("recover", "fail"))
 
     def __post_init__(self) -> None:
         for name in ("expert_slot_groups", "expert_parallel_size", "data_parallel_size"):

@@ -91,6 +91,16 @@ class _EngineCollector(Collector):
                 for rank, n in enumerate(stats.running_by_rank):
                     by_rank.add_metric([self.model_name, str(rank)], n)
                 yield by_rank
+                yield self._counter("moeserve:worker_failures", "Expert-parallel worker failures (died, hung or "
+                                    "a failed step on the group).", stats.worker_failures)
+                yield self._counter("moeserve:worker_recoveries", "Rebuilds of the expert-parallel group.",
+                                    stats.worker_recoveries)
+                yield self._counter("moeserve:worker_recovery_seconds", "Time spent rebuilding (divide by "
+                                    "worker_recoveries for the mean).", stats.recovery_seconds_total)
+                yield self._gauge("moeserve:worker_last_recovery_seconds", "How long the last rebuild took.",
+                                  stats.last_recovery_s)
+                yield self._gauge("moeserve:engine_unavailable", "1 while lost workers are being rebuilt.",
+                                  float(stats.unavailable is not None))
             if self.expert_metrics != "off":
                 yield from self._moe(stats)
             if stats.replication is not None:

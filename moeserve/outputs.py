@@ -40,6 +40,7 @@ class RequestFailure:
 
     request_id: str
     message: str
+    unavailable: bool = False  # failed because a worker was lost: retry later (503), not a 500
 
 
 def merge_outputs(older: RequestOutput, newer: RequestOutput) -> RequestOutput:

@@ -9,7 +9,10 @@ The core thinks in token ids only: tokenising, detokenising and stop strings are
 the same object either way.
 
 Failures: an exception in the step's forward fails the requests of that batch (and withdraws
-the prefix-cache keys of the blocks it was to write); the core goes on. Any other exception
+the prefix-cache keys of the blocks it was to write); the core goes on. A lost expert-parallel
+worker (WorkerFailure) fails the batch and every request on the lost worker's rank, as
+`unavailable` (503), empties that rank's KV pool, and marks the core unavailable; the host then
+calls `recover()` (or, with --ep-failure-policy fail, the core raises). Any other exception
 (in schedule(), a controller, a command) propagates: the process hosting the core reports it
 dead rather than serve from a state nobody can vouch for.
 """
@@ -39,6 +42,7 @@ from moeserve.engine.replication import ReplicationPlanner, ReplicationSettings
 from moeserve.engine.request import Request
 from moeserve.engine.scheduler import Scheduler, SchedulerOutput
 from moeserve.executor import Executor
+from moeserve.executor.multi import WorkerFailure
 from moeserve.generation_config import GenerationDefaults
 from moeserve.worker.model_runner import ModelRunnerOutput
 
@@ -102,6 +106,10 @@ class EngineCore:
         if control.replication == "auto":
             self.replication = self._replication_planner()
             self.add_controller(self.replication)
+        self.unavailable: str | None = None
+        self._lost_ranks: tuple[int, ...] = ()
+        self._worker_failures = self._worker_recoveries = 0
+        self._recovery_s_total = self._last_recovery_s = 0.0
         self._degraded_tokens = 0
         self._recent_ttft: collections.deque[tuple[float, float]] = collections.deque()
         self._step = 0
@@ -157,6 +165,8 @@ class EngineCore:
         self._count_degraded(sched)
         try:
             result = self.executor.execute(sched)
+        except WorkerFailure as e:
+            return self._worker_failure(sched, e, start)
         except Exception as e:
             logger.exception("engine step failed; failing the %d requests in it", len(sched.num_scheduled_tokens))
             self.scheduler.discard_step(sched)
@@ -205,9 +215,49 @@ class EngineCore:
             num_degraded_tokens=req.num_degraded_tokens,
         )
 
-    def _fail(self, request_id: str, error: Exception) -> EngineCoreOutput:
+    def _fail(self, request_id: str, error: Exception, unavailable: bool = False) -> EngineCoreOutput:
         self.scheduler.abort(request_id)
-        return EngineCoreOutput(request_id, error=f"{type(error).__name__}: {error}")
+        return EngineCoreOutput(request_id, error=f"{type(error).__name__}: {error}", unavailable=unavailable)
+
+    def _worker_failure(self, sched: SchedulerOutput, error: WorkerFailure, start: float) -> EngineCoreOutputs:
+        logger.error("expert-parallel workers failed: %s", error)
+        if self.config.parallel.ep_failure_policy == "fail":
+            raise error
+        self.scheduler.discard_step(sched)
+        lost = set(error.ranks)
+        victims = list(sched.num_scheduled_tokens)
+        victims += [r.request_id for r in self.scheduler.requests.values()
+                    if r.rank in lost and r.request_id not in sched.num_scheduled_tokens]
+        failed = [self._fail(request_id, error, unavailable=True) for request_id in victims]
+        for rank in lost:  # its KV is gone with it: a fresh pool, no prefix-cache keys
+            pool = BlockManager(self.num_kv_blocks, self.config.cache.block_size, self.config.cache.enable_prefix_caching)
+            self.block_pools[rank] = self.scheduler.pools[rank] = pool
+        self.block_manager = self.scheduler.block_manager = self.block_pools[0]
+        self._lost_ranks = tuple(sorted(lost))
+        self.unavailable = f"rebuilding the expert-parallel workers: {error}"
+        self._worker_failures += 1
+        return EngineCoreOutputs(failed, self._finish_step(sched, ModelRunnerOutput.empty(), start))
+
+    @property
+    def needs_recovery(self) -> bool:
+        return self.unavailable is not None
+
+    def recover(self) -> None:
+        """Rebuild the workers after a failure, restore what the core set on them, serve again."""
+        began = time.monotonic()
+        self.executor.recover(self._lost_ranks)
+        mc = self.model_config
+        for k in sorted(set(self.top_k)):
+            if k != mc.top_k:
+                self.executor.collective_rpc("set_top_k", k, [i for i, x in enumerate(self.top_k) if x == k])
+        if self.config.control.degradation_layers:
+            layers = [int(x) for x in self.config.control.degradation_layers.split(",") if x.strip()]
+            self.executor.collective_rpc("set_degrade_layers", layers)
+        self._last_recovery_s = time.monotonic() - began
+        self._recovery_s_total += self._last_recovery_s
+        self._worker_recoveries += 1
+        self.unavailable = None
+        logger.warning("expert-parallel workers rebuilt in %.1f s", self._last_recovery_s)
 
     def _finish_step(self, sched: SchedulerOutput, result: ModelRunnerOutput, start: float) -> EngineStats:
         self._step += 1
@@ -243,7 +293,9 @@ class EngineCore:
             num_degraded_tokens=self._degraded_tokens, recent_ttft_s=self._ttft_p90(),
             num_requests_received=self._received, num_preemptions=sched.num_preemptions, prefix_cache_hits=sum(bm.stats.hits for bm in pools), top_k=list(self.top_k),
             expert_load=expert_load, replication=self.replication.stats() if self.replication else None,
-            running_by_rank=self._running_by_rank(),
+            running_by_rank=self._running_by_rank(), unavailable=self.unavailable,
+            worker_failures=self._worker_failures, worker_recoveries=self._worker_recoveries,
+            recovery_seconds_total=self._recovery_s_total, last_recovery_s=self._last_recovery_s,
         )
 
     def _running_by_rank(self) -> list[int]:

@@ -108,6 +108,9 @@ class EngineCoreProc:
                 changed, timeout = True, 0
             if core.has_work():
                 self._send(core.step())
+                if core.needs_recovery:  # the front has the failures and the reason; rebuild, then say so
+                    core.recover()
+                    self._send(EngineCoreOutputs([], core.stats()))
             elif changed:
                 self._send(EngineCoreOutputs([], core.stats()))
             elif os.getppid() != self.parent_pid:

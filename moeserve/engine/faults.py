@@ -1,10 +1,13 @@
 """Fault injection: make a named site in the engine raise on chosen calls, for tests.
 
 A plan is a comma-separated list of `site@N` (raise on the N-th call of that site, counting
-from 1, once) or `site@N+` (raise on the N-th call and every call after it). Sites:
+from 1, once) or `site@N+` (raise on the N-th call and every call after it); `site:R@N` limits
+it to expert-parallel worker R. Sites:
 
     schedule   the scheduler's schedule(), before it changes anything
     forward    the model runner, after the batch is built and before the model runs
+    hang       an expert-parallel worker's step: it blocks for good instead of raising (a
+               worker that stops answering while its process lives)
 
 The engine reads a plan from the MOESERVE_INJECT_FAULTS environment variable when none is given
 to it, so a test can fault an engine that runs in another process. Without a plan every check
@@ -15,11 +18,12 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 from dataclasses import dataclass
 
-SITES = ("schedule", "forward")
+SITES = ("schedule", "forward", "hang")
 ENV_VAR = "MOESERVE_INJECT_FAULTS"
-_SPEC = re.compile(r"^(\w+)@(\d+)(\+?)$")
+_SPEC = re.compile(r"^(\w+)(?::(\d+))?@(\d+)(\+?)$")
 
 
 class InjectedFault(RuntimeError):
@@ -31,6 +35,7 @@ class Fault:
     site: str
     call: int  # 1-based
     repeat: bool  # also every later call
+    rank: int | None = None  # only on this expert-parallel worker
 
     def hits(self, call: int) -> bool:
         return call == self.call or (self.repeat and call > self.call)
@@ -48,9 +53,10 @@ class FaultPlan:
             if not part:
                 continue
             m = _SPEC.match(part)
-            if m is None or m[1] not in SITES or int(m[2]) < 1:
-                raise ValueError(f"bad fault {part!r}: expected site@N or site@N+ with site in {SITES}, N >= 1")
-            faults.append(Fault(m[1], int(m[2]), bool(m[3])))
+            if m is None or m[1] not in SITES or int(m[3]) < 1:
+                raise ValueError(f"bad fault {part!r}: expected site@N, site@N+ or site:RANK@N with site in "
+                                 f"{SITES}, N >= 1")
+            faults.append(Fault(m[1], int(m[3]), bool(m[4]), None if m[2] is None else int(m[2])))
         return cls(tuple(faults))
 
     @classmethod
@@ -61,8 +67,9 @@ class FaultPlan:
 class FaultInjector:
     """Counts calls per site and raises InjectedFault where the plan says."""
 
-    def __init__(self, plan: FaultPlan | None = None):
-        self.plan = plan if plan is not None else FaultPlan.from_env()
+    def __init__(self, plan: FaultPlan | None = None, rank: int | None = None):
+        plan = plan if plan is not None else FaultPlan.from_env()
+        self.plan = FaultPlan(tuple(f for f in plan.faults if f.rank is None or f.rank == rank))
         self._sites = {f.site for f in self.plan.faults}
         self._calls: dict[str, int] = {}
 
@@ -72,4 +79,6 @@ class FaultInjector:
         call = self._calls.get(site, 0) + 1
         self._calls[site] = call
         if any(f.site == site and f.hits(call) for f in self.plan.faults):
+            if site == "hang":
+                threading.Event().wait()
             raise InjectedFault(f"injected fault at {site} (call {call})")

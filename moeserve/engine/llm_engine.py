@@ -66,6 +66,8 @@ class LLMEngine:
         one in a request's own output processing fails that request alone. Either way the
         failed requests are released and the engine stays usable."""
         processed = self.output.process(self.core.step().outputs)
+        if self.core.needs_recovery:  # a lost expert-parallel worker: its requests failed above
+            self.core.recover()
         if processed.aborts:
             self.core.abort_requests(processed.aborts)
         return [*processed.request_outputs, *processed.failures]

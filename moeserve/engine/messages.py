@@ -138,6 +138,11 @@ class EngineStats:
     recent_ttft_s: float = 0.0  # p90 of the engine-side TTFT (arrival -> first token) of recent requests
     replication: ReplicationStats | None = None  # None when replication is off
     running_by_rank: list[int] = field(default_factory=list)  # running requests on each worker
+    unavailable: str | None = None  # why the engine cannot serve now (rebuilding its workers); None: serving
+    worker_failures: int = 0  # since start: expert-parallel worker failures
+    worker_recoveries: int = 0
+    recovery_seconds_total: float = 0.0
+    last_recovery_s: float = 0.0
 
     @property
     def kv_usage(self) -> float:
@@ -147,7 +152,8 @@ class EngineStats:
 @dataclass(frozen=True)
 class EngineCoreOutput:
     """New tokens of one sequence. `finish_reason` is set once, on its last output; `error` says
-    the engine failed this sequence (it is released; the others go on)."""
+    the engine failed this sequence (it is released; the others go on); `unavailable` that it
+    failed because a worker was lost (a 503 to retry, not a 500)."""
 
     request_id: str
     new_token_ids: list[int] = field(default_factory=list)
@@ -158,6 +164,7 @@ class EngineCoreOutput:
     queue_time_s: float | None = None  # on the first output: engine arrival -> first scheduled
     num_degraded_tokens: int = 0  # so far: tokens it ran with fewer experts than it asked for
     error: str | None = None
+    unavailable: bool = False
 
 
 @dataclass(frozen=True)

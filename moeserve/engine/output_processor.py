@@ -95,7 +95,7 @@ class OutputProcessor:
                 continue  # its caller left, or it ended here on a stop string
             parent = self._parents[seq.parent]
             if out.error is not None:
-                result.failures.append(self._fail(seq.parent, out.error, result))
+                result.failures.append(self._fail(seq.parent, out.error, result, out.unavailable))
                 touched.pop(seq.parent, None)
                 continue
             try:
@@ -134,9 +134,9 @@ class OutputProcessor:
         if out.finish_reason is not None:
             seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
 
-    def _fail(self, parent_id: str, message: str, result: ProcessedOutputs) -> RequestFailure:
+    def _fail(self, parent_id: str, message: str, result: ProcessedOutputs, unavailable: bool = False) -> RequestFailure:
         result.aborts.extend(self.remove(parent_id))
-        return RequestFailure(parent_id, message)
+        return RequestFailure(parent_id, message, unavailable)
 
     def _output(self, parent: _Parent) -> RequestOutput:
         request = parent.request

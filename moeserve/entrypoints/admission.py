@@ -48,7 +48,8 @@ DEFAULT_TENANT = "default"
 
 class AdmissionRejected(Exception):
     """status 429 (quota) or 503 (overload); `retry_after` whole seconds; `reason` names the
-    check (rate, tokens, queue_requests, queue_tokens, slo, dropped)."""
+    check (rate, tokens, queue_requests, queue_tokens, slo, dropped; recovering and
+    worker_failure while lost expert-parallel workers are rebuilt)."""
 
     def __init__(self, status: int, reason: str, message: str, retry_after: int):
         super().__init__(message)

@@ -34,6 +34,8 @@ from moeserve.outputs import RequestOutput, merge_outputs
 from moeserve.sampling_params import SamplingParams
 from moeserve.tokenizer import Tokenizer
 
+_RECOVERY_RETRY_S = 5  # Retry-After while lost expert-parallel workers are rebuilt
+
 
 class _Collector:
     """One caller's request: what the engine produced that the caller has not taken yet. While
@@ -116,6 +118,11 @@ class AsyncEngine:
     def dead_reason(self) -> str:
         return self.client.dead_reason()
 
+    def unavailable_reason(self) -> str | None:
+        """Why the engine cannot serve for now (rebuilding lost workers), None when it can."""
+        stats = self.latest_stats
+        return stats.unavailable if stats is not None else None
+
     def validate(self, token_ids: list[int]) -> None:
         """Raise ValueError for a prompt the engine would refuse, without queueing anything."""
         self.input.validate(token_ids)
@@ -131,6 +138,9 @@ class AsyncEngine:
             raise ValueError(f"request id {request_id!r} is already in use")
         if not self.is_alive():
             raise EngineDeadError(self.dead_reason())
+        if self.unavailable_reason() is not None:
+            self.metrics.reject("recovering", tenant)
+            raise AdmissionRejected(503, "recovering", self.unavailable_reason(), _RECOVERY_RETRY_S)
         sequences, prompt_tokens = len(request.children), len(request.prompt_token_ids)
         max_tokens = params.max_tokens or self.info.max_model_len - prompt_tokens
         try:
@@ -239,7 +249,10 @@ class AsyncEngine:
         for failure in processed.failures:
             queue = self._queues.get(failure.request_id)
             if queue is not None:
-                queue.put(RequestFailedError(failure.message))
+                if failure.unavailable:  # a worker was lost: retry once the engine has rebuilt it
+                    queue.put(AdmissionRejected(503, "worker_failure", failure.message, _RECOVERY_RETRY_S))
+                else:
+                    queue.put(RequestFailedError(failure.message))
         self.client.abort(processed.aborts)
 
     def _on_dead(self, reason: str) -> None:

@@ -4,13 +4,25 @@ the workers are started and watched).
 
 A step's SchedulerOutput is pickled once and sent to every worker; each runs its own requests
 and the executor merges their ModelRunnerOutputs (tokens concatenated, expert-load counts
-summed over ranks). A worker that died is noticed while waiting (`_dead` polls every 0.5 s) and
-the call fails with WorkerDiedError naming it; a worker whose call raised fails the call with
-its error text. Either way the caller gets an exception within seconds, never a hang.
+summed over ranks).
+
+Failures reach the caller within seconds, never as a hang:
+- a worker that died (its process or actor is gone; polled every 0.5 s) fails the call with
+  WorkerFailure naming it;
+- a worker that hangs stops answering while its peers' collectives time out (the group's
+  timeout) and they answer with errors: once a peer has failed, the others get one more timeout
+  to answer, then the silent ones are named in a WorkerFailure;
+- a step that raised on some worker fails with WorkerFailure naming none: the group is no
+  longer in step and must be rebuilt.
+`recover(ranks)` rebuilds: the named workers are killed and started again (their shard read
+from the checkpoint, the group's placement maps re-applied), every worker joins a fresh group on
+a new rendezvous, and the new workers get the KV cache the others have.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import pickle
 import time
 from abc import abstractmethod
@@ -24,11 +36,17 @@ from moeserve.executor import Executor
 from moeserve.executor.worker_proc import HELLO, STOP, WorkerCall, WorkerReply
 from moeserve.worker.model_runner import ModelRunnerOutput
 
+logger = logging.getLogger(__name__)
 _POLL_MS = 500
 
 
-class WorkerDiedError(RuntimeError):
-    pass
+class WorkerFailure(RuntimeError):
+    """Workers are gone or silent (`ranks`), or a step failed on the group (`ranks` empty): the
+    data-plane group must be rebuilt (`recover`) before another step."""
+
+    def __init__(self, message: str, ranks: list[int] | tuple[int, ...] = ()):
+        super().__init__(message)
+        self.ranks = tuple(sorted(ranks))
 
 
 class WorkerCallError(RuntimeError):
@@ -37,6 +55,10 @@ class WorkerCallError(RuntimeError):
 
 class MultiWorkerExecutor(Executor):
     world_size: int
+    grace_s: float = 10.0  # how long the others may stay silent once one worker has failed
+    _seq = 0
+    _pending: set[int] = frozenset()  # ranks that still owe a reply to the last call
+    _num_blocks: int | None = None
 
     def _open(self, host: str) -> str:
         self._ctx = zmq.Context()
@@ -47,48 +69,127 @@ class MultiWorkerExecutor(Executor):
         return f"tcp://{host}:{port}"
 
     @abstractmethod
-    def _dead(self) -> str | None:
-        """A sentence naming a worker that is gone, or None."""
+    def _dead(self) -> dict[int, str]:
+        """rank -> why, for each worker that is gone."""
 
-    def _recv(self, deadline: float | None) -> WorkerReply:
-        while True:
-            if self._sock.poll(_POLL_MS):
-                _, data = self._sock.recv_multipart()
-                return pickle.loads(data)
-            dead = self._dead()
-            if dead is not None:
-                raise WorkerDiedError(dead)
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError("a worker did not answer in time")
+    @abstractmethod
+    def _start_worker(self, rank: int, dist_url: str) -> None:
+        """Start (or start again) worker `rank`, joining the group at `dist_url`."""
 
-    def _await_hello(self, timeout: float) -> None:
+    @abstractmethod
+    def _kill_worker(self, rank: int) -> None: ...
+
+    def _check_dead(self, ranks) -> None:
+        dead = {r: why for r, why in self._dead().items() if r in ranks}
+        if dead:
+            raise WorkerFailure("; ".join(f"worker {r} {why}" for r, why in sorted(dead.items())), list(dead))
+
+    def _poll(self) -> WorkerReply | None:
+        if self._sock.poll(_POLL_MS):
+            _, data = self._sock.recv_multipart()
+            return pickle.loads(data)
+        return None
+
+    def _await_hello(self, ranks: list[int], timeout: float) -> None:
         deadline = time.monotonic() + timeout
-        seen: set[int] = set()
-        while len(seen) < self.world_size:
-            reply = self._recv(deadline)
-            if reply.value != HELLO:
-                raise WorkerCallError(f"worker {reply.rank} said {reply.value!r} before hello")
-            seen.add(reply.rank)
+        waiting = set(ranks)
+        while waiting:
+            reply = self._poll()
+            if reply is not None and reply.value == HELLO:
+                waiting.discard(reply.rank)
+            self._check_dead(ranks)
+            if time.monotonic() > deadline:
+                raise WorkerFailure(f"worker(s) {sorted(waiting)} did not start in {timeout:.0f} s", sorted(waiting))
 
-    def _call_all(self, call: WorkerCall) -> list[Any]:
+    def _call(self, call: WorkerCall, ranks: list[int] | None = None) -> list[Any]:
+        """`call` on the given workers (all by default); their results in rank order."""
+        ranks = list(range(self.world_size)) if ranks is None else ranks
+        self._seq += 1
+        call = dataclasses.replace(call, seq=self._seq)
         data = pickle.dumps(call)
-        for rank in range(self.world_size):
+        for rank in ranks:
             self._sock.send_multipart([b"w%d" % rank, data])
-        replies: list[WorkerReply | None] = [None] * self.world_size
-        for _ in range(self.world_size):
-            reply = self._recv(None)
-            replies[reply.rank] = reply
-        failed = [r for r in replies if not r.ok]
+        self._pending = set(ranks)
+        replies: dict[int, WorkerReply] = {}
+        first_failure = None
+        while self._pending:
+            reply = self._poll()
+            if reply is not None and reply.seq == self._seq:
+                replies[reply.rank] = reply
+                self._pending.discard(reply.rank)
+                if not reply.ok and first_failure is None:
+                    first_failure = time.monotonic()
+            self._check_dead(ranks)
+            if first_failure is not None and time.monotonic() - first_failure > self.grace_s:
+                raise WorkerFailure(f"worker(s) {sorted(self._pending)} stopped answering (hung: their peers' "
+                                    f"collectives timed out)", sorted(self._pending))
+        failed = [replies[r] for r in ranks if not replies[r].ok]
         if failed:
-            first = failed[0].value.splitlines()[0]
-            raise WorkerCallError(f"{call.method} failed on worker {failed[0].rank}: {first}")
-        return [r.value for r in replies]
+            message = f"{call.method} failed on worker {failed[0].rank}: {failed[0].value.splitlines()[0]}"
+            if call.method == "execute_model" and self.world_size > 1:
+                raise WorkerFailure(message)
+            raise WorkerCallError(message)
+        return [replies[r].value for r in ranks]
+
+    def initialize_cache(self, num_blocks: int) -> None:
+        self._num_blocks = num_blocks
+        super().initialize_cache(num_blocks)
+
+    def recover(self, failed: tuple[int, ...]) -> None:
+        """Rebuild the group after a WorkerFailure (see the module docstring); raises if it
+        cannot, and then nothing more can be served."""
+        failed_set = set(failed)
+        # the others finish the failed call first (their collectives error out within the timeout)
+        deadline = time.monotonic() + self.grace_s + 5
+        while self._pending - failed_set and time.monotonic() < deadline:
+            reply = self._poll()
+            if reply is not None and reply.seq == self._seq:
+                self._pending.discard(reply.rank)
+            failed_set |= set(self._dead())
+        failed_set |= self._pending
+        survivors = [r for r in range(self.world_size) if r not in failed_set]
+        logger.warning("rebuilding the expert-parallel group: restarting worker(s) %s", sorted(failed_set))
+        maps = self._call(WorkerCall("placement_maps"), [survivors[0]])[0] if survivors else None
+        for rank in sorted(failed_set):
+            self._kill_worker(rank)
+        host, port = self._call(WorkerCall("rendezvous"), [0])[0] if 0 in survivors else self._fresh_rendezvous()
+        dist_url = f"tcp://{host}:{port}"
+        self._seq += 1
+        rejoin = pickle.dumps(WorkerCall("rejoin_group", (dist_url,), seq=self._seq))
+        for rank in survivors:  # they block in the new group's rendezvous until the new ones join
+            self._sock.send_multipart([b"w%d" % rank, rejoin])
+        for rank in sorted(failed_set):
+            self._start_worker(rank, dist_url)
+        hello, rejoined = set(failed_set), set(survivors)  # both answer on the one socket, in any order
+        deadline = time.monotonic() + 180.0
+        while hello or rejoined:
+            reply = self._poll()
+            if reply is not None and reply.value == HELLO:
+                hello.discard(reply.rank)
+            elif reply is not None and reply.seq == self._seq:
+                if not reply.ok:
+                    raise WorkerFailure(f"worker {reply.rank} could not rejoin: {reply.value.splitlines()[0]}",
+                                        [reply.rank])
+                rejoined.discard(reply.rank)
+            self._check_dead(range(self.world_size))
+            if time.monotonic() > deadline:
+                raise WorkerFailure(f"the group was not rebuilt in 180 s (waiting for {sorted(hello | rejoined)})",
+                                    sorted(hello | rejoined))
+        new = sorted(failed_set)
+        self._call(WorkerCall("load_model"), new)
+        if maps is not None:
+            self._call(WorkerCall("set_placement", (maps,)), new)
+        if self._num_blocks is not None:
+            self._call(WorkerCall("initialize_cache", (self._num_blocks,)), new)
+
+    def _fresh_rendezvous(self) -> tuple[str, int]:
+        raise WorkerFailure("worker 0 is gone and this executor cannot host a new rendezvous", [0])
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return merge_outputs(self._call_all(WorkerCall("execute_model", (scheduler_output,))))
+        return merge_outputs(self._call(WorkerCall("execute_model", (scheduler_output,))))
 
     def collective_rpc(self, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        return self._call_all(WorkerCall(method, args, kwargs))
+        return self._call(WorkerCall(method, args, kwargs))
 
     def _stop_workers(self) -> None:
         data = pickle.dumps(STOP)

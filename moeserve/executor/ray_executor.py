@@ -47,8 +47,8 @@ class RayWorkerActor:
         ip = self.node_ip()
         return ip, free_port(ip)
 
-    def run(self, config: EngineConfig, rank: int, dist_url: str, executor_address: str) -> None:
-        run_worker(config, rank, dist_url, executor_address, node_ip())
+    def run(self, config: EngineConfig, rank: int, dist_url: str, executor_address: str, restarted: bool) -> None:
+        run_worker(config, rank, dist_url, executor_address, node_ip(), restarted)
 
 
 class RayExecutor(MultiWorkerExecutor):
@@ -63,7 +63,9 @@ class RayExecutor(MultiWorkerExecutor):
         from moeserve.model_config import resolve_device
 
         parallel = config.parallel
+        self.config = config
         self.world_size = parallel.world_size
+        self.grace_s = parallel.distributed_timeout
         self._ray = ray
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
@@ -74,6 +76,7 @@ class RayExecutor(MultiWorkerExecutor):
                          num_cpus=max(os.cpu_count() or 1, self.world_size))
         self.pg = self.actors = None
         self.runs: list[Any] = []
+        self._started: set[int] = set()
         try:
             self._start(config, placement_group, PlacementGroupSchedulingStrategy, resolve_device(config.load.device))
         except BaseException:
@@ -82,8 +85,10 @@ class RayExecutor(MultiWorkerExecutor):
 
     def _start(self, config, placement_group, strategy_cls, device: str) -> None:
         ray, parallel = self._ray, config.parallel
-        address = self._open(node_ip())
+        self._address = self._open(node_ip())
         gpu = device.startswith("cuda")
+        self._strategy_cls = strategy_cls
+        self._actor_cls = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0, max_restarts=0)(RayWorkerActor)
         bundle = {"GPU": 1, "CPU": 1} if gpu else {"CPU": 1}
         self.pg = placement_group([bundle] * self.world_size, strategy=parallel.ray_placement_strategy)
         ready, _ = ray.wait([self.pg.ready()], timeout=_PLACEMENT_TIMEOUT_S)
@@ -91,37 +96,67 @@ class RayExecutor(MultiWorkerExecutor):
             raise ValueError(f"the Ray cluster cannot place {self.world_size} workers of {bundle} "
                              f"({parallel.ray_placement_strategy}) within {_PLACEMENT_TIMEOUT_S:.0f} s: "
                              f"it has {ray.cluster_resources()}")
-        actor = ray.remote(num_cpus=1, num_gpus=1 if gpu else 0)(RayWorkerActor)
-        self.actors = [actor.options(scheduling_strategy=strategy_cls(placement_group=self.pg,
-                                                                     placement_group_bundle_index=rank)).remote()
-                       for rank in range(self.world_size)]
+        self.actors = [self._new_actor(rank) for rank in range(self.world_size)]
         self.worker_nodes = ray.get([a.node_ip.remote() for a in self.actors], timeout=_START_TIMEOUT_S)
         ip, port = ray.get(self.actors[0].rendezvous.remote(), timeout=_START_TIMEOUT_S)
         dist_url = f"tcp://{ip}:{port}"
-        self.runs = [a.run.remote(config, rank, dist_url, address) for rank, a in enumerate(self.actors)]
-        self._await_hello(_START_TIMEOUT_S)
+        self.runs = [None] * self.world_size
+        for rank in range(self.world_size):
+            self._start_worker(rank, dist_url)
+        self._await_hello(list(range(self.world_size)), _START_TIMEOUT_S)
         self.model_config = self.collective_rpc("load_model")[0]
         logger.info("%d expert-parallel workers on %s", self.world_size, ", ".join(self.worker_nodes))
 
-    def _dead(self) -> str | None:
+    def _new_actor(self, rank: int):
+        strategy = self._strategy_cls(placement_group=self.pg, placement_group_bundle_index=rank)
+        env = {k: v for k, v in os.environ.items() if k == "MOESERVE_INJECT_FAULTS"}  # tests' faults reach actors
+        return self._actor_cls.options(scheduling_strategy=strategy, name=f"moeserve-{os.getpid()}-worker-{rank}",
+                                       runtime_env={"env_vars": env} if env else None).remote()
+
+    def _start_worker(self, rank: int, dist_url: str) -> None:
+        restarted = rank in self._started
+        if self.actors[rank] is None:
+            self.actors[rank] = self._new_actor(rank)
+            self.worker_nodes[rank] = self._ray.get(self.actors[rank].node_ip.remote(), timeout=_START_TIMEOUT_S)
+        self.runs[rank] = self.actors[rank].run.remote(self.config, rank, dist_url, self._address, restarted)
+        self._started.add(rank)
+
+    def _kill_worker(self, rank: int) -> None:
+        if self.actors[rank] is not None:
+            self._ray.kill(self.actors[rank], no_restart=True)
+        self.actors[rank] = None
+        self.runs[rank] = None
+
+    def _fresh_rendezvous(self) -> tuple[str, int]:
+        self.actors[0] = self._new_actor(0)
+        self.worker_nodes[0] = self._ray.get(self.actors[0].node_ip.remote(), timeout=_START_TIMEOUT_S)
+        return tuple(self._ray.get(self.actors[0].rendezvous.remote(), timeout=_START_TIMEOUT_S))
+
+    def _dead(self) -> dict[int, str]:
         ray = self._ray
-        done, _ = ray.wait(self.runs, num_returns=len(self.runs), timeout=0)
+        live = [ref for ref in self.runs if ref is not None]
+        if not live:
+            return {}
+        done, _ = ray.wait(live, num_returns=len(live), timeout=0)
+        out = {}
         for ref in done:
             rank = self.runs.index(ref)
             try:
                 ray.get(ref)
-                return f"worker {rank} stopped"
+                out[rank] = "stopped"
             except Exception as e:
-                return f"worker {rank} died: {str(e).splitlines()[0]}"
-        return None
+                out[rank] = f"died: {str(e).splitlines()[0]}"
+        return out
 
     def shutdown(self) -> None:
         ray = self._ray
-        if self.runs:
+        live = [ref for ref in self.runs if ref is not None]
+        if live:
             self._stop_workers()
-            ray.wait(self.runs, num_returns=len(self.runs), timeout=5)
+            ray.wait(live, num_returns=len(live), timeout=5)
         for a in self.actors or []:
-            ray.kill(a)
+            if a is not None:
+                ray.kill(a)
         if self.pg is not None:
             from ray.util.placement_group import remove_placement_group
 

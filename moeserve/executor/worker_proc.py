@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from moeserve.config import EngineConfig
+from moeserve.engine.faults import FaultInjector, FaultPlan
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,7 @@ class WorkerCall:
     method: str
     args: tuple = ()
     kwargs: dict | None = None
+    seq: int = 0  # the executor's call number: a late reply to an older call is recognised
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,7 @@ class WorkerReply:
     rank: int
     ok: bool
     value: Any = None  # the result, or the error's text
+    seq: int = 0
 
 
 STOP = WorkerCall("__stop__")
@@ -66,10 +69,12 @@ def interface_of(ip: str) -> str | None:
     return None
 
 
-def run_worker(config: EngineConfig, rank: int, dist_url: str, executor_address: str, host: str) -> None:
+def run_worker(config: EngineConfig, rank: int, dist_url: str, executor_address: str, host: str,
+               restarted: bool = False) -> None:
     """The worker's whole life: join the group, build the Worker, serve calls until STOP.
     `host` is this worker's address as the cluster knows it: the data plane uses its interface
-    (not whatever the hostname resolves to) unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME say."""
+    (not whatever the hostname resolves to) unless GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME say.
+    A restarted worker injects no faults (a test's fault hits the first life only)."""
     import torch
     import torch.distributed as dist
     import zmq
@@ -96,7 +101,8 @@ def run_worker(config: EngineConfig, rank: int, dist_url: str, executor_address:
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(executor_address)
     try:
-        worker = Worker(config, rank=rank, group=dist.group.WORLD)
+        faults = FaultInjector(FaultPlan() if restarted else None, rank=rank)
+        worker = Worker(config, faults, rank=rank, group=dist.group.WORLD, host=host)
         sock.send(pickle.dumps(WorkerReply(rank, True, HELLO)))
         while True:
             call: WorkerCall = pickle.loads(sock.recv())
@@ -104,13 +110,14 @@ def run_worker(config: EngineConfig, rank: int, dist_url: str, executor_address:
                 break
             try:
                 value = getattr(worker, call.method)(*call.args, **(call.kwargs or {}))
-                reply = WorkerReply(rank, True, value)
+                reply = WorkerReply(rank, True, value, call.seq)
             except Exception as e:  # the executor decides what a failed call means
                 logger.exception("worker %d: %s failed", rank, call.method)
-                reply = WorkerReply(rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}")
+                reply = WorkerReply(rank, False, f"{type(e).__name__}: {e}\n{traceback.format_exc()}", call.seq)
             sock.send(pickle.dumps(reply))
     finally:
         sock.close()
         ctx.term()
         if dist.is_initialized():
             dist.destroy_process_group()
+

@@ -163,6 +163,14 @@ class MoEForCausalLM(nn.Module):
                 h = residual + layer.mlp(x, k, self.load)
         return self.model.norm(h)
 
+    def set_ep_group(self, group: object) -> None:
+        """The data-plane group changed (recovery): every MoE layer uses the new one."""
+        import dataclasses
+
+        self.ep = dataclasses.replace(self.ep, group=group)
+        for moe in self.moe_layers:
+            moe.ep = dataclasses.replace(moe.ep, group=group)
+
     @torch.inference_mode()
     def forward_idle(self) -> None:
         """An expert-parallel worker with no tokens this step joins every MoE layer's collectives."""

@@ -34,10 +34,10 @@ class Worker:
     process group of `config.parallel.world_size` workers); with one worker there is none."""
 
     def __init__(self, config: EngineConfig, faults: FaultInjector | None = None, rank: int = 0,
-                 group: object | None = None):
+                 group: object | None = None, host: str = "127.0.0.1"):
         self.config = config
         self.faults = faults or FaultInjector()
-        self.rank, self.group = rank, group
+        self.rank, self.group, self.host = rank, group, host
         self.device = resolve_device(config.load.device)
         if self.device == "cuda" and torch.cuda.device_count() > 1:  # local workers: one GPU each
             self.device = f"cuda:{rank % torch.cuda.device_count()}"
@@ -102,6 +102,7 @@ class Worker:
         self.runner = ModelRunner(self.model, cache, Sampler(self.config.load.seed), self.faults, self.rank)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self.faults.check("hang")
         return self.runner.execute(scheduler_output)
 
     # ---- control calls (collective_rpc) ----
@@ -116,6 +117,61 @@ class Worker:
 
     def set_degrade_layers(self, moe_layers: list[int] | None) -> None:
         self.model.set_degrade_layers(moe_layers)
+
+    # ---- the data-plane group (expert parallelism) ----
+
+    def rendezvous(self) -> tuple[str, int]:
+        """An address where this worker can host a new group's store."""
+        from moeserve.executor.worker_proc import free_port
+
+        return self.host, free_port(self.host)
+
+    def rejoin_group(self, dist_url: str) -> None:
+        """Leave the broken group and join a fresh one (the executor's recovery); the model's
+        MoE layers then talk over the new group."""
+        import datetime
+
+        import torch.distributed as dist
+
+        parallel = self.config.parallel
+        backend = dist.get_backend() if dist.is_initialized() else "gloo"
+        logger.info("worker %d: leaving the group", self.rank)
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a group broken by a dead peer may not close cleanly; it is dropped either way
+            logger.warning("worker %d: the old group did not close cleanly", self.rank, exc_info=True)
+        logger.info("worker %d: joining %s", self.rank, dist_url)
+        dist.init_process_group(backend, init_method=dist_url, rank=self.rank, world_size=parallel.world_size,
+                                timeout=datetime.timedelta(seconds=parallel.distributed_timeout))
+        logger.info("worker %d: joined", self.rank)
+        self.group = dist.group.WORLD
+        if self.model is not None and self.model.ep is not None:
+            self.model.set_ep_group(self.group)
+
+    def placement_maps(self) -> list[tuple[list[int], list[list[int]], list[int]]]:
+        """Each MoE layer's (phy2log, log2phy, replica_count) as this worker holds them."""
+        return [(m.placement.phy2log.tolist(), m.placement.log2phy.tolist(), m.placement.replica_count.tolist())
+                for m in self.model.moe_layers]
+
+    def set_placement(self, maps: list[tuple[list[int], list[list[int]], list[int]]]) -> None:
+        """Take the group's placement (a restarted worker): read from the checkpoint the experts
+        the maps put in this worker's slots that its start layout did not, then the maps."""
+        from moeserve.checkpoint import read_expert
+
+        for moe, (phy2log, log2phy, count) in zip(self.model.moe_layers, maps):
+            for local in range(moe.w13.shape[0]):
+                expert = phy2log[moe.slot_offset + local]
+                if expert >= 0 and expert != int(moe.placement.phy2log[moe.slot_offset + local]):
+                    w13, w2 = read_expert(self.config.load.model, self.model.config,
+                                          self.model.config.moe_layer_ids[moe.moe_layer], expert)
+                    moe.w13[local].copy_(w13)
+                    moe.w2[local].copy_(w2)
+            moe.placement.phy2log.copy_(torch.tensor(phy2log))
+            moe.placement.log2phy.copy_(torch.tensor(log2phy))
+            moe.placement.replica_count.copy_(torch.tensor(count))
+
+    def pid(self) -> int:
+        return os.getpid()
 
     def comm_seconds(self) -> tuple[float, int]:
         """(seconds, calls) in the expert all-to-alls since the last ask (0 with one worker)."""

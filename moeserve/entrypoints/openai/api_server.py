@@ -378,13 +378,15 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if engine.is_alive():
-            return Response(status_code=200)
-        return error_response(503, f"the engine is not running: {engine.dead_reason()}")
+        if not engine.is_alive():
+            return error_response(503, f"the engine is not running: {engine.dead_reason()}")
+        if engine.unavailable_reason() is not None:
+            return error_response(503, engine.unavailable_reason())
+        return Response(status_code=200)
 
     @app.get("/ready")
     async def ready():
-        if engine.is_alive() and not state.draining:
+        if engine.is_alive() and engine.unavailable_reason() is None and not state.draining:
             return Response(status_code=200)
         return error_response(503, "not ready")
 
