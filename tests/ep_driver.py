@@ -139,9 +139,133 @@ def serve(args) -> dict:
             server.kill()
 
 
+def _start_server(args, port: int, env: dict | None = None) -> subprocess.Popen:
+    import httpx
+
+    cmd = [sys.executable, "-m", "moeserve.cli", "serve", args.model, "--host", "127.0.0.1", "--port", str(port),
+           "--max-model-len", "256", "--expert-parallel-size", str(args.workers), "--ray-address", args.ray_address,
+           "--distributed-timeout", "3", "--log-level", "warning"]
+    import os
+
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, **(env or {})})
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"server exited: {server.stderr.read()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    raise RuntimeError("server did not start")
+
+
+def _worker_pids() -> list[int]:
+    """Processes of this namespace's expert-parallel worker actors."""
+    import os
+
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"RayWorkerActor" in cmdline:
+                pids.append(int(entry))
+    return sorted(pids)
+
+
+def fault(args) -> dict:
+    """Requests in flight on a 2-worker server, then worker 1 is lost (ray.kill, SIGKILL of its
+    process, or an injected hang): how each request ended, what /health said and when, and
+    a greedy completion once serving again."""
+    import os
+    import signal
+    import threading
+
+    import httpx
+    import ray
+
+    port = 18100
+    env = {"MOESERVE_INJECT_FAULTS": "hang:1@40"} if args.how == "hang" else {}
+    server = _start_server(args, port, env)
+    url = f"http://127.0.0.1:{port}"
+    outcomes: dict[int, tuple] = {}
+
+    def ask(i: int) -> None:
+        try:
+            r = httpx.post(f"{url}/v1/completions", timeout=120,
+                           json={"prompt": f"def f_{i}(x):", "max_tokens": 220, "ignore_eos": True})
+            outcomes[i] = (r.status_code, r.headers.get("retry-after"), r.text[:300], time.monotonic())
+        except httpx.HTTPError as e:
+            outcomes[i] = (None, None, repr(e), time.monotonic())
+
+    try:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # all four running before anything happens
+            metrics = httpx.get(f"{url}/metrics").text
+            running = [line for line in metrics.splitlines() if line.startswith("moeserve:num_requests_running")]
+            if running and float(running[0].split()[-1]) >= 4:
+                break
+            time.sleep(0.05)
+        ray.init(address=args.ray_address, logging_level="ERROR")
+        workers = sorted(n["name"] for n in ray.util.list_named_actors(all_namespaces=True)
+                         if "-worker-" in n["name"])
+        lost_at = time.monotonic()
+        if args.how == "ray_kill":
+            entry = next(n for n in ray.util.list_named_actors(all_namespaces=True) if n["name"].endswith("-worker-1"))
+            ray.kill(ray.get_actor(entry["name"], namespace=entry["namespace"]))
+        elif args.how == "sigkill":
+            os.kill(_worker_pids()[-1], signal.SIGKILL)
+        health: list[tuple[float, int, str]] = []
+        while_down = None
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            r = httpx.get(f"{url}/health", timeout=5)
+            if not health or health[-1][1] != r.status_code:
+                health.append((time.monotonic() - lost_at, r.status_code, r.text[:300]))
+            if r.status_code == 503 and while_down is None:  # a new request while the workers are rebuilt
+                new = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
+                while_down = (new.status_code, new.headers.get("retry-after"), new.text[:300])
+            if r.status_code == 200 and len(health) >= 3:
+                break
+            time.sleep(0.05)
+        for t in threads:
+            t.join(120)
+        served = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code
+        after = httpx.post(f"{url}/v1/completions", timeout=60,
+                           json={"prompt": args.prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}).json()
+        metrics = httpx.get(f"{url}/metrics").text
+    finally:
+        server.terminate()
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    time.sleep(3)
+    leftover = [n["name"] for n in ray.util.list_named_actors(all_namespaces=True) if "-worker-" in n["name"]]
+    return {
+        "workers": workers,
+        "outcomes": [(o[0], o[1], o[2], o[3] - lost_at) for o in (outcomes[i] for i in sorted(outcomes))],
+        "health": health,
+        "served_after_recovery": served,
+        "new_request_while_down": while_down,
+        "after_text": after["choices"][0]["text"],
+        "metrics": [line for line in metrics.splitlines() if line.startswith("moeserve:worker_")],
+        "leftover_actors": leftover,
+        "leftover_worker_processes": _worker_pids(),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["generate", "move", "serve"])
+    p.add_argument("what", choices=["generate", "move", "serve", "fault"])
+    p.add_argument("--how", choices=["ray_kill", "sigkill", "hang"], default="ray_kill")
     p.add_argument("model")
     p.add_argument("prompts", nargs="?")
     p.add_argument("--workers", type=int, default=2)
@@ -152,7 +276,7 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=10)
     p.add_argument("--prompt", default="the expert router")
     args = p.parse_args()
-    result = {"generate": generate, "move": move, "serve": serve}[args.what](args)
+    result = {"generate": generate, "move": move, "serve": serve, "fault": fault}[args.what](args)
     print("RESULT " + json.dumps(result))
 
 

@@ -168,3 +168,16 @@ def test_ep_smoke_reports_the_all_to_all_share(tmp_path):
     for n in (2, 4):  # five all-to-alls per MoE layer per step (2 layers in the smoke model)
         assert runs[n]["a2a_calls_per_step"] == 10 and 0 < runs[n]["comm_share"] < 1
         assert runs[n]["output_tok_s"] > 0
+
+
+def test_ep_faults_smoke_measures_detection_and_recovery(tmp_path):
+    out = tmp_path / "ep_faults.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "ep_faults.py"), "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert 0 <= data["detect_s"] < data["recover_s"] < 60
+    assert 0 < data["requests_failed"] < data["requests_total"]  # the lost worker's requests, not all of them
+    # 503 before the stream started, or an error event inside a stream already answered 200
+    assert set(data["errors_by_status"]) <= {"200", "503"}, data["errors_by_status"]
+    assert data["harness_command"].startswith("moeserve bench serve")

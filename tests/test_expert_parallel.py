@@ -207,3 +207,50 @@ def test_vllm_spelling_on_the_command_line(models):
     assert result.stdout == expected[0].outputs[0].text + "\n"
     refused = subprocess.run(run, capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "--enable-expert-parallel" in refused.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("how", ["ray_kill", "sigkill", "hang"])
+def test_a_lost_worker_fails_its_requests_fast_and_the_server_recovers(cluster, models, how):
+    """Four requests in flight on two workers, then worker 1 is killed (ray.kill, or SIGKILL of
+    its process) or hangs: every request ends with 503 + Retry-After, /health says 503 naming the
+    worker and then 200 again within 60 s, and a greedy completion equals the one-process engine's."""
+    from moeserve import LLM
+
+    model = models["mixtral"]
+    got = _driver(cluster, "fault", str(model), "--workers", "2", "--how", how, "--prompt", "the expert router",
+                  timeout=400)
+    assert len(got["workers"]) == 2
+    assert [o[0] for o in got["outcomes"]] == [503] * 4, got["outcomes"]
+    assert all(o[1] is not None and "worker" in o[2] for o in got["outcomes"])
+    limit = 10 if how != "hang" else 3 + 3 + 10  # a hang is seen after the group's timeout and a grace
+    assert all(o[3] < limit for o in got["outcomes"]), got["outcomes"]
+    codes = [h[1] for h in got["health"]]
+    assert 503 in codes and codes[-1] == 200, got["health"]
+    down = next(h for h in got["health"] if h[1] == 503)
+    assert "worker 1" in down[2] or "worker(s) [1]" in down[2]
+    assert got["health"][-1][0] < 60
+    assert got["served_after_recovery"] == 200  # serving again
+    status, retry_after, body = got["new_request_while_down"]
+    assert status == 503 and retry_after is not None and "rebuilding" in body
+    llm = LLM(str(model), max_model_len=256)
+    expected = llm.generate("the expert router", SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+    assert got["after_text"] == expected[0].outputs[0].text
+    metrics = dict(line.rsplit(" ", 1) for line in got["metrics"])
+    assert float(next(v for k, v in metrics.items() if k.startswith("moeserve:worker_recoveries_total"))) == 1
+    assert got["leftover_actors"] == [] and got["leftover_worker_processes"] == []
+
+
+def test_bf16_model_with_an_idle_worker():
+    """The default model is bf16: its rows and routing weights cross gloo bit-cast to bytes, and
+    a worker with no request must send the dtypes the busy one sends (both used to fail the step)."""
+    from moeserve import LLM
+
+    model = str(Path(__file__).resolve().parents[1] / "models" / "moeserve-tiny-moe")
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    expected = LLM(model, max_model_len=256).generate(["def f(x):", "the expert"], params)
+    llm = LLM(model, max_model_len=256, expert_parallel_size=2, distributed_executor_backend="mp")
+    both = llm.generate(["def f(x):", "the expert"], params)
+    alone = llm.generate(["def f(x):"], params)  # one request: the other worker idles every step
+    llm.engine.core.shutdown()
+    assert [o.outputs[0].text for o in both] == [o.outputs[0].text for o in expected]
+    assert alone[0].outputs[0].text == expected[0].outputs[0].text

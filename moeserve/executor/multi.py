@@ -40,6 +40,12 @@ logger = logging.getLogger(__name__)
 _POLL_MS = 500
 
 
+def grace_seconds(distributed_timeout: float) -> float:
+    """How long the others may stay silent after one worker failed a call: a peer that entered a
+    collective just before the failure errors out one group timeout later, plus slack."""
+    return 1.5 * distributed_timeout + 2.0
+
+
 class WorkerFailure(RuntimeError):
     """Workers are gone or silent (`ranks`), or a step failed on the group (`ranks` empty): the
     data-plane group must be rebuilt (`recover`) before another step."""

@@ -8,7 +8,7 @@ import multiprocessing
 
 from moeserve.config import EngineConfig
 from moeserve.engine.faults import FaultInjector
-from moeserve.executor.multi import MultiWorkerExecutor
+from moeserve.executor.multi import MultiWorkerExecutor, grace_seconds
 from moeserve.executor.worker_proc import free_port, run_worker
 
 _START_TIMEOUT_S = 120.0
@@ -18,7 +18,7 @@ class MultiprocExecutor(MultiWorkerExecutor):
     def __init__(self, config: EngineConfig, faults: FaultInjector | None = None):
         self.config = config
         self.world_size = config.parallel.world_size
-        self.grace_s = config.parallel.distributed_timeout
+        self.grace_s = grace_seconds(config.parallel.distributed_timeout)
         self._address = self._open("127.0.0.1")
         dist_url = f"tcp://127.0.0.1:{free_port('127.0.0.1')}"
         self.procs: list[multiprocessing.Process | None] = [None] * self.world_size

@@ -17,7 +17,7 @@ from typing import Any
 
 from moeserve.config import EngineConfig
 from moeserve.engine.faults import FaultInjector
-from moeserve.executor.multi import MultiWorkerExecutor
+from moeserve.executor.multi import MultiWorkerExecutor, grace_seconds
 from moeserve.executor.worker_proc import free_port, run_worker
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,7 @@ class RayExecutor(MultiWorkerExecutor):
         parallel = config.parallel
         self.config = config
         self.world_size = parallel.world_size
-        self.grace_s = parallel.distributed_timeout
+        self.grace_s = grace_seconds(parallel.distributed_timeout)
         self._ray = ray
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:

@@ -13,7 +13,7 @@ P_local this worker's slots, R workers, N token-slots sent, M token-slots receiv
 Every worker calls this for every MoE layer of every step, with T = 0 when it has no tokens:
 the collectives must match one for one on every rank, or the group hangs. The result equals the
 one-worker layer up to the order of the K additions per token (fp32: the equality rule).
-gloo has no bf16/fp16 all-to-all; half-precision rows travel bit-cast to int16 (exact).
+gloo has no bf16/fp16 all-to-all; half-precision rows travel bit-cast to bytes (exact).
 """
 
 from __future__ import annotations
@@ -53,8 +53,10 @@ class ExpertParallelGroup:
 
 
 def wire(t: torch.Tensor) -> torch.Tensor:
-    """What travels: half precision bit-cast to int16 (gloo has no bf16/fp16 collectives)."""
-    return t.view(torch.int16) if t.dtype in (torch.bfloat16, torch.float16) else t
+    """What travels: half precision bit-cast to bytes (gloo all-to-all takes neither bf16 nor int16)."""
+    if t.dtype not in (torch.bfloat16, torch.float16):
+        return t
+    return (t.unsqueeze(-1) if t.dim() == 1 else t).view(torch.uint8)  # a view: dim 0 (the split) unchanged
 
 
 def _a2a(out: torch.Tensor, inp: torch.Tensor, out_splits: list[int], in_splits: list[int],

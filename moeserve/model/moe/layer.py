@@ -72,10 +72,12 @@ class SparseMoE(nn.Module):
         return self.backend(rows, local_slots, weights, self.w13, self.w2)
 
     def forward_idle(self, x: torch.Tensor) -> None:
-        """A worker with no tokens this step: join the layer's collectives with nothing to send."""
+        """A worker with no tokens this step: join the layer's collectives with nothing to send
+        (in the dtypes a busy worker sends: every rank must pass the same dtype to a collective)."""
         K = self.gate.top_k
         empty = torch.empty(0, K, dtype=torch.int64, device=x.device)
-        dispatch_combine(x[:0], empty, empty.float(), self.placement.slot_rank, self.ep, self._local_experts)
+        weights = torch.empty(0, K, dtype=torch.float32 if self.gate.weights_fp32 else x.dtype, device=x.device)
+        dispatch_combine(x[:0], empty, weights, self.placement.slot_rank, self.ep, self._local_experts)
 
     def local(self, slot: int) -> int | None:
         """The index of global `slot` in this worker's tensors, None when another worker owns it."""
