@@ -63,6 +63,8 @@ class RayNetnsCluster:
 
     def __init__(self, num_cpus: int = 4, two_nodes: bool = False):
         tag = uuid.uuid4().hex[:6]
+        self.tag = tag
+        self.temp_dir = f"/tmp/msr-{tag}"  # Ray's session files, removed at the end (short: socket paths)
         self.namespaces: list[Netns] = []
         self.veth = f"msr{tag}a"
         try:
@@ -85,7 +87,8 @@ class RayNetnsCluster:
             ray = str(VENV_BIN / "ray")
             subprocess.run(head.cmd(ray, "start", "--head", "--node-ip-address", self.ips[0], "--port", "6379",
                                     "--num-cpus", str(1 if two_nodes else num_cpus), "--include-dashboard=false",
-                                    "--disable-usage-stats"), check=True, capture_output=True, env=self.env, timeout=120)
+                                    "--disable-usage-stats", "--temp-dir", self.temp_dir),
+                           check=True, capture_output=True, env=self.env, timeout=120)
             if two_nodes:
                 subprocess.run(node.cmd(ray, "start", "--address", self.address, "--node-ip-address", self.ips[1],
                                         "--num-cpus", "1", "--disable-usage-stats"),
@@ -101,6 +104,7 @@ class RayNetnsCluster:
     def stop(self) -> None:
         for ns in reversed(self.namespaces):
             ns.delete()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 def ray_cluster_fixture(**kwargs):

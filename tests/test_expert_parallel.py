@@ -254,3 +254,39 @@ def test_bf16_model_with_an_idle_worker():
     llm.engine.core.shutdown()
     assert [o.outputs[0].text for o in both] == [o.outputs[0].text for o in expected]
     assert alone[0].outputs[0].text == expected[0].outputs[0].text
+
+
+def test_a_cluster_leaves_nothing_behind(models, prompts, tmp_path):
+    """A cluster that served an expert-parallel engine, once stopped, leaves no namespace, no
+    process, no shared-memory segment and no session files."""
+    import os
+    import subprocess
+
+    from netns import RayNetnsCluster, can_make_namespaces
+
+    if not can_make_namespaces():
+        pytest.skip("network namespaces need root and iproute2")
+    shm_before = set(os.listdir("/dev/shm"))
+    cluster = RayNetnsCluster(num_cpus=2)
+    try:
+        prompt_file = tmp_path / "prompts.json"
+        prompt_file.write_text(json.dumps(prompts[:2]))
+        got = _driver(cluster, "generate", str(models["mixtral"]), str(prompt_file), "--workers", "2",
+                      "--max-tokens", "4")
+        assert len(got["traces"]) == 2
+        names = [ns.name for ns in cluster.namespaces]
+    finally:
+        cluster.stop()
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not any(name in listed for name in names)
+    leftovers = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if cluster.temp_dir.encode() in open(f"/proc/{entry}/cmdline", "rb").read():
+                    leftovers.append(int(entry))
+            except OSError:
+                pass
+    assert leftovers == []
+    assert set(os.listdir("/dev/shm")) <= shm_before
+    assert not os.path.exists(cluster.temp_dir)
