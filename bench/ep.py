@@ -6,7 +6,9 @@ serves one seeded offline workload with 1 worker (the in-process executor, no al
 2 and 4 expert-parallel workers (worker processes; the step path is the one Ray actors run:
 ZMQ channel, gloo all-to-all; Ray only starts them). Per run: output tok/s, mean step time,
 and each worker's seconds inside all_to_all_single as a share of the run's step time (gloo
-blocks, so wall time inside the call is the communication plus waiting for the slowest rank).
+blocks, so wall time inside the call is the communication plus waiting for the slowest rank),
+and the round trip of the executor's ZMQ channel alone (a call to every worker and the replies:
+what a shared-memory broadcast of the step could at most save).
 
 On this 2-core machine more workers cannot be faster: 4 workers share 2 cores, each with a
 quarter of the threads, and every step adds 5 all-to-alls per MoE layer. The point is the cost
@@ -48,6 +50,11 @@ def run(path: Path, work, workers: int, backend: str) -> dict:
     elapsed = time.perf_counter() - start
     steps = core.stats().step - steps_before
     comm = core.executor.collective_rpc("comm_seconds")  # [(seconds, calls)] per worker
+    rounds = 200
+    start = time.perf_counter()
+    for _ in range(rounds):  # the executor's channel alone: a call to every worker and its reply
+        core.executor.collective_rpc("pid")
+    channel_ms = 1e3 * (time.perf_counter() - start) / rounds
     core.shutdown()
     comm_s = max(s for s, _ in comm)
     return {
@@ -59,6 +66,7 @@ def run(path: Path, work, workers: int, backend: str) -> dict:
         "comm_ms_per_step": 1e3 * comm_s / steps,
         "a2a_calls_per_step": comm[0][1] / steps,
         "comm_seconds_per_worker": [s for s, _ in comm],
+        "channel_round_trip_ms": channel_ms,
     }
 
 
@@ -102,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs:
         print(f"{r['workers']} worker(s): {r['output_tok_s']:.1f} tok/s ({r['tok_s_vs_1_worker']:.2f}x), "
               f"step {r['step_ms']:.1f} ms, all-to-all {100 * r['comm_share']:.1f}% of the time "
-              f"({r['comm_ms_per_step']:.1f} ms/step, {r['a2a_calls_per_step']:.0f} calls/step)")
+              f"({r['comm_ms_per_step']:.1f} ms/step, {r['a2a_calls_per_step']:.0f} calls/step), "
+              f"channel round trip {r['channel_round_trip_ms']:.2f} ms")
     print(f"-> {out}")
     return 0
 

@@ -143,6 +143,7 @@ def _start_server(args, port: int, env: dict | None = None) -> subprocess.Popen:
     import httpx
 
     cmd = [sys.executable, "-m", "moeserve.cli", "serve", args.model, "--host", "127.0.0.1", "--port", str(port),
+           "--grpc-port", str(port + 1),
            "--max-model-len", "256", "--expert-parallel-size", str(args.workers), "--ray-address", args.ray_address,
            "--distributed-timeout", "3", "--log-level", "warning"]
     import os
@@ -175,6 +176,15 @@ def _worker_pids() -> list[int]:
             if b"RayWorkerActor" in cmdline:
                 pids.append(int(entry))
     return sorted(pids)
+
+
+def _grpc_health(port: int) -> str:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
 def fault(args) -> dict:
@@ -223,13 +233,14 @@ def fault(args) -> dict:
         elif args.how == "sigkill":
             os.kill(_worker_pids()[-1], signal.SIGKILL)
         health: list[tuple[float, int, str]] = []
-        while_down = None
+        while_down = grpc_down = None
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             r = httpx.get(f"{url}/health", timeout=5)
             if not health or health[-1][1] != r.status_code:
                 health.append((time.monotonic() - lost_at, r.status_code, r.text[:300]))
             if r.status_code == 503 and while_down is None:  # a new request while the workers are rebuilt
+                grpc_down = _grpc_health(port + 1)
                 new = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=30)
                 while_down = (new.status_code, new.headers.get("retry-after"), new.text[:300])
             if r.status_code == 200 and len(health) >= 3:
@@ -237,6 +248,7 @@ def fault(args) -> dict:
             time.sleep(0.05)
         for t in threads:
             t.join(120)
+        grpc_up = _grpc_health(port + 1)
         served = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2}).status_code
         after = httpx.post(f"{url}/v1/completions", timeout=60,
                            json={"prompt": args.prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}).json()
@@ -255,6 +267,7 @@ def fault(args) -> dict:
         "health": health,
         "served_after_recovery": served,
         "new_request_while_down": while_down,
+        "grpc_health": [grpc_down, grpc_up],
         "after_text": after["choices"][0]["text"],
         "metrics": [line for line in metrics.splitlines() if line.startswith("moeserve:worker_")],
         "leftover_actors": leftover,

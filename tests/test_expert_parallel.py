@@ -230,6 +230,7 @@ def test_a_lost_worker_fails_its_requests_fast_and_the_server_recovers(cluster, 
     assert "worker 1" in down[2] or "worker(s) [1]" in down[2]
     assert got["health"][-1][0] < 60
     assert got["served_after_recovery"] == 200  # serving again
+    assert got["grpc_health"] == ["NOT_SERVING", "SERVING"]
     status, retry_after, body = got["new_request_while_down"]
     assert status == 503 and retry_after is not None and "rebuilding" in body
     llm = LLM(str(model), max_model_len=256)

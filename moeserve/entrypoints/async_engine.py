@@ -85,6 +85,7 @@ class AsyncEngine:
         self._ids = itertools.count()
         self.latest_stats: EngineStats | None = None
         self.death_listeners: list[Callable[[str], None]] = []
+        self.availability_listeners: list[Callable[[bool], None]] = []  # rebuilding workers: False, then True
         self.client: EngineClient = await MPEngineClient.start(config, self._on_outputs, self._on_dead, log_level)
         try:
             info = self.info = self.client.info
@@ -235,7 +236,11 @@ class AsyncEngine:
 
     def _on_outputs(self, outputs: EngineCoreOutputs) -> None:
         if outputs.stats is not None:
+            was = self.unavailable_reason()
             self.latest_stats = outputs.stats
+            if (was is None) != (outputs.stats.unavailable is None):
+                for listener in self.availability_listeners:
+                    listener(outputs.stats.unavailable is None)
             if outputs.stats.expert_load is not None:
                 self.load_monitor.update(outputs.stats.expert_load)
         if not outputs.outputs:

@@ -143,6 +143,12 @@ class GrpcFront:
         for service in ("", SERVICE_NAME):
             await self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
 
+    async def set_serving(self, serving: bool) -> None:
+        """Health follows the engine while it rebuilds lost expert-parallel workers."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", SERVICE_NAME):
+            await self.health.set(service, status)
+
     async def stop(self, grace: float) -> None:
         await self.server.stop(grace=grace)
 

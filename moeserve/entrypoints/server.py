@@ -69,6 +69,8 @@ async def serve(engine_config: EngineConfig, config: ServerConfig, admission: Ad
 
             grpc_front = await start_grpc_server(state, config.host, config.grpc_port)
             engine.death_listeners.append(lambda reason: asyncio.ensure_future(grpc_front.drain()))
+            engine.availability_listeners.append(
+                lambda serving: None if state.draining else asyncio.ensure_future(grpc_front.set_serving(serving)))
             logger.info("gRPC on %s:%d", config.host, grpc_front.port)
         uv_config = uvicorn.Config(build_app(state), host=config.host, port=config.port, log_level=config.log_level,
                                    timeout_graceful_shutdown=5)
