@@ -23,7 +23,6 @@ import collections
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 from moeserve.config import EngineConfig
@@ -108,6 +107,7 @@ class EngineCore:
             self.add_controller(self.replication)
         self.unavailable: str | None = None
         self._lost_ranks: tuple[int, ...] = ()
+        self._failed_outputs: list[EngineCoreOutput] = []
         self._worker_failures = self._worker_recoveries = 0
         self._recovery_s_total = self._last_recovery_s = 0.0
         self._degraded_tokens = 0
@@ -175,8 +175,12 @@ class EngineCore:
         outputs = [self._output(req) for req in self.scheduler.update_from_output(sched, result)]
         stats = self._finish_step(sched, result, start)
         for controller in self.controllers:
-            controller.between_steps(self, stats)
-        return EngineCoreOutputs(outputs, stats)
+            try:
+                controller.between_steps(self, stats)
+            except WorkerFailure as e:
+                self.mark_lost(e)
+                break
+        return EngineCoreOutputs(outputs + self.take_failed(), stats)
 
     def _note_first_scheduled(self, sched: SchedulerOutput, now: float) -> None:
         for new in sched.new_requests:
@@ -220,32 +224,50 @@ class EngineCore:
         return EngineCoreOutput(request_id, error=f"{type(error).__name__}: {error}", unavailable=unavailable)
 
     def _worker_failure(self, sched: SchedulerOutput, error: WorkerFailure, start: float) -> EngineCoreOutputs:
+        self.scheduler.discard_step(sched)
+        self.mark_lost(error, list(sched.num_scheduled_tokens))
+        return EngineCoreOutputs(self.take_failed(), self._finish_step(sched, ModelRunnerOutput.empty(), start))
+
+    def mark_lost(self, error: WorkerFailure, victims: list[str] = ()) -> None:
+        """Workers failed (in a step, a controller or a control call): fail `victims` and every
+        request on a lost rank as unavailable, give the lost ranks fresh pools, and stop serving
+        until `recover()`. With --ep-failure-policy fail, raise instead."""
         logger.error("expert-parallel workers failed: %s", error)
         if self.config.parallel.ep_failure_policy == "fail":
             raise error
-        self.scheduler.discard_step(sched)
-        lost = set(error.ranks)
-        victims = list(sched.num_scheduled_tokens)
-        victims += [r.request_id for r in self.scheduler.requests.values()
-                    if r.rank in lost and r.request_id not in sched.num_scheduled_tokens]
-        failed = [self._fail(request_id, error, unavailable=True) for request_id in victims]
+        self._lost_ranks = tuple(sorted(set(self._lost_ranks) | set(error.ranks)))
+        self._fail_ranks(error.ranks, error, victims)
+        self.unavailable = f"rebuilding the expert-parallel workers: {error}"
+        self._worker_failures += 1
+
+    def _fail_ranks(self, ranks, error: Exception, victims: list[str] = ()) -> None:
+        lost = set(ranks)
+        victims = list(victims) + [r.request_id for r in self.scheduler.requests.values()
+                                   if r.rank in lost and r.request_id not in victims]
+        self._failed_outputs += [self._fail(request_id, error, unavailable=True) for request_id in victims
+                                 if request_id in self.scheduler.requests]
         for rank in lost:  # its KV is gone with it: a fresh pool, no prefix-cache keys
             pool = BlockManager(self.num_kv_blocks, self.config.cache.block_size, self.config.cache.enable_prefix_caching)
             self.block_pools[rank] = self.scheduler.pools[rank] = pool
         self.block_manager = self.scheduler.block_manager = self.block_pools[0]
-        self._lost_ranks = tuple(sorted(lost))
-        self.unavailable = f"rebuilding the expert-parallel workers: {error}"
-        self._worker_failures += 1
-        return EngineCoreOutputs(failed, self._finish_step(sched, ModelRunnerOutput.empty(), start))
+
+    def take_failed(self) -> list[EngineCoreOutput]:
+        """Requests failed by a worker loss and not reported yet."""
+        out, self._failed_outputs = self._failed_outputs, []
+        return out
 
     @property
     def needs_recovery(self) -> bool:
         return self.unavailable is not None
 
     def recover(self) -> None:
-        """Rebuild the workers after a failure, restore what the core set on them, serve again."""
+        """Rebuild the workers after a failure, restore what the core set on them, serve again.
+        Ranks restarted beyond those named lose their requests too (see `take_failed`)."""
         began = time.monotonic()
-        self.executor.recover(self._lost_ranks)
+        restarted = self.executor.recover(self._lost_ranks)
+        extra = set(restarted) - set(self._lost_ranks)
+        if extra:
+            self._fail_ranks(extra, WorkerFailure(f"worker(s) {sorted(extra)} restarted during recovery", extra))
         mc = self.model_config
         for k in sorted(set(self.top_k)):
             if k != mc.top_k:
@@ -253,9 +275,12 @@ class EngineCore:
         if self.config.control.degradation_layers:
             layers = [int(x) for x in self.config.control.degradation_layers.split(",") if x.strip()]
             self.executor.collective_rpc("set_degrade_layers", layers)
+        if self.replication is not None:  # the workers' maps are the truth (a move may have been cut short)
+            self.replication.resync(self.executor.collective_rpc("placement")[0])
         self._last_recovery_s = time.monotonic() - began
         self._recovery_s_total += self._last_recovery_s
         self._worker_recoveries += 1
+        self._lost_ranks = ()
         self.unavailable = None
         logger.warning("expert-parallel workers rebuilt in %.1f s", self._last_recovery_s)
 
@@ -311,13 +336,20 @@ class EngineCore:
 
     def call(self, method: str, *args: Any) -> Any:
         """A control call by name (the front's UtilityCall): `set_top_k(k, moe_layers=None)`,
-        `stats()`, or `collective_rpc(worker_method, *args)`."""
-        if method == "set_top_k":
-            return self.set_top_k(*args)
-        if method == "stats":
-            return self.stats()
-        if method == "collective_rpc":
-            return self.executor.collective_rpc(*args)
+        `stats()`, or `collective_rpc(worker_method, *args)`. A worker lost on the way is
+        `mark_lost` (the host then recovers) and the call answers with a ValueError saying so."""
+        if self.unavailable is not None and method != "stats":
+            raise ValueError(self.unavailable)
+        try:
+            if method == "set_top_k":
+                return self.set_top_k(*args)
+            if method == "stats":
+                return self.stats()
+            if method == "collective_rpc":
+                return self.executor.collective_rpc(*args)
+        except WorkerFailure as e:
+            self.mark_lost(e)
+            raise ValueError(f"expert-parallel workers failed: {e}") from e
         raise ValueError(f"unknown engine call {method!r}")
 
     def _ttft_p90(self, window_s: float = 10.0) -> float:

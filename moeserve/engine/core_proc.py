@@ -106,16 +106,23 @@ class EngineCoreProc:
                 if not self._handle(self.codec.decode(self.commands.recv_multipart())):
                     return
                 changed, timeout = True, 0
-            if core.has_work():
+            if core.needs_recovery:  # a worker was lost in a control call
+                self._recover()
+            elif core.has_work():
                 self._send(core.step())
-                if core.needs_recovery:  # the front has the failures and the reason; rebuild, then say so
-                    core.recover()
-                    self._send(EngineCoreOutputs([], core.stats()))
+                if core.needs_recovery:
+                    self._recover()
             elif changed:
                 self._send(EngineCoreOutputs([], core.stats()))
             elif os.getppid() != self.parent_pid:
                 logger.warning("the front (pid %d) is gone: the engine stops", self.parent_pid)
                 return
+
+    def _recover(self) -> None:
+        """Tell the front what failed and why (it answers 503 meanwhile), rebuild, say so."""
+        self._send(EngineCoreOutputs(self.core.take_failed(), self.core.stats()))
+        self.core.recover()
+        self._send(EngineCoreOutputs(self.core.take_failed(), self.core.stats()))
 
     def _handle(self, message) -> bool:
         """Apply one command; False means stop."""

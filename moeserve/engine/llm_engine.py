@@ -65,9 +65,15 @@ class LLMEngine:
         """One engine step. A failure in the batch's forward fails the requests of that batch;
         one in a request's own output processing fails that request alone. Either way the
         failed requests are released and the engine stays usable."""
-        processed = self.output.process(self.core.step().outputs)
+        early = []
+        if self.core.needs_recovery:  # lost in a control call since the last step
+            self.core.recover()
+            early = self.core.take_failed()
+        outputs = early + self.core.step().outputs
         if self.core.needs_recovery:  # a lost expert-parallel worker: its requests failed above
             self.core.recover()
+            outputs = outputs + self.core.take_failed()
+        processed = self.output.process(outputs)
         if processed.aborts:
             self.core.abort_requests(processed.aborts)
         return [*processed.request_outputs, *processed.failures]

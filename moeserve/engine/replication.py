@@ -105,7 +105,6 @@ def balancedness(group_loads: np.ndarray) -> float:
 
 def plan_layer(layer: int, placement: LayerPlacement, load: np.ndarray, threshold: float) -> Move | None:
     """The one move (or none) for a layer under load [E] (see the module docstring)."""
-    E, G = placement.num_experts, placement.num_groups
     n = placement.copies_in_groups()  # [E, G]
     copies = n.sum(axis=1)  # [E]
     per_copy = load / copies  # [E]
@@ -213,6 +212,12 @@ class ReplicationPlanner:
         self._queue: collections.deque[Move] = collections.deque()
         self.replications = self.retirements = 0
         self.stall_total_s = self.stall_max_s = 0.0
+
+    def resync(self, placements: list[tuple[list[int], list[int]]]) -> None:
+        """Take the workers' maps as they are (after a rebuild); planned moves are dropped."""
+        for layer, (phy2log, _) in zip(self.layers, placements):
+            layer.phy2log = np.asarray(phy2log, dtype=np.int64)
+        self._queue.clear()
 
     def observe(self, logical: list[list[int]]) -> None:
         counts = np.asarray(logical, dtype=np.float64)  # [L_moe, E]

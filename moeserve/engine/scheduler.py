@@ -12,9 +12,9 @@ The output is a typed SchedulerOutput: a request's data is sent whole once (when
 restarts after preemption), afterwards only its new blocks.
 
 With several workers (expert parallelism, attention data-parallel) there is one block pool per
-worker: a request is given the rank with the most free blocks when it is first admitted and
-keeps it; its blocks, its prefix-cache hits and the requests it may preempt are all in that
-rank's pool. `SchedulerOutput.ranks` says where each scheduled request runs.
+worker: a request is given the rank with the most free blocks when it is admitted and keeps it
+while it runs (a preempted request chooses again); its blocks, its prefix-cache hits and the
+requests it may preempt are all in that rank's pool. `SchedulerOutput.ranks` says where each scheduled request runs.
 """
 
 from __future__ import annotations
@@ -175,6 +175,7 @@ class Scheduler:
                 break
             if not bm.allocate(req.block_table, computed + n, hits):
                 top_k.pop(req.request_id, None)
+                req.rank = None  # not admitted: choose again next time
                 break
             heapq.heappop(self.waiting)
             req.num_computed_tokens = computed
@@ -214,6 +215,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self._pool(req).free(req.block_table)
+        req.rank = None  # restarts from nothing: on whichever pool has room then
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED
         req.num_preemptions += 1

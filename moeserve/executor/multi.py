@@ -71,6 +71,7 @@ class MultiWorkerExecutor(Executor):
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker takes over its rank's identity
         port = self._sock.bind_to_random_port(f"tcp://{host}")
         return f"tcp://{host}:{port}"
 
@@ -107,28 +108,38 @@ class MultiWorkerExecutor(Executor):
             if time.monotonic() > deadline:
                 raise WorkerFailure(f"worker(s) {sorted(waiting)} did not start in {timeout:.0f} s", sorted(waiting))
 
+    def _send(self, rank: int, data: bytes) -> None:
+        try:
+            self._sock.send_multipart([b"w%d" % rank, data])
+        except zmq.ZMQError as e:  # its connection is gone (ROUTER_MANDATORY): so is the worker
+            raise WorkerFailure(f"worker {rank} is unreachable ({e})", [rank]) from e
+
     def _call(self, call: WorkerCall, ranks: list[int] | None = None) -> list[Any]:
         """`call` on the given workers (all by default); their results in rank order."""
         ranks = list(range(self.world_size)) if ranks is None else ranks
         self._seq += 1
         call = dataclasses.replace(call, seq=self._seq)
         data = pickle.dumps(call)
-        for rank in ranks:
-            self._sock.send_multipart([b"w%d" % rank, data])
+        self._check_dead(ranks)
         self._pending = set(ranks)
+        for rank in ranks:
+            self._send(rank, data)
         replies: dict[int, WorkerReply] = {}
         first_failure = None
+        # In a step every worker finishes within a collective's reach of the others: once one has
+        # answered, the others get a grace period (ok or not). Control calls (loading a shard,
+        # ...) may legitimately differ by more, so there only a failure starts the clock.
+        step = call.method == "execute_model"
         while self._pending:
             reply = self._poll()
             if reply is not None and reply.seq == self._seq:
                 replies[reply.rank] = reply
                 self._pending.discard(reply.rank)
-                if not reply.ok and first_failure is None:
+                if (step or not reply.ok) and first_failure is None:
                     first_failure = time.monotonic()
             self._check_dead(ranks)
-            if first_failure is not None and time.monotonic() - first_failure > self.grace_s:
-                raise WorkerFailure(f"worker(s) {sorted(self._pending)} stopped answering (hung: their peers' "
-                                    f"collectives timed out)", sorted(self._pending))
+            if self._pending and first_failure is not None and time.monotonic() - first_failure > self.grace_s:
+                raise WorkerFailure(f"worker(s) {sorted(self._pending)} stopped answering (hung)", sorted(self._pending))
         failed = [replies[r] for r in ranks if not replies[r].ok]
         if failed:
             message = f"{call.method} failed on worker {failed[0].rank}: {failed[0].value.splitlines()[0]}"
@@ -141,9 +152,10 @@ class MultiWorkerExecutor(Executor):
         self._num_blocks = num_blocks
         super().initialize_cache(num_blocks)
 
-    def recover(self, failed: tuple[int, ...]) -> None:
-        """Rebuild the group after a WorkerFailure (see the module docstring); raises if it
-        cannot, and then nothing more can be served."""
+    def recover(self, failed: tuple[int, ...]) -> tuple[int, ...]:
+        """Rebuild the group after a WorkerFailure (see the module docstring). Returns every rank
+        it restarted (those named, and any that died or stayed silent meanwhile): their KV and
+        request state are gone. Raises if it cannot, and then nothing more can be served."""
         failed_set = set(failed)
         # the others finish the failed call first (their collectives error out within the timeout)
         deadline = time.monotonic() + self.grace_s + 5
@@ -160,12 +172,12 @@ class MultiWorkerExecutor(Executor):
             self._kill_worker(rank)
         host, port = self._call(WorkerCall("rendezvous"), [0])[0] if 0 in survivors else self._fresh_rendezvous()
         dist_url = f"tcp://{host}:{port}"
+        for rank in sorted(failed_set):  # first: they take the longest to reach the rendezvous
+            self._start_worker(rank, dist_url)
         self._seq += 1
         rejoin = pickle.dumps(WorkerCall("rejoin_group", (dist_url,), seq=self._seq))
-        for rank in survivors:  # they block in the new group's rendezvous until the new ones join
-            self._sock.send_multipart([b"w%d" % rank, rejoin])
-        for rank in sorted(failed_set):
-            self._start_worker(rank, dist_url)
+        for rank in survivors:  # they wait in the new group's rendezvous for the new ones
+            self._send(rank, rejoin)
         hello, rejoined = set(failed_set), set(survivors)  # both answer on the one socket, in any order
         deadline = time.monotonic() + 180.0
         while hello or rejoined:
@@ -187,6 +199,7 @@ class MultiWorkerExecutor(Executor):
             self._call(WorkerCall("set_placement", (maps,)), new)
         if self._num_blocks is not None:
             self._call(WorkerCall("initialize_cache", (self._num_blocks,)), new)
+        return tuple(new)
 
     def _fresh_rendezvous(self) -> tuple[str, int]:
         raise WorkerFailure("worker 0 is gone and this executor cannot host a new rendezvous", [0])
