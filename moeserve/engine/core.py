@@ -41,7 +41,7 @@ from moeserve.engine.replication import ReplicationPlanner, ReplicationSettings
 from moeserve.engine.request import Request
 from moeserve.engine.scheduler import Scheduler, SchedulerOutput
 from moeserve.executor import Executor
-from moeserve.executor.multi import WorkerFailure
+from moeserve.executor.multi import WorkerCallError, WorkerFailure
 from moeserve.generation_config import GenerationDefaults
 from moeserve.worker.model_runner import ModelRunnerOutput
 
@@ -177,8 +177,8 @@ class EngineCore:
         for controller in self.controllers:
             try:
                 controller.between_steps(self, stats)
-            except WorkerFailure as e:
-                self.mark_lost(e)
+            except (WorkerFailure, WorkerCallError) as e:  # a control call on the group went wrong: rebuild it
+                self.mark_lost(e if isinstance(e, WorkerFailure) else WorkerFailure(str(e)))
                 break
         return EngineCoreOutputs(outputs + self.take_failed(), stats)
 
@@ -260,29 +260,39 @@ class EngineCore:
     def needs_recovery(self) -> bool:
         return self.unavailable is not None
 
-    def recover(self) -> None:
+    def recover(self, attempts: int = 3) -> None:
         """Rebuild the workers after a failure, restore what the core set on them, serve again.
-        Ranks restarted beyond those named lose their requests too (see `take_failed`)."""
+        Ranks restarted beyond those named lose their requests too (see `take_failed`); a
+        failure while rebuilding starts the rebuild again, `attempts` times at most."""
         began = time.monotonic()
-        restarted = self.executor.recover(self._lost_ranks)
-        extra = set(restarted) - set(self._lost_ranks)
-        if extra:
-            self._fail_ranks(extra, WorkerFailure(f"worker(s) {sorted(extra)} restarted during recovery", extra))
-        mc = self.model_config
-        for k in sorted(set(self.top_k)):
-            if k != mc.top_k:
-                self.executor.collective_rpc("set_top_k", k, [i for i, x in enumerate(self.top_k) if x == k])
-        if self.config.control.degradation_layers:
-            layers = [int(x) for x in self.config.control.degradation_layers.split(",") if x.strip()]
-            self.executor.collective_rpc("set_degrade_layers", layers)
-        if self.replication is not None:  # the workers' maps are the truth (a move may have been cut short)
-            self.replication.resync(self.executor.collective_rpc("placement")[0])
+        for attempt in range(attempts):
+            try:
+                self._rebuild()
+                break
+            except WorkerFailure as e:
+                if attempt == attempts - 1:
+                    raise
+                self.mark_lost(e)
         self._last_recovery_s = time.monotonic() - began
         self._recovery_s_total += self._last_recovery_s
         self._worker_recoveries += 1
         self._lost_ranks = ()
         self.unavailable = None
         logger.warning("expert-parallel workers rebuilt in %.1f s", self._last_recovery_s)
+
+    def _rebuild(self) -> None:
+        restarted = self.executor.recover(self._lost_ranks)
+        extra = set(restarted) - set(self._lost_ranks)
+        if extra:
+            self._fail_ranks(extra, WorkerFailure(f"worker(s) {sorted(extra)} restarted during recovery", extra))
+        # the core's settings are the truth: a control call cut short may have reached some ranks
+        for k in sorted(set(self.top_k)):
+            self.executor.collective_rpc("set_top_k", k, [i for i, x in enumerate(self.top_k) if x == k])
+        if self.config.control.degradation_layers:
+            layers = [int(x) for x in self.config.control.degradation_layers.split(",") if x.strip()]
+            self.executor.collective_rpc("set_degrade_layers", layers)
+        if self.replication is not None:  # the workers' maps are the truth (a move may have been cut short)
+            self.replication.resync(self.executor.collective_rpc("placement")[0])
 
     def _finish_step(self, sched: SchedulerOutput, result: ModelRunnerOutput, start: float) -> EngineStats:
         self._step += 1

@@ -172,6 +172,7 @@ class Scheduler:
             computed = len(hits) * bm.block_size
             n = min(len(tokens) - computed, budget)
             if n < len(tokens) - computed and not self.config.enable_chunked_prefill:
+                req.rank = None  # not admitted: choose again next time
                 break
             if not bm.allocate(req.block_table, computed + n, hits):
                 top_k.pop(req.request_id, None)

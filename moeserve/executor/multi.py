@@ -121,9 +121,10 @@ class MultiWorkerExecutor(Executor):
         call = dataclasses.replace(call, seq=self._seq)
         data = pickle.dumps(call)
         self._check_dead(ranks)
-        self._pending = set(ranks)
+        self._pending = set()  # only the ranks that got the call owe a reply
         for rank in ranks:
             self._send(rank, data)
+            self._pending.add(rank)
         replies: dict[int, WorkerReply] = {}
         first_failure = None
         # In a step every worker finishes within a collective's reach of the others: once one has
@@ -195,8 +196,8 @@ class MultiWorkerExecutor(Executor):
                                     sorted(hello | rejoined))
         new = sorted(failed_set)
         self._call(WorkerCall("load_model"), new)
-        if maps is not None:
-            self._call(WorkerCall("set_placement", (maps,)), new)
+        if maps is not None:  # every worker: a move cut short may have reached some ranks only
+            self._call(WorkerCall("set_placement", (maps,)))
         if self._num_blocks is not None:
             self._call(WorkerCall("initialize_cache", (self._num_blocks,)), new)
         return tuple(new)
