@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
+from serve_overhead import server_process  # noqa: E402
 from throughput import machine  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -74,27 +75,12 @@ def main(argv: list[str] | None = None) -> int:
             args.model = str(make_tiny_checkpoint("mixtral", tmp / "tiny"))
             args.duration, args.input_len, args.output_len = 12.0, 16, 16
         model = args.model or str(REPO / "models" / "moeserve-tiny-moe")
-        port = 18300
-        url = f"http://127.0.0.1:{port}"
         env = dict(os.environ)
         if args.hang:
             env["MOESERVE_INJECT_FAULTS"] = "hang:1@150"
-        server = subprocess.Popen([sys.executable, "-m", "moeserve.cli", "serve", model, "--host", "127.0.0.1",
-                                   "--port", str(port), "--max-model-len", str(2 * (args.input_len + args.output_len)),
-                                   "--expert-parallel-size", "2", "--distributed-executor-backend", "mp",
-                                   "--distributed-timeout", "3", "--log-level", os.environ.get("EPF_LOG", "error")],
-                                  stdout=subprocess.DEVNULL, stderr=None if os.environ.get("EPF_LOG") else subprocess.DEVNULL, env=env)
-        try:
-            deadline = time.monotonic() + 300
-            while True:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the server did not start")
-                try:
-                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.2)
+        flags = ["--max-model-len", str(2 * (args.input_len + args.output_len)), "--expert-parallel-size", "2",
+                 "--distributed-executor-backend", "mp", "--distributed-timeout", "3"]
+        with server_process(model, flags, env=env) as (url, server):
             out = tmp / "load.json"
             cmd = [sys.executable, "-m", "moeserve.cli", "bench", "serve", "--base-url", url, "--tokenizer", model,
                    "--input-len", str(args.input_len), "--output-len", str(args.output_len), "--range-ratio", "0.5",
@@ -130,9 +116,6 @@ def main(argv: list[str] | None = None) -> int:
             if load.returncode != 0:
                 raise RuntimeError(f"the harness failed: {stderr[-2000:]}")
             record = json.loads(out.read_text())
-        finally:
-            server.terminate()
-            server.wait(60)
     down = next((t for t, c in health if c == 503), None)
     if args.hang and down is not None:  # counted from the last step before the failure
         before = [(t, n) for t, n in steps if t < down]

@@ -83,12 +83,13 @@ async def _stream_all(url: str, requests, concurrency: int) -> int:
 
 
 @contextmanager
-def start_server(model: str, flags: list[str], timeout: float = 300.0):
-    """A `moeserve serve` process on a free 127.0.0.1 port; yields its URL once /health is 200."""
+def server_process(model: str, flags: list[str], timeout: float = 300.0, env: dict[str, str] | None = None):
+    """A `moeserve serve` process on a free 127.0.0.1 port; yields (URL, process) once /health
+    is 200, and stops it on exit."""
     port = _free_port()
     cmd = [sys.executable, "-m", "moeserve.cli", "serve", model, "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning", *flags]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
@@ -101,10 +102,17 @@ def start_server(model: str, flags: list[str], timeout: float = 300.0):
             except httpx.HTTPError:
                 pass
             time.sleep(0.2)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+@contextmanager
+def start_server(model: str, flags: list[str], timeout: float = 300.0):
+    """As `server_process`, yielding the URL alone."""
+    with server_process(model, flags, timeout) as (url, _):
+        yield url
 
 
 def run_http(path: Path, requests, args) -> dict:

@@ -14,28 +14,47 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 
-class _Recorder:
-    """A between-steps controller that keeps what each step reported."""
+class Recorder:
+    """A between-steps controller that keeps what each step reported: expert-load totals
+    [L_moe][E] and the running requests per rank."""
 
     def __init__(self):
-        self.logical = None
+        self.logical: list[list[int]] = []
         self.running_by_rank: list[list[int]] = []
 
     def between_steps(self, core, stats) -> None:
         self.running_by_rank.append(list(stats.running_by_rank))
         if stats.expert_load is not None:
             rows = stats.expert_load.logical
-            if self.logical is None:
+            if not self.logical:
                 self.logical = [[0] * len(r) for r in rows]
             for acc, row in zip(self.logical, rows):
                 for e, v in enumerate(row):
                     acc[e] += v
+
+
+def run_staggered(engine, prompts: list[list[int]], params) -> dict:
+    """The first prompt alone for three steps (the other ranks have no request then), then the
+    rest; request id -> its finished RequestOutput."""
+    engine.add_request("0", {"prompt_token_ids": prompts[0]}, params)
+    done, step = {}, 0
+    while engine.has_unfinished_requests() or step < 3:
+        if step == 3:
+            for i, p in enumerate(prompts[1:], start=1):
+                engine.add_request(str(i), {"prompt_token_ids": p}, params)
+        for out in engine.step():
+            if out.finished:
+                done[out.request_id] = out
+        step += 1
+    return done
 
 
 def generate(args) -> dict:
@@ -51,21 +70,12 @@ def generate(args) -> dict:
     if args.replication:
         settings.update(replication="auto", replication_window=4, replication_interval=2, replication_threshold=1.0)
     engine = LLMEngine(engine_config(args.model, **settings))
-    recorder = _Recorder()
+    recorder = Recorder()
     engine.core.add_controller(recorder)
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True, logprobs=5)
-    # the first prompt alone for a few steps: the other ranks have no request then
-    engine.add_request("0", {"prompt_token_ids": prompts[0]}, params)
-    done, step = {}, 0
-    while engine.has_unfinished_requests() or step < 3:
-        if step == 3:
-            for i, p in enumerate(prompts[1:], start=1):
-                engine.add_request(str(i), {"prompt_token_ids": p}, params)
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = {"tokens": out.outputs[0].token_ids,
-                                        "logprobs": [{str(k): v for k, v in lp.items()} for lp in out.outputs[0].logprobs]}
-        step += 1
+    done = {k: {"tokens": o.outputs[0].token_ids,
+                "logprobs": [{str(t): v for t, v in lp.items()} for lp in o.outputs[0].logprobs]}
+            for k, o in run_staggered(engine, prompts, params).items()}
     core = engine.core
     result = {
         "traces": [done[str(i)] for i in range(len(prompts))],
@@ -108,20 +118,8 @@ def serve(args) -> dict:
     from openai import OpenAI
 
     port = 18000
-    cmd = [sys.executable, "-m", "moeserve.cli", "serve", args.model, "--host", "127.0.0.1", "--port", str(port),
-           "--max-model-len", "128", "--expert-parallel-size", str(args.workers), "--ray-address", args.ray_address,
-           "--log-level", "warning"]
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    server = _start_server(args, port)
     try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            if server.poll() is not None:
-                raise RuntimeError(f"server exited: {server.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
         completion = client.completions.create(model=args.model, prompt=args.prompt, max_tokens=12, temperature=0,
                                                extra_body={"ignore_eos": True})
@@ -140,32 +138,33 @@ def serve(args) -> dict:
 
 
 def _start_server(args, port: int, env: dict | None = None) -> subprocess.Popen:
+    """`moeserve serve` with `args.workers` expert-parallel workers on this namespace's cluster
+    (HTTP on `port`, gRPC on `port + 1`), once /health is 200. Its log goes to a file: a pipe
+    nobody reads would block the server once full."""
     import httpx
 
     cmd = [sys.executable, "-m", "moeserve.cli", "serve", args.model, "--host", "127.0.0.1", "--port", str(port),
-           "--grpc-port", str(port + 1),
-           "--max-model-len", "256", "--expert-parallel-size", str(args.workers), "--ray-address", args.ray_address,
-           "--distributed-timeout", "3", "--log-level", "warning"]
-    import os
-
-    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, **(env or {})})
+           "--grpc-port", str(port + 1), "--max-model-len", "256", "--expert-parallel-size", str(args.workers),
+           "--ray-address", args.ray_address, "--distributed-timeout", "3", "--log-level", "warning"]
+    log = tempfile.NamedTemporaryFile("w+", prefix="moeserve-ep-", suffix=".log")
+    server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log, env={**os.environ, **(env or {})})
+    server.log = log  # closed (and removed) with the Popen object
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if server.poll() is not None:
-            raise RuntimeError(f"server exited: {server.stderr.read()[-3000:]}")
+            log.seek(0)
+            raise RuntimeError(f"server exited: {log.read()[-3000:]}")
         try:
             if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
                 return server
         except httpx.HTTPError:
             time.sleep(0.3)
+    server.kill()
     raise RuntimeError("server did not start")
 
 
 def _worker_pids() -> list[int]:
     """Processes of this namespace's expert-parallel worker actors."""
-    import os
-
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -191,7 +190,6 @@ def fault(args) -> dict:
     """Requests in flight on a 2-worker server, then worker 1 is lost (ray.kill, SIGKILL of its
     process, or an injected hang): how each request ended, what /health said and when, and
     a greedy completion once serving again."""
-    import os
     import signal
     import threading
 

@@ -20,6 +20,7 @@ from moeserve.engine.llm_engine import LLMEngine
 from moeserve.testing.checkpoints import make_tiny_checkpoint
 from moeserve.testing.equality import GreedyTrace, greedy_divergence
 
+from ep_driver import Recorder, run_staggered
 from netns import ray_cluster_fixture
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -52,33 +53,17 @@ def _driver(cluster, *args: str, timeout: float = 600) -> dict:
 
 
 def _single(model: Path, prompts: list[list[int]], **settings) -> tuple[list[GreedyTrace], list[list[int]]]:
-    """The one-process engine on the same schedule as the driver (the first prompt alone for 3 steps)."""
+    """The one-process engine (or, with settings, another executor here) on the driver's
+    schedule: traces in prompt order and the expert-load totals."""
     engine = LLMEngine(engine_config(model, max_model_len=128, block_size=4, **settings))
-    totals: list[list[int]] = []
-
-    class Totals:
-        def between_steps(self, core, stats):
-            if stats.expert_load is not None:
-                if not totals:
-                    totals.extend([0] * len(r) for r in stats.expert_load.logical)
-                for acc, row in zip(totals, stats.expert_load.logical):
-                    for e, v in enumerate(row):
-                        acc[e] += v
-
-    engine.core.add_controller(Totals())
+    recorder = Recorder()
+    engine.core.add_controller(recorder)
     params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
-    engine.add_request("0", {"prompt_token_ids": prompts[0]}, params)
-    done, step = {}, 0
-    while engine.has_unfinished_requests() or step < 3:
-        if step == 3:
-            for i, p in enumerate(prompts[1:], start=1):
-                engine.add_request(str(i), {"prompt_token_ids": p}, params)
-        for out in engine.step():
-            if out.finished:
-                done[out.request_id] = GreedyTrace(out.outputs[0].token_ids, out.outputs[0].logprobs)
-        step += 1
+    done = run_staggered(engine, prompts, params)
     engine.core.shutdown()
-    return [done[str(i)] for i in range(len(prompts))], totals
+    traces = [GreedyTrace(done[str(i)].outputs[0].token_ids, done[str(i)].outputs[0].logprobs)
+              for i in range(len(prompts))]
+    return traces, recorder.logical
 
 
 def _traces(result: dict) -> list[GreedyTrace]:

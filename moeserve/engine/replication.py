@@ -204,7 +204,7 @@ class ReplicationPlanner:
     def __init__(self, settings: ReplicationSettings, num_experts: int, placements: list[tuple[list[int], list[int]]]):
         self.settings = settings
         self.layers = [LayerPlacement(p, g, num_experts) for p, g in placements]
-        self.home = [np.asarray(p, dtype=np.int64).copy() for p, _ in placements]
+        self.home = [LayerPlacement(p, g, num_experts) for p, g in placements]  # the start placement, kept
         self.num_experts = num_experts
         self._window: collections.deque[np.ndarray] = collections.deque()
         self._sum = np.zeros((len(self.layers), num_experts), dtype=np.float64)
@@ -274,8 +274,7 @@ class ReplicationPlanner:
         now, home = [], []
         for i, placement in enumerate(self.layers):
             now.append(balancedness(placement.group_loads(load[i])))
-            home_placement = LayerPlacement(self.home[i], placement.slot_group, self.num_experts)
-            home.append(balancedness(home_placement.group_loads(load[i])))
+            home.append(balancedness(self.home[i].group_loads(load[i])))
         replicas = [np.bincount(p.phy2log[p.phy2log >= 0], minlength=self.num_experts).tolist() for p in self.layers]
         return ReplicationStats(replicas=replicas, balancedness=now, balancedness_home=home,
                                 num_replications=self.replications, num_retirements=self.retirements,

@@ -22,7 +22,6 @@ ops); on the CPU they stop as soon as nothing is pending.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +95,3 @@ def apply_capacity(expert_ids: torch.Tensor, logits: torch.Tensor, capacity_fact
     dropped = (active & ~landed).sum()
     return CapacityResult(result, rerouted, dropped)
 
-
-def capacity_per_expert(capacity_factor: float, num_active: int, num_experts: int) -> int:
-    """The host form of `capacity`, for reports and tests."""
-    return math.ceil(capacity_factor * num_active / num_experts)
