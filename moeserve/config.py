@@ -81,10 +81,21 @@ class SchedulerConfig:
     max_num_seqs: int = _opt(256, "most requests in one step")
     max_num_batched_tokens: int = _opt(2048, "token budget of one step")
     enable_chunked_prefill: bool = _opt(True, "run prompts longer than the budget in chunks")
+    enable_overlap: bool | None = _opt(None, "split a step into two micro-batches whose expert all-to-alls "
+                                       "overlap each other's compute, when every worker has at least the "
+                                       "threshold's tokens. Default: on with more than one expert-parallel "
+                                       "worker; --enable-overlap forces it on one worker too (the split's cost "
+                                       "with nothing to hide), --no-enable-overlap turns it off")
+    overlap_threshold_decode: int = _opt(32, "fewest tokens per worker for a split when a worker's tokens are "
+                                         "all decodes")
+    overlap_threshold_prefill: int = _opt(512, "fewest tokens per worker for a split when a worker runs prefill "
+                                          "tokens")
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
+        if self.overlap_threshold_decode < 1 or self.overlap_threshold_prefill < 1:
+            raise ValueError("overlap thresholds must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -262,7 +273,7 @@ def add_flags(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in fields(cls):
         if "help" not in f.metadata:
             continue
-        kind = type(f.default) if f.default is not None else None
+        kind = bool if str(f.type).startswith("bool") else type(f.default) if f.default is not None else None
         default = f.default if f.default is not MISSING else None
         help_text = f"{f.metadata['help']} (default: {default})" if default not in (None, ()) else f.metadata["help"]
         if kind is bool:

@@ -74,6 +74,8 @@ class _EngineCollector(Collector):
                                 stats.num_requests_received)
             yield self._counter("moeserve:num_preemptions", "Requests preempted to free KV blocks.",
                                 stats.num_preemptions)
+            yield self._counter("moeserve:micro_batch_split_steps", "Steps run as two micro-batches whose expert "
+                                "all-to-alls overlap each other's compute.", stats.num_split_steps)
             yield self._counter("moeserve:degraded_tokens", "Tokens run with fewer experts than their request "
                                 "asked for (the degradation controller).", stats.num_degraded_tokens)
             by_class = GaugeMetricFamily("moeserve:moe_top_k_by_class", "Experts per token in force for each "

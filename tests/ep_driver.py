@@ -1,7 +1,7 @@
 """Runs inside a test's network namespace (tests/test_expert_parallel.py): an expert-parallel
 engine on the namespace's Ray cluster, reporting what the test checks as JSON on stdout.
 
-    generate  MODEL PROMPTS.json --workers N [--spread] [--spares S --replication]
+    generate  MODEL PROMPTS.json --workers N [--spread] [--spares S --replication] [--overlap-threshold T]
               greedy traces, the expert-load totals, requests per rank per step, where the
               workers ran, each worker's resident expert bytes
     move      MODEL --workers 2 --spares S
@@ -67,6 +67,11 @@ def generate(args) -> dict:
                     ray_placement_strategy="SPREAD" if args.spread else "PACK")
     if args.spares:
         settings.update(num_redundant_experts=args.spares)
+    if args.overlap_threshold:
+        settings.update(overlap_threshold_decode=args.overlap_threshold,
+                        overlap_threshold_prefill=args.overlap_threshold)
+    else:
+        settings.update(enable_overlap=False)
     if args.replication:
         settings.update(replication="auto", replication_window=4, replication_interval=2, replication_threshold=1.0)
     engine = LLMEngine(engine_config(args.model, **settings))
@@ -84,6 +89,8 @@ def generate(args) -> dict:
         "worker_nodes": core.executor.worker_nodes,
         "expert_bytes": core.executor.collective_rpc("expert_weight_bytes"),
         "replications": core.stats().replication.num_replications if core.replication else 0,
+        "split_steps": core.stats().num_split_steps,
+        "steps": core.stats().step,
     }
     core.shutdown()
     return result
@@ -285,6 +292,8 @@ def main() -> None:
     p.add_argument("--spares", type=int, default=0)
     p.add_argument("--replication", action="store_true")
     p.add_argument("--max-tokens", type=int, default=10)
+    p.add_argument("--overlap-threshold", type=int, default=0, help="split steps from this many tokens per worker "
+                   "(0: no split)")
     p.add_argument("--prompt", default="the expert router")
     args = p.parse_args()
     result = {"generate": generate, "move": move, "serve": serve, "fault": fault}[args.what](args)

@@ -101,6 +101,23 @@ def test_two_and_four_workers_equal_one(cluster, models, prompts, tmp_path, arch
         assert got["expert_bytes"] == [n * _expert_bytes_per_slot(model) for n in shares]
 
 
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_overlapped_micro_batches_equal_one_worker(cluster, models, prompts, tmp_path, arch):
+    """Every step with >= 2 tokens on each worker runs as two micro-batches whose all-to-alls
+    overlap (the first three steps have an idle worker: those are not split on any rank)."""
+    model = models[arch]
+    prompt_file = tmp_path / "prompts.json"
+    prompt_file.write_text(json.dumps(prompts))
+    expected, expected_load = _single(model, prompts)
+    for workers in (2, 4) if arch == "qwen3_moe" else (2,):
+        got = _driver(cluster, "generate", str(model), str(prompt_file), "--workers", str(workers),
+                      "--max-tokens", str(MAX_TOKENS), "--overlap-threshold", "2")
+        assert 0 < got["split_steps"] <= got["steps"] - 3, "split steps, but none with an idle worker"
+        for i, (a, b) in enumerate(zip(_traces(got), expected)):
+            assert greedy_divergence(a, b) is None, f"{arch}, {workers} workers, prompt {i}"
+        assert got["logical"] == expected_load, "expert-load counts summed over ranks and micro-batches"
+
+
 def test_replication_across_workers_moves_each_experts_own_weights(cluster, tmp_path):
     """Each expert's weights encode its id; after copies across workers, a retirement and a
     reused slot, every slot holds the code of the expert the maps say it holds."""

@@ -331,6 +331,7 @@ class EngineCore:
             running_by_rank=self._running_by_rank(), unavailable=self.unavailable,
             worker_failures=self._worker_failures, worker_recoveries=self._worker_recoveries,
             recovery_seconds_total=self._recovery_s_total, last_recovery_s=self._last_recovery_s,
+            num_split_steps=sched.num_split_steps,
         )
 
     def _running_by_rank(self) -> list[int]:

@@ -143,6 +143,7 @@ class EngineStats:
     worker_recoveries: int = 0
     recovery_seconds_total: float = 0.0
     last_recovery_s: float = 0.0
+    num_split_steps: int = 0  # since start: steps run as two overlapped micro-batches
 
     @property
     def kv_usage(self) -> float:

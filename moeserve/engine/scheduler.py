@@ -66,6 +66,9 @@ class SchedulerOutput:
     # request id -> (its requested K, the K it runs at this step); absent: the model's K for both
     top_k: dict[str, tuple[int, int]] = field(default_factory=dict)
     ranks: dict[str, int] = field(default_factory=dict)  # request id -> its worker; empty with one worker
+    # per rank: the tokens of its batch (in batch order) that micro-batch A holds, B the rest;
+    # None: no split. Decided for every rank at once (model/overlap.py).
+    micro_batch_cut: tuple[int, ...] | None = None
     active: bool | None = None  # the step runs on some worker (None: iff tokens are scheduled here)
 
     def rank_of(self, request_id: str) -> int:
@@ -98,6 +101,9 @@ class Scheduler:
         self.waiting: list[tuple[tuple[int, int], Request]] = []  # heap by sort_key
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.num_split_steps = 0
+        # auto: split only where there is an all-to-all to hide
+        self.overlap = config.enable_overlap if config.enable_overlap is not None else len(self.pools) > 1
         self._arrivals = itertools.count()
         self._dropped: set[str] = set()  # runner state to drop at the next step
 
@@ -191,11 +197,37 @@ class Scheduler:
             budget -= n
 
         dropped, self._dropped = frozenset(self._dropped), set()
-        decode = sum(1 for r, n in scheduled.items() if n == 1 and self.requests[r].output_token_ids
-                     and self.requests[r].num_computed_tokens == self.requests[r].num_tokens - 1)
+        decodes = {r for r, n in scheduled.items() if self._is_decode(self.requests[r], n)}
         top_k = {r: top_k[r] for r in scheduled if r in top_k}
         ranks = {r: self.requests[r].rank or 0 for r in scheduled} if len(self.pools) > 1 else {}
-        return SchedulerOutput(tuple(new_data), tuple(cached_data), scheduled, dropped, decode, top_k, ranks)
+        cut = self._micro_batch_cut(scheduled, decodes) if self.overlap else None
+        self.num_split_steps += cut is not None
+        return SchedulerOutput(tuple(new_data), tuple(cached_data), scheduled, dropped, len(decodes), top_k, ranks,
+                               micro_batch_cut=cut)
+
+    @staticmethod
+    def _is_decode(req: Request, n: int) -> bool:
+        """One new token right after an output: the request is decoding."""
+        return n == 1 and bool(req.output_token_ids) and req.num_computed_tokens == req.num_tokens - 1
+
+    def _micro_batch_cut(self, scheduled: dict[str, int], decodes: set[str]) -> tuple[int, ...] | None:
+        """Split every rank's batch in two token-balanced halves (A takes the odd token), or none.
+        A rank whose tokens are all decodes needs `overlap_threshold_decode` of them, any other
+        `overlap_threshold_prefill`; one rank below its threshold (an idle rank included) and no
+        rank splits: the ranks must run the same number of micro-batches. A split whose second
+        half would be empty is cancelled. The cut may fall inside a prefill."""
+        tokens, prefill = [0] * len(self.pools), [False] * len(self.pools)
+        for req_id, n in scheduled.items():
+            rank = self.requests[req_id].rank or 0
+            tokens[rank] += n
+            prefill[rank] |= req_id not in decodes
+        for t, p in zip(tokens, prefill):
+            if t < (self.config.overlap_threshold_prefill if p else self.config.overlap_threshold_decode):
+                return None
+        cut = tuple((t + 1) // 2 for t in tokens)
+        if any(c == t for c, t in zip(cut, tokens)):
+            return None
+        return cut
 
     def _salt(self, req: Request, top_k: dict[str, ExpertConfig]) -> bytes:
         """Records the request's expert configuration for this step; its prefix-cache salt."""

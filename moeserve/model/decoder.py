@@ -9,7 +9,7 @@ Shape legend: T tokens in the flat step batch, D hidden, V vocabulary, L_moe MoE
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Generator, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +19,8 @@ from moeserve.model_config import ModelConfig
 from moeserve.model.attention import Attention, AttentionMetadata, PagedKVCache
 from moeserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
 from moeserve.model.moe import ExpertBackend, ExpertLoad, LoadRecorder, SlotLayout, SparseMoE, get_expert_backend
-from moeserve.model.moe.dispatch import ExpertParallelGroup
+from moeserve.model.moe.dispatch import ExpertParallelGroup, run_to_end
+from moeserve.model.overlap import MicroBatch, OverlapTrace, interleave
 
 
 class DecoderLayer(nn.Module):
@@ -145,9 +146,29 @@ class MoEForCausalLM(nn.Module):
         """input_ids [T] -> final-norm hidden states [T, D]; writes this step's keys/values.
         Without `token_top_k` every token runs at each layer's `top_k`."""
         self.load.begin_step()
+        return run_to_end(self.layer_steps(input_ids, meta, kv_cache, token_top_k))
+
+    @torch.inference_mode()
+    def forward_micro_batches(self, batches: Sequence[MicroBatch], kv_cache: PagedKVCache,
+                              trace: OverlapTrace | None = None) -> torch.Tensor:
+        """The step's batch as consecutive micro-batches, interleaved layer by layer so that one's
+        all-to-all overlaps the other's compute (model/overlap.py) -> hidden [sum T_m, D] in batch
+        order. Every expert-parallel rank must pass the same number of micro-batches."""
+        self.load.begin_step()
+        steps = [self.layer_steps(mb.input_ids, mb.meta, kv_cache, mb.token_top_k, trace, i)
+                 for i, mb in enumerate(batches)]
+        return torch.cat(interleave(steps))
+
+    def layer_steps(self, input_ids: torch.Tensor, meta: AttentionMetadata, kv_cache: PagedKVCache,
+                    token_top_k: TokenTopK | None = None, trace: OverlapTrace | None = None,
+                    micro_batch: int = 0) -> Generator[str, None, torch.Tensor]:
+        """The forward as a staged computation (see model/overlap.py): yields after issuing each
+        MoE layer's dispatch and combine all-to-all (expert parallelism only), returns [T, D]."""
         h = self.model.embed_tokens(input_ids)  # [T, D]
         cos, sin = self.rotary(meta.positions, h.dtype)  # [T, Dh] x2
         for i, layer in enumerate(self.model.layers):
+            if trace is not None:
+                trace.record("attention", micro_batch, i)
             residual = h
             h = layer.self_attn(layer.input_layernorm(h), cos, sin, meta, kv_cache.key[i], kv_cache.value[i])
             h = residual + h
@@ -160,7 +181,8 @@ class MoEForCausalLM(nn.Module):
                 if token_top_k is not None:
                     k = torch.minimum(torch.where(self.degrade_layers[layer.moe_layer], token_top_k.degraded,
                                                   token_top_k.requested), k)  # [T]
-                h = residual + layer.mlp(x, k, self.load)
+                tr = None if trace is None else (lambda event, i=i: trace.record(event, micro_batch, i))
+                h = residual + (yield from layer.mlp.steps(x, k, self.load, tr))
         return self.model.norm(h)
 
     def set_ep_group(self, group: object) -> None:

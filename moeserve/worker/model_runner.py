@@ -6,7 +6,9 @@ only the diffs cross from the scheduler. A request is sampled when its scheduled
 the end of its known tokens; a prefill chunk that stops short produces nothing.
 
 Under expert parallelism every worker gets the whole SchedulerOutput and runs the requests of
-its own rank; a worker with none still joins the step's MoE collectives (`forward_idle`).
+its own rank; a worker with none still joins the step's MoE collectives (`forward_idle`). When
+the step carries a micro-batch cut, the rank's batch runs as two micro-batches whose
+all-to-alls overlap each other's compute (model/overlap.py).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from moeserve.engine.messages import ExpertLoadStats
 from moeserve.engine.scheduler import SchedulerOutput
 from moeserve.model.attention import AttentionMetadata, PagedKVCache
 from moeserve.model.decoder import MoEForCausalLM, TokenTopK
+from moeserve.model.overlap import MicroBatch
 from moeserve.sampling_params import SamplingParams
 from moeserve.worker.sampler import Sampler, SamplingRow
 
@@ -94,10 +97,16 @@ class ModelRunner:
             if start + n == len(state.token_ids):
                 sample_at.append(len(ids) - 1)
                 sample_ids.append(req_id)
-        meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.kv_cache.block_size, self.device)
         input_ids = torch.tensor(ids, dtype=torch.int64, device=self.device)
+        token_top_k = self._token_top_k(out)
+        cut = out.micro_batch_cut[self.rank] if out.micro_batch_cut is not None else None
         self.faults.check("forward")
-        hidden = self.model(input_ids, meta, self.kv_cache, self._token_top_k(out))  # [T, D]
+        if cut is None:
+            meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.kv_cache.block_size, self.device)
+            hidden = self.model(input_ids, meta, self.kv_cache, token_top_k)  # [T, D]
+        else:
+            batches = self._micro_batches(input_ids, query_lens, seq_lens, tables, token_top_k, cut)
+            hidden = self.model.forward_micro_batches(batches, self.kv_cache)  # [T, D]
 
         for req_id, n in out.num_scheduled_tokens.items():
             self.requests[req_id].num_computed_tokens += n
@@ -113,6 +122,30 @@ class ModelRunner:
         for req_id, (token, _) in zip(sample_ids, sampled):
             self.requests[req_id].token_ids.append(token)
         return ModelRunnerOutput(sample_ids, [t for t, _ in sampled], [lp for _, lp in sampled], load)
+
+    def _micro_batches(self, input_ids: torch.Tensor, query_lens: list[int], seq_lens: list[int],
+                       tables: list[list[int]], token_top_k: TokenTopK | None, cut: int) -> list[MicroBatch]:
+        """Split the flat batch after its first `cut` tokens (0 < cut < T). A sequence cut in two
+        runs its first part in A (a chunk ending at the cut) and the rest in B (a continuation
+        whose context includes A's part)."""
+        T = input_ids.shape[0]
+        assert 0 < cut < T, f"micro-batch cut {cut} outside a batch of {T} tokens"
+        parts: tuple[tuple[list, list, list], ...] = (([], [], []), ([], [], []))
+        done = 0
+        for q, n, table in zip(query_lens, seq_lens, tables):
+            first = min(max(cut - done, 0), q)  # of this sequence's tokens, those before the cut
+            for side, (sq, sn) in ((0, (first, n - q + first)), (1, (q - first, n))):
+                if sq:
+                    parts[side][0].append(sq)
+                    parts[side][1].append(sn)
+                    parts[side][2].append(table)
+            done += q
+        batches = []
+        for side, lo, hi in ((0, 0, cut), (1, cut, T)):
+            meta = AttentionMetadata.build(*parts[side], self.kv_cache.block_size, self.device)
+            tk = None if token_top_k is None else TokenTopK(token_top_k.requested[lo:hi], token_top_k.degraded[lo:hi])
+            batches.append(MicroBatch(input_ids[lo:hi], meta, tk))
+        return batches
 
     def _token_top_k(self, out: SchedulerOutput) -> TokenTopK | None:
         """Each token's (requested, running) K, in batch order; None when every token runs at the

@@ -7,6 +7,8 @@ I expert intermediate size.
 
 from __future__ import annotations
 
+from collections.abc import Generator
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,7 +18,7 @@ from moeserve.model.layers import GatedMLP
 from moeserve.model.moe.experts import ExpertBackend
 from moeserve.model.moe.load import LoadRecorder
 from moeserve.model.moe.capacity import OVERFLOW_MODES, apply_capacity
-from moeserve.model.moe.dispatch import ExpertParallelGroup, dispatch_combine, wire
+from moeserve.model.moe.dispatch import ExpertParallelGroup, dispatch_combine, dispatch_combine_steps, run_to_end, wire
 from moeserve.model.moe.placement import ExpertPlacement, SlotLayout
 from moeserve.model.moe.router import Router
 
@@ -52,6 +54,13 @@ class SparseMoE(nn.Module):
             self.shared_expert_gate = nn.Linear(D, 1, bias=False)
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, load: LoadRecorder) -> torch.Tensor:
+        return run_to_end(self.steps(x, k, load))
+
+    def steps(self, x: torch.Tensor, k: torch.Tensor, load: LoadRecorder,
+              trace=None) -> Generator[str, None, torch.Tensor]:
+        """The layer as a staged computation: x [T, D] -> out [T, D]. Under expert parallelism
+        it yields right after issuing its dispatch and its combine all-to-all (see
+        dispatch.dispatch_combine_steps); on one worker it never yields."""
         routing = self.gate(x, k)  # ids/weights [T, K]
         expert_ids = routing.expert_ids  # [T, K]
         if self.capacity_factor is not None:
@@ -63,7 +72,8 @@ class SparseMoE(nn.Module):
         if self.ep is None:
             out = self.backend(x, slots, routing.weights, self.w13, self.w2)  # [T, D]
         else:
-            out = dispatch_combine(x, slots, routing.weights, self.placement.slot_rank, self.ep, self._local_experts)
+            out = yield from dispatch_combine_steps(x, slots, routing.weights, self.placement.slot_rank, self.ep,
+                                                    self._local_experts, trace)
         if self.shared_expert is not None:
             out = out + F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
         return out

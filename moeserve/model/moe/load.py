@@ -61,7 +61,8 @@ class LoadRecorder(nn.Module):
         self.physical[moe_layer].index_add_(0, slot_ids, torch.ones_like(slot_ids))
         logp = torch.log_softmax(logits.float(), dim=-1)  # [T, E]
         self.entropy[moe_layer] += -(logp.exp() * logp).sum()
-        self.num_tokens = expert_ids.shape[0]
+        if moe_layer == 0:  # micro-batches of one step add up
+            self.num_tokens += expert_ids.shape[0]
 
     def record_overflow(self, moe_layer: int, rerouted: torch.Tensor, dropped: torch.Tensor) -> None:
         """Device scalars from the capacity factor (no host read)."""
