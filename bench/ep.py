@@ -11,7 +11,7 @@ and the round trip of the executor's ZMQ channel alone (a call to every worker a
 what a shared-memory broadcast of the step could at most save).
 
 On this 2-core machine more workers cannot be faster: 4 workers share 2 cores, each with a
-quarter of the threads, and every step adds 5 all-to-alls per MoE layer. The point is the cost
+quarter of the threads, and every step adds 3 all-to-alls per MoE layer. The point is the cost
 breakdown, not a speedup. On a GPU machine the 1-worker NCCL path is the first thing to run
 (shared/GPU.md).
 
@@ -38,7 +38,8 @@ def run(path: Path, work, workers: int, backend: str) -> dict:
 
     settings = dict(dtype="float32", max_model_len=512, max_num_seqs=len(work))
     if workers > 1:
-        settings.update(expert_parallel_size=workers, distributed_executor_backend=backend)
+        # unsplit steps: the all-to-all's whole cost (bench/ep_overlap.py measures the split)
+        settings.update(expert_parallel_size=workers, distributed_executor_backend=backend, enable_overlap=False)
     llm = LLM(str(path), **settings)
     core = llm.engine.core
     llm.generate([{"prompt_token_ids": work[0][0]}], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))

@@ -24,6 +24,9 @@ EXPERT_BACKENDS = ("auto", "torch", "triton", "grouped_mm")
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 EXPERT_METRICS = ("off", "layer", "expert")
 EXECUTOR_BACKENDS = ("auto", "uni", "mp", "ray")
+# (decode, prefill) tokens per worker from which a step is split into two micro-batches:
+# vLLM's DBO values on GPUs; on CPUs the sizes from which bench/ep_overlap.py measured the split faster
+OVERLAP_THRESHOLDS = {"gpu": (32, 512), "cpu": (512, 2048)}
 
 
 def _opt(default: Any, help: str, flag: str | None = None, choices: tuple[str, ...] | None = None,
@@ -86,16 +89,23 @@ class SchedulerConfig:
                                        "threshold's tokens. Default: on with more than one expert-parallel "
                                        "worker; --enable-overlap forces it on one worker too (the split's cost "
                                        "with nothing to hide), --no-enable-overlap turns it off")
-    overlap_threshold_decode: int = _opt(32, "fewest tokens per worker for a split when a worker's tokens are "
-                                         "all decodes")
-    overlap_threshold_prefill: int = _opt(512, "fewest tokens per worker for a split when a worker runs prefill "
-                                          "tokens")
+    overlap_threshold_decode: int | None = _opt(None, "fewest tokens per worker for a split when a worker's "
+                                                "tokens are all decodes (default: 32 on GPUs, as vLLM; 512 on "
+                                                "CPUs, where bench/ep_overlap.py measured smaller splits slower)")
+    overlap_threshold_prefill: int | None = _opt(None, "fewest tokens per worker for a split when a worker runs "
+                                                 "prefill tokens (default: 512 on GPUs, as vLLM; 2048 on CPUs)")
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be >= 1")
-        if self.overlap_threshold_decode < 1 or self.overlap_threshold_prefill < 1:
-            raise ValueError("overlap thresholds must be >= 1")
+        for threshold in (self.overlap_threshold_decode, self.overlap_threshold_prefill):
+            if threshold is not None and threshold < 1:
+                raise ValueError(f"overlap thresholds must be >= 1, got {threshold}")
+
+    def overlap_thresholds(self, on_gpu: bool) -> tuple[int, int]:
+        """(decode, prefill) tokens per worker from which a step is split, defaults resolved."""
+        decode, prefill = OVERLAP_THRESHOLDS["gpu" if on_gpu else "cpu"]
+        return (self.overlap_threshold_decode or decode, self.overlap_threshold_prefill or prefill)
 
 
 @dataclass(frozen=True)

@@ -112,8 +112,9 @@ def test_split_steps_equal_unsplit_steps(checkpoints, prompts, arch):
     work = [prompts[7]] + prompts[:7] + [prompts[7]]
     settings = dict(max_num_batched_tokens=16)
     expected, expected_load, plain = _generate(model, work, enable_overlap=False, **settings)
-    got, load, split = _generate(model, work, enable_overlap=True, overlap_threshold_decode=2,
-                                 overlap_threshold_prefill=2, **settings)
+    # threshold 1: a step of one token would leave B empty, so it is cancelled (and still runs)
+    got, load, split = _generate(model, work, enable_overlap=True, overlap_threshold_decode=1,
+                                 overlap_threshold_prefill=1, **settings)
     assert plain.num_split_steps == 0 and split.num_split_steps > split.step // 2, "most steps split"
     assert split.prefix_cache_hits > 0
     for i, (a, b) in enumerate(zip(got, expected)):
@@ -149,3 +150,27 @@ def test_micro_batch_b_computes_while_a_dispatch_is_pending(checkpoints):
             # ... and A's next layer while B's combine is.
             if L + 1 in layers:
                 assert b("combine_issued") < at[("attention", 0, L + 1)] < b("combine_wait"), (rank, L)
+
+
+def test_the_command_line_turns_overlap_on_and_metrics_count_split_steps(checkpoints, tmp_path):
+    """`moeserve serve --enable-overlap` with low thresholds: a completion equals offline
+    generation, and /metrics counts the split steps."""
+    import httpx
+
+    from moeserve import LLM
+    from server_utils import start_server
+
+    path = str(checkpoints("olmoe"))
+    server = start_server(path, "--max-model-len", "128", "--enable-overlap", "--overlap-threshold-decode", "1",
+                          "--overlap-threshold-prefill", "2", log_path=str(tmp_path / "log"))
+    try:
+        body = {"prompt": "the expert router", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+        text = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+    finally:
+        server.stop()
+    offline = LLM(path, max_model_len=128).generate("the expert router",
+                                                     SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+    assert text == offline[0].outputs[0].text
+    line = next(x for x in metrics.splitlines() if x.startswith("moeserve:micro_batch_split_steps_total"))
+    assert float(line.split()[-1]) == 1.0, "the prompt's prefill split; its one-token decodes could not"

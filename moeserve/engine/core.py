@@ -75,14 +75,16 @@ class EngineCore:
         self.block_pools = [BlockManager(self.num_kv_blocks, block_size, config.cache.enable_prefix_caching)
                             for _ in range(config.parallel.world_size)]
         self.block_manager = self.block_pools[0]
-        self.scheduler = Scheduler(config.scheduler, self.block_pools, self.expert_config)
+        device = self.executor.collective_rpc("device_name")[0]
+        self.scheduler = Scheduler(config.scheduler, self.block_pools, self.expert_config,
+                                   on_gpu=device != "cpu")  # else a GPU's name, e.g. "NVIDIA H200"
         generation = GenerationDefaults.from_pretrained(config.model, mc)
         self.info = EngineInfo(
             model=config.model, max_model_len=self.max_model_len, vocab_size=mc.vocab_size,
             eos_token_ids=tuple(generation.eos_token_ids), generation_defaults=generation,
             num_kv_blocks=self.num_kv_blocks, block_size=block_size, max_num_seqs=config.scheduler.max_num_seqs,
             max_num_batched_tokens=config.scheduler.max_num_batched_tokens, moe_layer_ids=mc.moe_layer_ids,
-            num_experts=mc.num_experts, top_k=mc.top_k, device=self.executor.collective_rpc("device_name")[0],
+            num_experts=mc.num_experts, top_k=mc.top_k, device=device,
             pid=os.getpid(),
         )
         self.top_k = [mc.top_k] * mc.num_moe_layers  # K in force per MoE layer (the core sets it)

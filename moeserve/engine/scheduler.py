@@ -92,7 +92,7 @@ class Scheduler:
     computed under one configuration is never reused under another. None: one configuration."""
 
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager | list[BlockManager],
-                 expert_config: Callable[[Request], ExpertConfig] | None = None):
+                 expert_config: Callable[[Request], ExpertConfig] | None = None, on_gpu: bool = False):
         self.config = config
         self.pools = block_manager if isinstance(block_manager, list) else [block_manager]
         self.block_manager = self.pools[0]
@@ -104,6 +104,7 @@ class Scheduler:
         self.num_split_steps = 0
         # auto: split only where there is an all-to-all to hide
         self.overlap = config.enable_overlap if config.enable_overlap is not None else len(self.pools) > 1
+        self.overlap_decode, self.overlap_prefill = config.overlap_thresholds(on_gpu)
         self._arrivals = itertools.count()
         self._dropped: set[str] = set()  # runner state to drop at the next step
 
@@ -212,8 +213,8 @@ class Scheduler:
 
     def _micro_batch_cut(self, scheduled: dict[str, int], decodes: set[str]) -> tuple[int, ...] | None:
         """Split every rank's batch in two token-balanced halves (A takes the odd token), or none.
-        A rank whose tokens are all decodes needs `overlap_threshold_decode` of them, any other
-        `overlap_threshold_prefill`; one rank below its threshold (an idle rank included) and no
+        A rank whose tokens are all decodes needs the decode threshold of them, any other the
+        prefill threshold (SchedulerConfig.overlap_thresholds); one rank below its threshold (an idle rank included) and no
         rank splits: the ranks must run the same number of micro-batches. A split whose second
         half would be empty is cancelled. The cut may fall inside a prefill."""
         tokens, prefill = [0] * len(self.pools), [False] * len(self.pools)
@@ -222,7 +223,7 @@ class Scheduler:
             tokens[rank] += n
             prefill[rank] |= req_id not in decodes
         for t, p in zip(tokens, prefill):
-            if t < (self.config.overlap_threshold_prefill if p else self.config.overlap_threshold_decode):
+            if t < (self.overlap_prefill if p else self.overlap_decode):
                 return None
         cut = tuple((t + 1) // 2 for t in tokens)
         if any(c == t for c, t in zip(cut, tokens)):

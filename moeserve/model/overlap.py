@@ -59,6 +59,27 @@ class OverlapTrace:
         return self.events.index((event, micro_batch, layer))
 
 
+SequenceLists = tuple[list[int], list[int], list[list[int]]]  # query lens, seq lens, block tables
+
+
+def cut_sequences(query_lens: list[int], seq_lens: list[int], block_tables: list[list[int]],
+                  cut: int) -> tuple[SequenceLists, SequenceLists]:
+    """The per-sequence lists of a flat batch split after its first `cut` tokens: a sequence
+    cut in two runs its first part in A (a chunk ending at the cut) and the rest in B (a
+    continuation whose context includes A's part); both keep its block table."""
+    parts: tuple[SequenceLists, SequenceLists] = (([], [], []), ([], [], []))
+    done = 0
+    for q, n, table in zip(query_lens, seq_lens, block_tables):
+        first = min(max(cut - done, 0), q)  # of this sequence's tokens, those before the cut
+        for side, (sq, sn) in ((0, (first, n - q + first)), (1, (q - first, n))):
+            if sq:
+                parts[side][0].append(sq)
+                parts[side][1].append(sn)
+                parts[side][2].append(table)
+        done += q
+    return parts
+
+
 def interleave(steps: Sequence[Generator]) -> list[object]:
     """Run staged computations round-robin, one stage of each in turn, until all have returned;
     their return values in order. Every rank must interleave the same number of them."""

@@ -23,7 +23,7 @@ from moeserve.engine.messages import ExpertLoadStats
 from moeserve.engine.scheduler import SchedulerOutput
 from moeserve.model.attention import AttentionMetadata, PagedKVCache
 from moeserve.model.decoder import MoEForCausalLM, TokenTopK
-from moeserve.model.overlap import MicroBatch
+from moeserve.model.overlap import MicroBatch, cut_sequences
 from moeserve.sampling_params import SamplingParams
 from moeserve.worker.sampler import Sampler, SamplingRow
 
@@ -125,21 +125,10 @@ class ModelRunner:
 
     def _micro_batches(self, input_ids: torch.Tensor, query_lens: list[int], seq_lens: list[int],
                        tables: list[list[int]], token_top_k: TokenTopK | None, cut: int) -> list[MicroBatch]:
-        """Split the flat batch after its first `cut` tokens (0 < cut < T). A sequence cut in two
-        runs its first part in A (a chunk ending at the cut) and the rest in B (a continuation
-        whose context includes A's part)."""
+        """Split the flat batch after its first `cut` tokens (0 < cut < T): overlap.cut_sequences."""
         T = input_ids.shape[0]
         assert 0 < cut < T, f"micro-batch cut {cut} outside a batch of {T} tokens"
-        parts: tuple[tuple[list, list, list], ...] = (([], [], []), ([], [], []))
-        done = 0
-        for q, n, table in zip(query_lens, seq_lens, tables):
-            first = min(max(cut - done, 0), q)  # of this sequence's tokens, those before the cut
-            for side, (sq, sn) in ((0, (first, n - q + first)), (1, (q - first, n))):
-                if sq:
-                    parts[side][0].append(sq)
-                    parts[side][1].append(sn)
-                    parts[side][2].append(table)
-            done += q
+        parts = cut_sequences(query_lens, seq_lens, tables, cut)
         batches = []
         for side, lo, hi in ((0, 0, cut), (1, cut, T)):
             meta = AttentionMetadata.build(*parts[side], self.kv_cache.block_size, self.device)
