@@ -107,6 +107,15 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _router(args: argparse.Namespace) -> int:
+    import json
+
+    from moeserve.router.replay import replay_file
+
+    print(json.dumps(replay_file(args.audit, args.config), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_flags(p, ServerConfig)
     add_flags(p, AdmissionConfig)
     p.set_defaults(func=_serve)
+    p = sub.add_parser("router", help="the outer router's offline tools: replay AUDIT.jsonl --config NEW.yaml")
+    p.add_argument("what", choices=["replay"])
+    p.add_argument("audit", help="an audit log (router config `audit.path`)")
+    p.add_argument("--config", required=True, help="the router config whose policy to estimate")
+    p.set_defaults(func=_router)
     return parser
 
 

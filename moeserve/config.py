@@ -244,6 +244,9 @@ class ServerConfig:
     served_model_name: str | None = _opt(None, "model name in the API (default: the model path)")
     shutdown_timeout: float = _opt(30.0, "seconds SIGTERM waits for requests in flight before exiting")
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
+    router_config: str | None = _opt(None, "YAML file of profiles (model, K, decoding defaults, cost) served "
+                                     "behind one endpoint with a routed name, moeserve-router (README: the outer "
+                                     "router)")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ process dies, the front stays up and answers 503 (/health included) until it is 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import time
@@ -22,6 +23,8 @@ from moeserve.config import AdmissionConfig, EngineConfig, ServerConfig
 from moeserve.entrypoints.async_engine import AsyncEngine
 from moeserve.entrypoints.openai.api_server import build_app
 from moeserve.entrypoints.state import ServerState
+from moeserve.router.config import ROUTED_NAME, RouterConfig
+from moeserve.router.pipeline import Router
 
 logger = logging.getLogger("moeserve.server")
 
@@ -57,9 +60,23 @@ class _DrainingServer(uvicorn.Server):
 
 async def serve(engine_config: EngineConfig, config: ServerConfig, admission: AdmissionConfig | None = None) -> None:
     name = config.served_model_name or engine_config.model
+    router_config = RouterConfig.load(config.router_config) if config.router_config else None  # bad file: fail now
     engine = await AsyncEngine.start(engine_config, name, config.log_level, admission)
+    extra: dict[str, AsyncEngine] = {}
     try:
         state = ServerState(engine, name, config.api_key)
+        if router_config is not None:
+            # each distinct model a profile names gets its own engine (own process, own KV pool),
+            # with the served model's engine settings
+            for model in dict.fromkeys(p.model for p in router_config.profiles):
+                if model is not None and model not in (engine_config.model, name) and model not in extra:
+                    settings = dataclasses.replace(engine_config, load=dataclasses.replace(engine_config.load,
+                                                                                           model=model))
+                    extra[model] = await AsyncEngine.start(settings, model, config.log_level, admission)
+            state.engines = extra
+            state.router = Router(router_config, engine.metrics.registry)
+            logger.info("router: profiles %s behind %r (config version %s)", ", ".join(router_config.names),
+                        ROUTED_NAME, router_config.version)
         if not config.api_key:
             logger.warning("no --api-key given: the API is open to anyone who can reach %s:%d", config.host,
                            config.port)
@@ -81,4 +98,6 @@ async def serve(engine_config: EngineConfig, config: ServerConfig, admission: Ad
             if grpc_front is not None:
                 await grpc_front.stop(grace=1.0)
     finally:
+        for e in extra.values():
+            e.shutdown()
         engine.shutdown()

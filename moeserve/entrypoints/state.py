@@ -8,15 +8,29 @@ import time
 from dataclasses import dataclass, field
 
 from moeserve.entrypoints.async_engine import AsyncEngine
+from moeserve.router.config import Profile
+from moeserve.router.pipeline import Router
 
 
 @dataclass
 class ServerState:
+    """`router`: the outer router when --router-config is given; `engines`: one engine per
+    distinct model path its profiles name beyond the served model (their own KV pools)."""
+
     engine: AsyncEngine
     model_name: str
     api_keys: tuple[str, ...] = ()
     draining: bool = False
     created: int = field(default_factory=lambda: int(time.time()))
+    router: Router | None = None
+    engines: dict[str, AsyncEngine] = field(default_factory=dict)
+
+    def engine_for(self, profile: Profile) -> AsyncEngine:
+        return self.engine if profile.model is None else self.engines.get(profile.model, self.engine)
+
+    @property
+    def all_engines(self) -> list[AsyncEngine]:
+        return [self.engine, *self.engines.values()]
 
     def key_ok(self, authorization: str | None) -> bool:
         """Whether an `Authorization` value carries an accepted key (always, with no keys set)."""

@@ -10,23 +10,29 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.metrics_core import Metric
 from pydantic import BaseModel, ValidationError
 
 import moeserve
 from moeserve.entrypoints.admission import AdmissionRejected
-from moeserve.entrypoints.async_engine import Submitted
+from moeserve.entrypoints.async_engine import AsyncEngine, Submitted
 from moeserve.entrypoints.openai.protocol import UNSUPPORTED_FIELDS, ChatCompletionRequest, CompletionRequest
 from moeserve.entrypoints.state import ServerState
 from moeserve.errors import EngineDeadError, RequestFailedError
 from moeserve.outputs import CompletionOutput, RequestOutput
+from moeserve.router import safety
+from moeserve.router.config import ROUTED_NAME, Profile
+from moeserve.router.features import extract
+from moeserve.router.pipeline import Attempt, RoutedTrace, apply_profile
+from moeserve.router.verifier import Verification, verify
 from moeserve.sampling_params import SamplingParams
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 429: "RateLimitError",
@@ -202,20 +208,29 @@ class _Handler:
     """One completions/chat request: tokenised prompts, sampling params, response shaping."""
 
     def __init__(self, state: ServerState, chat: bool, body: Any, prompts: list[list[int]], params: SamplingParams,
-                 priority: int, tenant: str):
+                 priority: int, tenant: str, engine: AsyncEngine | None = None, model_name: str | None = None,
+                 show_logprobs: bool = True):
         self.state, self.chat, self.body, self.prompts, self.params = state, chat, body, prompts, params
         self.priority, self.tenant = priority, tenant
-        self.tokenizer = state.engine.tokenizer
-        self.id = state.engine.new_request_id("chatcmpl" if chat else "cmpl")
+        self.engine = engine or state.engine
+        self.model_name = model_name or state.model_name
+        self.show_logprobs = show_logprobs  # False: logprobs asked for by the router's verifier, not the client
+        self.tokenizer = self.engine.tokenizer
+        self.id = self.engine.new_request_id("chatcmpl" if chat else "cmpl")
         self.created = int(time.time())
         self.object = "chat.completion" if chat else "text_completion"
         self._chunk_head: str | None = None
         self.submitted: list[Submitted] = []
         self.degraded_tokens: int | None = None
+        self.extra_headers: dict[str, str] = {}
+        self.extra_fields: dict[str, Any] = {}  # added to the body's / the last chunk's "moeserve" object
+        # a stream's end: called with the final outputs (None if it did not finish) and returns
+        # what to add to the closing event's "moeserve" object
+        self.on_stream_end: Callable[[list[RequestOutput] | None], dict[str, Any]] | None = None
 
     def submit(self) -> None:
         """Admit every prompt's request, or none (a refusal withdraws the ones already in)."""
-        engine = self.state.engine
+        engine = self.engine
         try:
             for i, p in enumerate(self.prompts):
                 self.submitted.append(engine.submit(f"{self.id}-{i}", {"prompt_token_ids": p}, self.params,
@@ -227,7 +242,7 @@ class _Handler:
     def close(self) -> None:
         """Withdraw whatever of this request is still in the engine (nothing, once streamed to the end)."""
         for submitted in self.submitted:
-            self.state.engine.cancel(submitted)
+            self.engine.cancel(submitted)
 
     def headers(self) -> dict[str, str]:
         """The admission's TTFT prediction; once the response is whole, how many of its tokens
@@ -238,13 +253,13 @@ class _Handler:
             headers["x-moeserve-predicted-ttft-ms"] = f"{1000 * max(predicted):.1f}"
         if self.degraded_tokens is not None:
             headers["x-moeserve-degraded-tokens"] = str(self.degraded_tokens)
-        return headers
+        return headers | self.extra_headers
 
     def streams(self) -> list[AsyncIterator[RequestOutput]]:
-        return [self.state.engine.stream(s) for s in self.submitted]
+        return [self.engine.stream(s) for s in self.submitted]
 
     def _logprobs(self, c: CompletionOutput, start: int) -> dict[str, Any] | None:
-        if c.logprobs is None:
+        if c.logprobs is None or not self.show_logprobs:
             return None
         tokens = c.token_ids[start:]
         entries = c.logprobs[start : start + len(tokens)]
@@ -275,24 +290,31 @@ class _Handler:
             choice["text"] = c.text
         return choice
 
-    async def full(self) -> dict[str, Any]:
+    async def finals(self) -> list[RequestOutput]:
+        """Every prompt's finished output, in prompt order."""
         finals: dict[int, RequestOutput] = {}
         async for i, out in _merge(self.streams()):
             if out.finished:
                 finals[i] = out
-        outs = [finals[i] for i in range(len(self.prompts))]
+        return [finals[i] for i in range(len(self.prompts))]
+
+    def body_of(self, outs: list[RequestOutput]) -> dict[str, Any]:
         n = self.params.n
         choices = [self._choice(i * n + c.index, c) for i, o in enumerate(outs) for c in o.outputs]
         self.degraded_tokens = _degraded(outs)
-        return {"id": self.id, "object": self.object, "created": self.created, "model": self.state.model_name,
-                "choices": choices, "usage": _usage(outs), "moeserve": {"degraded_tokens": self.degraded_tokens}}
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model_name,
+                "choices": choices, "usage": _usage(outs),
+                "moeserve": {"degraded_tokens": self.degraded_tokens, **self.extra_fields}}
+
+    async def full(self) -> dict[str, Any]:
+        return self.body_of(await self.finals())
 
     def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None,
                moeserve: dict[str, Any] | None = None) -> str:
         """One SSE event; the fields that never change are serialised once per request."""
         if self._chunk_head is None:
             head = {"id": self.id, "object": self.object + ("" if not self.chat else ".chunk"),
-                    "created": self.created, "model": self.state.model_name}
+                    "created": self.created, "model": self.model_name}
             self._chunk_head = "data: " + json.dumps(head, ensure_ascii=False)[:-1] + ', "choices": '
         tail = "" if usage is None else f', "usage": {json.dumps(usage)}'
         if moeserve is not None:
@@ -337,16 +359,57 @@ class _Handler:
                     choices.append(choice)
                 if choices:
                     yield self._chunk(choices, _usage(list(latest.values())) if continuous else None)
-            if include_usage:
-                outs = [latest[i] for i in sorted(latest)]
-                yield self._chunk([], _usage(outs), {"degraded_tokens": _degraded(outs)})
+            outs = [latest[i] for i in sorted(latest)]
+            done = len(outs) == len(self.prompts) and all(o.finished for o in outs)
+            end, self.on_stream_end = self.on_stream_end, None
+            extra = end(outs if done else None) if end is not None else {}
+            if include_usage or extra:
+                yield self._chunk([], _usage(outs) if include_usage else None,
+                                  {"degraded_tokens": _degraded(outs), **self.extra_fields, **extra})
         except RequestFailedError as e:
             yield _error_event(500, str(e))
         except (EngineDeadError, AdmissionRejected) as e:
             yield _error_event(503, str(e))
         finally:
             self.close()
+            if self.on_stream_end is not None:  # cut short (the client left, or the engine failed it)
+                end, self.on_stream_end = self.on_stream_end, None
+                end(None)
         yield "data: [DONE]\n\n"
+
+
+class _MergedCollector:
+    """Several registries as one: a metric family present in more than one (the same series of
+    several engines, told apart by their model_name label) is yielded once with all samples."""
+
+    def __init__(self, registries: list[CollectorRegistry]):
+        self.registries = registries
+
+    def collect(self):
+        families: dict[str, Metric] = {}
+        for registry in self.registries:
+            for family in registry.collect():
+                if family.name not in families:
+                    merged = Metric(family.name, family.documentation, family.type, family.unit)
+                    families[family.name] = merged
+                families[family.name].samples.extend(family.samples)
+        yield from families.values()
+
+
+def _attempt(profile: Profile, handler: _Handler, outs: list[RequestOutput], seconds: float) -> Attempt:
+    """One generation under `profile`, verified: it passes when every choice passes."""
+    config = handler.state.router.config.verifier
+    failures: list[str] = []
+    completion = 0
+    finish = None
+    for o in outs:
+        for c in o.outputs:
+            completion += len(c.token_ids)
+            finish = c.finish_reason if finish != "length" else finish
+            logprobs = [lp[t] for t, lp in zip(c.token_ids, c.logprobs)] if c.logprobs is not None else None
+            failures += [f for f in verify(config, c.text, c.finish_reason, logprobs).failures if f not in failures]
+    prompt = sum(len(o.prompt_token_ids) for o in outs)
+    return Attempt(profile.name, prompt, completion, seconds, finish, Verification(not failures, tuple(failures)))
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -378,43 +441,63 @@ def build_app(state: ServerState) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if not engine.is_alive():
-            return error_response(503, f"the engine is not running: {engine.dead_reason()}")
-        if engine.unavailable_reason() is not None:
-            return error_response(503, engine.unavailable_reason())
+        for eng in state.all_engines:  # the served model's engine, then the router's other models'
+            if not eng.is_alive():
+                return error_response(503, f"the engine is not running: {eng.dead_reason()}")
+            if eng.unavailable_reason() is not None:
+                return error_response(503, eng.unavailable_reason())
         return Response(status_code=200)
 
     @app.get("/ready")
     async def ready():
-        if engine.is_alive() and engine.unavailable_reason() is None and not state.draining:
+        if not state.draining and all(e.is_alive() and e.unavailable_reason() is None for e in state.all_engines):
             return Response(status_code=200)
         return error_response(503, "not ready")
 
+    scrape = engine.metrics.registry
+    if state.engines:  # one exposition: each family once, with every engine's samples (by model_name)
+        scrape = CollectorRegistry(auto_describe=False)
+        scrape.register(_MergedCollector([e.metrics.registry for e in state.all_engines]))
+
     @app.get("/metrics")
     async def metrics():
-        return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(scrape), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
     async def models():
         card = {"id": state.model_name, "object": "model", "created": state.created, "owned_by": "moeserve",
                 "max_model_len": engine.max_model_len}
-        return {"object": "list", "data": [card]}
+        cards = [card]
+        if state.router is not None:
+            for profile in state.router.config.profiles:
+                cards.append({"id": profile.name, "object": "model", "created": state.created, "owned_by": "moeserve",
+                              "max_model_len": state.engine_for(profile).max_model_len, "root": profile.model or
+                              state.model_name, "moeserve": {"profile": {
+                                  "model": profile.model or state.model_name, "top_k": profile.top_k,
+                                  "cost_per_token": profile.cost_per_token, "max_tokens": profile.max_tokens,
+                                  "slo_ttft_s": profile.slo_ttft_s, "version": state.router.config.version}}})
+            cards.append({"id": ROUTED_NAME, "object": "model", "created": state.created, "owned_by": "moeserve",
+                          "max_model_len": min(c["max_model_len"] for c in cards[1:]),
+                          "moeserve": {"routed": list(state.router.config.names)}})
+        return {"object": "list", "data": cards}
 
     def _prepare(request: Request, req: CompletionRequest | ChatCompletionRequest, prompts: list[Any],
-                 chat: bool) -> _Handler:
-        if req.model is not None and req.model != state.model_name:
-            raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{state.model_name}'",
-                           param="model")
+                 chat: bool, profile: Profile | None = None, model_name: str | None = None) -> _Handler:
+        eng = engine if profile is None else state.engine_for(profile)
+        verifier_logprobs = profile is not None and state.router.config.verifier.min_mean_logprob is not None
         try:
-            params = req.sampling_params(engine.info.generation_defaults)
+            params = req.sampling_params(eng.info.generation_defaults)
+            client_logprobs = params.logprobs is not None
+            if profile is not None:
+                params = apply_profile(params, profile, req.model_fields_set, verifier_logprobs)
         except ValueError as e:
             raise APIError(400, str(e)) from e
-        tok, limit = engine.tokenizer, engine.max_model_len
+        tok, limit = eng.tokenizer, eng.max_model_len
         token_lists = []
         for p in prompts:
             ids = list(p["prompt_token_ids"]) if isinstance(p, dict) else tok.encode(p, add_special_tokens=not chat)
             try:
-                engine.validate(ids)
+                eng.validate(ids)
             except ValueError as e:
                 raise APIError(400, str(e), param="messages" if chat else "prompt") from e
             if params.max_tokens is not None and len(ids) + params.max_tokens > limit:
@@ -428,13 +511,34 @@ def build_app(state: ServerState) -> FastAPI:
                 priority = int(request.headers["x-priority"])
             except ValueError as e:
                 raise APIError(400, "the x-priority header must be an integer") from e
+        handler = _Handler(state, chat, req, token_lists, params, priority, _tenant(request), eng, model_name,
+                           show_logprobs=client_logprobs)
+        if profile is not None:
+            handler.extra_headers["x-moeserve-profile"] = profile.name
+            handler.extra_fields["profile"] = profile.name
+        return handler
+
+    def _tenant(request: Request) -> str:
         key = request.headers.get("authorization", "").removeprefix("Bearer ") if state.api_keys else None
-        tenant = engine.admission.tenant_for(key, request.headers.get("x-tenant"))
-        return _Handler(state, chat, req, token_lists, params, priority, tenant)
+        return engine.admission.tenant_for(key, request.headers.get("x-tenant"))
+
+    def _target(req: CompletionRequest | ChatCompletionRequest) -> Profile | str | None:
+        """None: the served model; a Profile: that profile, unrouted; ROUTED_NAME: the router."""
+        if req.model is None or req.model == state.model_name:
+            return None
+        if state.router is not None:
+            if req.model == ROUTED_NAME:
+                return ROUTED_NAME
+            if req.model in state.router.config.names:
+                return state.router.config.profile(req.model)
+        names = [state.model_name] + ([*state.router.config.names, ROUTED_NAME] if state.router else [])
+        raise APIError(404, f"the model '{req.model}' does not exist; this server serves "
+                            f"{', '.join(repr(n) for n in names)}", param="model")
 
     async def _respond(request: Request, handler: _Handler, stream: bool):
-        if not engine.is_alive():
-            raise APIError(503, f"the engine is not running: {engine.dead_reason()}")
+        eng = handler.engine
+        if not eng.is_alive():
+            raise APIError(503, f"the engine is not running: {eng.dead_reason()}")
         try:
             handler.submit()
         except ValueError as e:  # what only the engine's own checks know (moe_top_k above the model's K)
@@ -452,21 +556,125 @@ def build_app(state: ServerState) -> FastAPI:
         finally:
             handler.close()
 
+    async def _finals(request: Request, handler: _Handler) -> list[RequestOutput]:
+        """Submit and wait for the whole result (the non-streaming path of `_respond`)."""
+        eng = handler.engine
+        if not eng.is_alive():
+            raise APIError(503, f"the engine is not running: {eng.dead_reason()}")
+        try:
+            handler.submit()
+            return await _unless_disconnected(request, handler.finals())
+        except ValueError as e:
+            raise APIError(400, str(e)) from e
+        except RequestFailedError as e:
+            raise APIError(500, f"the engine failed this request: {e}") from e
+        except EngineDeadError as e:
+            raise APIError(503, str(e)) from e
+        finally:
+            handler.close()
+
+    async def _routed(request: Request, req: CompletionRequest | ChatCompletionRequest, prompts: list[Any],
+                      chat: bool):
+        """The router's pipeline (moeserve/router/pipeline.py). Streams are verified at their end
+        and never escalated: their tokens are already with the client. Exactly one audit line
+        per request, whatever happens."""
+        router = state.router
+        trace = RoutedTrace(engine.new_request_id("route"), _tenant(request), bool(req.stream))
+        finishing_here = True
+        try:
+            texts = [p if isinstance(p, str) else engine.tokenizer.decode(p["prompt_token_ids"]) for p in prompts]
+            if chat:
+                texts = [m.as_template_input()["content"] for m in req.messages]
+            verdict = router.gate(trace, "\n".join(texts))
+            if verdict.refused:
+                raise APIError(400, f"refused by the router's safety rule '{verdict.refused_by}'",
+                               param="messages" if chat else "prompt")
+            if verdict.redactions:
+                if chat:
+                    req = req.model_copy(update={"messages": [
+                        m.model_copy(update={"content": safety.check(router.config.safety,
+                                                                     m.as_template_input()["content"]).text})
+                        for m in req.messages]})
+                else:
+                    prompts = [safety.check(router.config.safety, t).text for t in texts]
+            joined = "\n".join(texts)
+            features = extract(joined, len(engine.tokenizer.encode(joined)), trace.tenant)
+            route = router.route(trace, features)
+            if route.rejected:
+                raise APIError(429, f"tenant '{trace.tenant}' is over its token budget for this period")
+            profile = router.config.profile(route.profile)
+            while True:
+                handler = _prepare(request, req, _render(req, prompts, chat, state.engine_for(profile)), chat,
+                                   profile, ROUTED_NAME)
+                if req.stream:
+                    started = time.monotonic()
+
+                    def at_end(outs, handler=handler, profile=profile, started=started):
+                        if outs is None:
+                            trace.error = "the stream did not finish"
+                        else:
+                            router.record(trace, _attempt(profile, handler, outs, time.monotonic() - started))
+                        router.finish(trace)
+                        return {"verified": trace.passed, "failed_checks":
+                                list(trace.attempts[-1].verification.failures) if trace.attempts else []}
+
+                    handler.on_stream_end = at_end
+                    finishing_here = False
+                    try:
+                        return await _respond(request, handler, stream=True)
+                    except BaseException:
+                        finishing_here = True
+                        raise
+                started = time.monotonic()
+                outs = await _finals(request, handler)
+                router.record(trace, _attempt(profile, handler, outs, time.monotonic() - started))
+                prompt_tokens = max(len(ids) for ids in handler.prompts)
+                following = router.escalation(trace, prompt_tokens, handler.params.max_tokens or 0)
+                if following is None:
+                    break
+                profile = router.config.profile(following)
+            escalated = sum(1 for e in trace.escalations if e["to"] is not None)
+            handler.extra_fields.update(escalated=escalated > 0, escalations=escalated, verified=trace.passed,
+                                        failed_checks=list(trace.attempts[-1].verification.failures))
+            handler.extra_headers["x-moeserve-escalated"] = "true" if escalated else "false"
+            return JSONResponse(handler.body_of(outs), headers=handler.headers())
+        except APIError as e:
+            if trace.refused_by is None and trace.budget_action != "rejected":
+                trace.error = e.message
+            raise
+        except _ClientGone:
+            trace.error = "the client left"
+            raise
+        finally:
+            if finishing_here:
+                router.finish(trace)
+
+    def _render(req, prompts: list[Any], chat: bool, eng: AsyncEngine) -> list[Any]:
+        """The prompts as `_prepare` takes them: a chat's messages rendered by `eng`'s template."""
+        if not chat:
+            return prompts
+        try:
+            return [eng.tokenizer.apply_chat_template([m.as_template_input() for m in req.messages],
+                                                      req.add_generation_prompt, **(req.chat_template_kwargs or {}))]
+        except Exception as e:
+            raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from e
+
+    async def _serve(request: Request, req: CompletionRequest | ChatCompletionRequest, chat: bool):
+        target = _target(req)
+        prompts = [] if chat else req.prompts()
+        if target == ROUTED_NAME:
+            return await _routed(request, req, prompts, chat)
+        eng = engine if target is None else state.engine_for(target)
+        handler = _prepare(request, req, _render(req, prompts, chat, eng), chat, target, req.model)
+        return await _respond(request, handler, req.stream)
+
     @app.post("/v1/completions", openapi_extra=_json_body_schema(CompletionRequest))
     async def completions(request: Request):
-        req = _parse(CompletionRequest, await _json_body(request))
-        return await _respond(request, _prepare(request, req, req.prompts(), chat=False), req.stream)
+        return await _serve(request, _parse(CompletionRequest, await _json_body(request)), chat=False)
 
     @app.post("/v1/chat/completions", openapi_extra=_json_body_schema(ChatCompletionRequest))
     async def chat_completions(request: Request):
-        req = _parse(ChatCompletionRequest, await _json_body(request))
-        tok = engine.tokenizer
-        try:
-            text = tok.apply_chat_template([m.as_template_input() for m in req.messages], req.add_generation_prompt,
-                                           **(req.chat_template_kwargs or {}))
-        except Exception as e:
-            raise APIError(400, f"the chat template cannot render these messages: {e}", param="messages") from e
-        return await _respond(request, _prepare(request, req, [text], chat=True), req.stream)
+        return await _serve(request, _parse(ChatCompletionRequest, await _json_body(request)), chat=True)
 
     def openapi() -> dict[str, Any]:
         """FastAPI's document plus the request bodies, which the routes parse themselves (to
