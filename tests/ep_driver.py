@@ -28,11 +28,13 @@ class Recorder:
 
     def __init__(self):
         self.logical: list[list[int]] = []
+        self.num_tokens = 0  # tokens that entered the MoE layers, over all steps
         self.running_by_rank: list[list[int]] = []
 
     def between_steps(self, core, stats) -> None:
         self.running_by_rank.append(list(stats.running_by_rank))
         if stats.expert_load is not None:
+            self.num_tokens += stats.expert_load.num_tokens
             rows = stats.expert_load.logical
             if not self.logical:
                 self.logical = [[0] * len(r) for r in rows]
@@ -85,6 +87,7 @@ def generate(args) -> dict:
     result = {
         "traces": [done[str(i)] for i in range(len(prompts))],
         "logical": recorder.logical,
+        "num_tokens": recorder.num_tokens,
         "running_by_rank": recorder.running_by_rank,
         "worker_nodes": core.executor.worker_nodes,
         "expert_bytes": core.executor.collective_rpc("expert_weight_bytes"),

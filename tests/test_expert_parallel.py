@@ -109,6 +109,7 @@ def test_overlapped_micro_batches_equal_one_worker(cluster, models, prompts, tmp
     prompt_file = tmp_path / "prompts.json"
     prompt_file.write_text(json.dumps(prompts))
     expected, expected_load = _single(model, prompts)
+    expected_tokens = sum(len(p) for p in prompts) + len(prompts) * (MAX_TOKENS - 1)
     for workers in (2, 4) if arch == "qwen3_moe" else (2,):
         got = _driver(cluster, "generate", str(model), str(prompt_file), "--workers", str(workers),
                       "--max-tokens", str(MAX_TOKENS), "--overlap-threshold", "2")
@@ -116,6 +117,7 @@ def test_overlapped_micro_batches_equal_one_worker(cluster, models, prompts, tmp
         for i, (a, b) in enumerate(zip(_traces(got), expected)):
             assert greedy_divergence(a, b) is None, f"{arch}, {workers} workers, prompt {i}"
         assert got["logical"] == expected_load, "expert-load counts summed over ranks and micro-batches"
+        assert got["num_tokens"] == expected_tokens
 
 
 def test_replication_across_workers_moves_each_experts_own_weights(cluster, tmp_path):

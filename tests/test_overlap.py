@@ -53,7 +53,6 @@ def test_each_rank_is_cut_into_token_balanced_halves_inside_a_prefill():
     out = _run(sched)
     assert out.ranks == {"a": 0, "b": 1, "c": 0}
     assert out.micro_batch_cut == (6, 6), "12 tokens per rank: 6 + 6; rank 1's one prompt is cut at a token"
-    assert sched.num_split_steps == 1
 
 
 def test_one_rank_below_its_threshold_and_no_rank_splits():
@@ -65,7 +64,7 @@ def test_one_rank_below_its_threshold_and_no_rank_splits():
     sched = _scheduler(overlap_threshold_prefill=8)
     _add(sched, "a", 20)  # rank 1 has nothing: idle ranks never split either
     out = _run(sched)
-    assert out.micro_batch_cut is None and sched.num_split_steps == 0
+    assert out.micro_batch_cut is None
 
 
 def test_decode_steps_use_the_decode_threshold():
@@ -100,7 +99,7 @@ def _generate(model: Path, prompts, **settings):
     engine.core.shutdown()
     traces = [GreedyTrace(done[str(i)].outputs[0].token_ids, done[str(i)].outputs[0].logprobs)
               for i in range(len(prompts))]
-    return traces, recorder.logical, stats
+    return traces, (recorder.logical, recorder.num_tokens), stats
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
@@ -119,7 +118,14 @@ def test_split_steps_equal_unsplit_steps(checkpoints, prompts, arch):
     assert split.prefix_cache_hits > 0
     for i, (a, b) in enumerate(zip(got, expected)):
         assert greedy_divergence(a, b) is None, f"{arch}, prompt {i}"
-    assert load == expected_load, "expert-load counts of both micro-batches add up to the step's"
+    assert load == expected_load, "expert-load counts and tokens of both micro-batches add up to the step's"
+
+
+def test_a_capacity_factor_turns_the_split_off(checkpoints, prompts):
+    """Capacity is per step: halves would each get the whole step's capacity."""
+    _, _, stats = _generate(checkpoints("mixtral"), prompts[:3], enable_overlap=True, overlap_threshold_decode=1,
+                            overlap_threshold_prefill=1, moe_capacity_factor=1.0)
+    assert stats.num_split_steps == 0
 
 
 @pytest.mark.skipif(not can_make_namespaces(), reason="network namespaces need root and iproute2")

@@ -78,6 +78,8 @@ class EngineCore:
         device = self.executor.collective_rpc("device_name")[0]
         self.scheduler = Scheduler(config.scheduler, self.block_pools, self.expert_config,
                                    on_gpu=device != "cpu")  # else a GPU's name, e.g. "NVIDIA H200"
+        self._split_steps = 0
+        self._check_overlap(config)
         generation = GenerationDefaults.from_pretrained(config.model, mc)
         self.info = EngineInfo(
             model=config.model, max_model_len=self.max_model_len, vocab_size=mc.vocab_size,
@@ -157,6 +159,24 @@ class EngineCore:
     def has_work(self) -> bool:
         return bool(self.scheduler.requests)
 
+    def _check_overlap(self, config: EngineConfig) -> None:
+        """Split steps need per-step expert capacity to mean the same in both halves: with a
+        capacity factor the split is off. Say so when the thresholds cannot be reached."""
+        sched = self.scheduler
+        if not sched.overlap:
+            return
+        if config.load.moe_capacity_factor is not None:
+            sched.overlap = False
+            logger.info("micro-batch overlap is off: the capacity factor caps experts per step, not per half")
+            return
+        workers = len(self.block_pools)
+        if sched.overlap_decode > config.scheduler.max_num_seqs // workers and \
+                sched.overlap_prefill > config.scheduler.max_num_batched_tokens // workers:
+            logger.info("micro-batch overlap: no step can reach the thresholds (%d decode / %d prefill tokens per "
+                        "worker) with --max-num-seqs %d and --max-num-batched-tokens %d over %d workers: steps are "
+                        "not split", sched.overlap_decode, sched.overlap_prefill, config.scheduler.max_num_seqs,
+                        config.scheduler.max_num_batched_tokens, workers)
+
     # ---- the step ----
 
     def step(self) -> EngineCoreOutputs:
@@ -175,6 +195,7 @@ class EngineCore:
             failed = [self._fail(request_id, e) for request_id in sched.num_scheduled_tokens]
             return EngineCoreOutputs(failed, self._finish_step(sched, ModelRunnerOutput.empty(), start))
         outputs = [self._output(req) for req in self.scheduler.update_from_output(sched, result)]
+        self._split_steps += sched.micro_batch_cut is not None  # steps that ran split, not those scheduled so
         stats = self._finish_step(sched, result, start)
         for controller in self.controllers:
             try:
@@ -333,7 +354,7 @@ class EngineCore:
             running_by_rank=self._running_by_rank(), unavailable=self.unavailable,
             worker_failures=self._worker_failures, worker_recoveries=self._worker_recoveries,
             recovery_seconds_total=self._recovery_s_total, last_recovery_s=self._last_recovery_s,
-            num_split_steps=sched.num_split_steps,
+            num_split_steps=self._split_steps,
         )
 
     def _running_by_rank(self) -> list[int]:

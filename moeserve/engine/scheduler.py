@@ -101,7 +101,6 @@ class Scheduler:
         self.waiting: list[tuple[tuple[int, int], Request]] = []  # heap by sort_key
         self.running: list[Request] = []
         self.num_preemptions = 0
-        self.num_split_steps = 0
         # auto: split only where there is an all-to-all to hide
         self.overlap = config.enable_overlap if config.enable_overlap is not None else len(self.pools) > 1
         self.overlap_decode, self.overlap_prefill = config.overlap_thresholds(on_gpu)
@@ -202,7 +201,6 @@ class Scheduler:
         top_k = {r: top_k[r] for r in scheduled if r in top_k}
         ranks = {r: self.requests[r].rank or 0 for r in scheduled} if len(self.pools) > 1 else {}
         cut = self._micro_batch_cut(scheduled, decodes) if self.overlap else None
-        self.num_split_steps += cut is not None
         return SchedulerOutput(tuple(new_data), tuple(cached_data), scheduled, dropped, len(decodes), top_k, ranks,
                                micro_batch_cut=cut)
 

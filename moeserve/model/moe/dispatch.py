@@ -11,11 +11,12 @@ P_local this worker's slots, R workers, N token-slots sent, M token-slots receiv
     -> local expert compute ([M, 1] slots in [0, P_local), the weight applied there)
     -> combine: all_to_all_single of the weighted rows back [N, D] -> index_add into [T, D]
 
-Three collectives per MoE layer per micro-batch. The dispatch and combine are issued async
+Three collectives per MoE layer per micro-batch (six in a split step). The dispatch and combine are issued async
 (`dispatch_combine_steps` yields after issuing each), so a caller running two micro-batches
 computes one while the other's all-to-all travels (model/overlap.py).
 
-Every worker calls this for every MoE layer of every step, with T = 0 when it has no tokens:
+Every worker calls this for every MoE layer of every micro-batch of every step, with T = 0 when
+it has no tokens:
 the collectives must match one for one on every rank, or the group hangs. The result equals the
 one-worker layer up to the order of the K additions per token (fp32: the equality rule).
 gloo has no bf16/fp16 all-to-all; half-precision rows travel bit-cast to bytes (exact).
@@ -32,8 +33,9 @@ import torch.distributed as dist
 
 
 class CommTimer:
-    """Wall seconds spent in this worker's all-to-alls (meaningful on gloo, where they block;
-    on NCCL they are asynchronous and this measures only their launch)."""
+    """Wall seconds this worker's host spent blocked on its all-to-alls: inside the count
+    exchange and inside each wait (on gloo the transfer plus waiting for the slowest rank; on
+    NCCL only what the host waits for, not the GPU's time in the collective)."""
 
     def __init__(self):
         self.seconds = 0.0
