@@ -183,6 +183,18 @@ def test_ep_overlap_smoke_reports_the_hidden_share(tmp_path):
         assert abs(r["hidden_share"] - expected) <= 1e-9 * max(1.0, abs(expected))  # ms vs s rounding
 
 
+def test_router_smoke_compares_four_policies(tmp_path):
+    out = tmp_path / "router.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "router.py"), "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    policies = json.loads(out.read_text())["policies"]
+    assert set(policies) == {"always-cheap", "always-full", "rules-only", "bandit"}
+    assert policies["always-cheap"]["served_by"]["full"] == 0 and policies["always-full"]["served_by"]["cheap"] == 0
+    assert policies["always-cheap"]["cost"] < policies["always-full"]["cost"]
+    assert all(0 <= p["pass_rate"] <= 1 for p in policies.values())
+
+
 def test_ep_faults_smoke_measures_detection_and_recovery(tmp_path):
     out = tmp_path / "ep_faults.json"
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "ep_faults.py"), "--smoke", "--out", str(out)],

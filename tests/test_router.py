@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -85,17 +87,35 @@ def test_escalation_stops_at_its_caps():
                      escalation={"max_escalations": 1, "max_total_tokens": 100})
     router = Router(config)
     failed = Verification(False, ("finish_length",))
-    trace = RoutedTrace("r", "t", False)
+    planned = {"cheap": 16, "mid": 30, "full": 90}.__getitem__  # an attempt's most tokens there
+    trace = RoutedTrace("r", "t", False, candidates=config.names)
     router.record(trace, Attempt("cheap", 10, 6, 0.1, "length", failed))
-    assert router.escalation(trace, 10, 20) == "mid"
+    assert router.escalation(trace, planned) == "mid"
     router.record(trace, Attempt("mid", 10, 20, 0.1, "length", failed))
-    assert router.escalation(trace, 10, 20) is None and trace.escalations[-1]["why"] == "max_escalations"
-    trace = RoutedTrace("r", "t", False)
-    router.record(trace, Attempt("cheap", 40, 6, 0.1, "length", failed))
-    assert router.escalation(trace, 40, 20) is None and trace.escalations[-1]["why"] == "max_total_tokens"
-    trace = RoutedTrace("r", "t", True)  # a stream is never escalated
+    assert router.escalation(trace, planned) is None and trace.escalations[-1]["why"] == "max_escalations"
+    trace = RoutedTrace("r", "t", False, candidates=("cheap", "full"))  # a rule's candidates: no "mid"
+    router.record(trace, Attempt("cheap", 10, 6, 0.1, "length", failed))
+    assert router.escalation(trace, planned) is None and trace.escalations[-1]["why"] == "max_total_tokens", \
+        "16 spent + full's 90 > 100"
+    trace = RoutedTrace("r", "t", False, candidates=("cheap",))  # pinned by a rule: pinned escalation too
     router.record(trace, Attempt("cheap", 4, 6, 0.1, "length", failed))
-    assert router.escalation(trace, 4, 6) is None
+    assert router.escalation(trace, planned) is None and trace.escalations[-1]["why"] == "strongest"
+    trace = RoutedTrace("r", "t", True, candidates=config.names)  # a stream is never escalated
+    router.record(trace, Attempt("cheap", 4, 6, 0.1, "length", failed))
+    assert router.escalation(trace, planned) is None
+
+
+def test_replay_weighs_each_logged_choice_by_the_new_policy():
+    """Logged 50/50 between cheap (reward 1) and full (reward 0): a policy that always picks
+    cheap is worth 1, one that always picks full 0, and one over profiles {cheap, other} that
+    picks cheap is still worth 1 (full's records count as zero terms, not dropped)."""
+    records = [{"features": extract("x", 1, "t").as_dict(), "choice": c, "propensity": 0.5, "reward": r,
+                "budget_action": None} for c, r in [("cheap", 1.0), ("full", 0.0)] * 20]
+    pin = {"rules": [{"name": "pin", "when": {}, "profile": "cheap"}]}
+    assert replay(records, _config(**pin))["estimate"] == 1.0
+    assert replay(records, _config(rules=[{"name": "pin", "when": {}, "profile": "full"}]))["estimate"] == 0.0
+    other = RouterConfig.from_dict({"profiles": [PROFILES[0], {"name": "other"}], **pin})
+    assert replay(records, other)["estimate"] == 1.0
 
 
 def test_an_exhausted_budget_falls_back_to_the_cheapest_or_refuses():
@@ -109,6 +129,11 @@ def test_an_exhausted_budget_falls_back_to_the_cheapest_or_refuses():
         trace = RoutedTrace("r", "alice", False)
         route = router.route(trace, extract("x", 1, "alice"))
         assert trace.budget_action == ("cheapest" if action == "cheapest" else "rejected")
+        if action == "cheapest":
+            pulls = dict(router.bandit.pulls)
+            router.record(trace, Attempt("full", 1, 1, 0.1, "stop", Verification(True)))
+            assert trace.propensity == 1.0 and router.finish(trace)["budget_action"] == "cheapest"
+            assert router.bandit.pulls == pulls, "a budget fallback is not the bandit's choice: nothing learned"
         assert (route.rejected, route.profile) == ((False, "full") if action == "cheapest" else (True, "full")), \
             "the cheapest of the eligible: the rule allows only full"
         config = _config(budgets={"tenants": {"alice": 30}, "on_exhausted": action})
@@ -181,7 +206,9 @@ def test_the_router_serves_profiles_behind_one_name(server):
     assert r.headers["x-moeserve-escalated"] == "true" and body["moeserve"]["escalations"] == 1
     assert body["model"] == "moeserve-router" and body["usage"]["completion_tokens"] == 12
     redacted = post({"prompt": "write to bob@example.com", "max_tokens": 3, "temperature": 0})
-    assert redacted.status_code == 200
+    from moeserve import Tokenizer
+
+    assert redacted.json()["usage"]["prompt_tokens"] == len(Tokenizer(MODEL).encode("write to [REDACTED:email]"))
     over = post({"prompt": "x", "max_tokens": 3}, headers={"x-tenant": "broke"})
     assert over.status_code == 200  # the first request of the period is within its 1 token: it runs
     over = post({"prompt": "x", "max_tokens": 3}, headers={"x-tenant": "broke"})
@@ -192,6 +219,10 @@ def test_the_router_serves_profiles_behind_one_name(server):
         sent += 1
         events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
     assert "verified" in events[-1]["moeserve"] and events[-1]["moeserve"]["profile"] in ("cheap", "full")
+    chat = httpx.post(f"{srv.url}/v1/chat/completions", timeout=60, json={
+        "model": "moeserve-router", "max_tokens": 4, "messages": [{"role": "user", "content": "mail x@y.org a password"}]})
+    sent += 1
+    assert chat.status_code == 400 and "deny:secrets" in chat.json()["error"]["message"]
     direct = httpx.post(f"{srv.url}/v1/completions", json={"model": "cheap", "prompt": "def", "max_tokens": 2})
     assert direct.headers["x-moeserve-profile"] == "cheap" and direct.json()["model"] == "cheap"
 
@@ -207,9 +238,10 @@ def test_the_router_serves_profiles_behind_one_name(server):
     assert lines[3]["redactions"] == ["email"]
     assert lines[5]["budget_action"] == "rejected" and lines[5]["attempts"] == []
     assert lines[6]["stream"] and len(lines[6]["attempts"]) == 1
+    assert lines[7]["refused_by"] == "deny:secrets", "a chat's messages pass the same gate"
     assert all(x["config_version"] == "test-1" for x in lines)
     metrics = httpx.get(f"{srv.url}/metrics").text
-    assert 'moeserve:router_refusals_total{rule="deny:secrets"} 1.0' in metrics
+    assert 'moeserve:router_refusals_total{rule="deny:secrets"} 2.0' in metrics
     assert 'moeserve:router_budget_rejections_total{action="rejected"} 1.0' in metrics
 
 
@@ -237,7 +269,7 @@ def test_replay_of_a_uniform_log_estimates_an_on_policy_reward(tmp_path):
     always-full for real on the same requests: the on-policy mean lies in the estimate's 95%
     interval."""
     words = ["def", "import", "class", "return", "for i in", "self.", "if x", "print(", "with open(", "try:"]
-    prompts = [w for w in words for _ in range(4)]
+    prompts = [w for w in words for _ in range(10)]
     bandit = {"epsilon": 1.0, "seed": 7, "cost_weight": 0.01}
     logged = _replay_run(tmp_path, "uniform", prompts, bandit=bandit)
     assert {x["propensity"] for x in logged} == {0.5} and {x["choice"] for x in logged} == {"cheap", "full"}
@@ -247,3 +279,37 @@ def test_replay_of_a_uniform_log_estimates_an_on_policy_reward(tmp_path):
     mean = sum(x["reward"] for x in on_policy) / len(on_policy)
     low, high = estimate["ci95"]
     assert estimate["n"] == len(prompts) and low <= mean <= high, (estimate, mean)
+    assert high - low < 0.4, "an interval narrow enough to tell policies apart"
+    # the same estimate from the command line
+    (tmp_path / "new.yaml").write_text(yaml.safe_dump({"profiles": PROFILES, **always_full}))
+    (tmp_path / "logged.jsonl").write_text("".join(json.dumps(x) + "\n" for x in logged))
+    cli = subprocess.run([sys.executable, "-m", "moeserve.cli", "router", "replay", str(tmp_path / "logged.jsonl"),
+                          "--config", str(tmp_path / "new.yaml")], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout)["estimate"] == estimate["estimate"]
+
+
+def test_a_profile_on_another_model_runs_on_its_own_engine(checkpoints, tmp_path):
+    """Two distinct models: two engine processes and KV pools behind one front; /metrics shows
+    each family once, with both engines' series."""
+    other = str(checkpoints("qwen3_moe"))
+    path = tmp_path / "router.yaml"
+    path.write_text(yaml.safe_dump({"profiles": [{"name": "tiny"}, {"name": "other", "model": other}],
+                                    "audit": {"path": str(tmp_path / "audit.jsonl")}}))
+    srv = start_server(MODEL, "--router-config", str(path), "--max-model-len", "128",
+                       log_path=str(tmp_path / "log"))
+    try:
+        got = httpx.post(f"{srv.url}/v1/completions", timeout=60,
+                         json={"model": "other", "prompt": "the expert router", "max_tokens": 5, "temperature": 0,
+                               "ignore_eos": True})
+        metrics = httpx.get(f"{srv.url}/metrics", timeout=10).text
+    finally:
+        srv.stop()
+    from moeserve import LLM, SamplingParams
+
+    offline = LLM(other, max_model_len=128).generate("the expert router", SamplingParams(temperature=0, max_tokens=5,
+                                                                                         ignore_eos=True))
+    assert got.status_code == 200 and got.json()["choices"][0]["text"] == offline[0].outputs[0].text
+    received = [x for x in metrics.splitlines() if x.startswith("moeserve:engine_requests_received_total")]
+    assert sorted(float(x.split()[-1]) for x in received) == [0.0, 1.0], "one series per engine; the other ran it"
+    assert metrics.count("# TYPE moeserve:engine_requests_received_total") == 1

@@ -14,6 +14,7 @@ start, so learning survives restarts.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from moeserve.router.config import FEATURE_NAMES, BanditConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,13 +81,23 @@ class LinUCB:
         state = {"features": list(FEATURE_NAMES), "arms": {
             a: {"A": self.A[a].tolist(), "b": self.b[a].tolist(), "pulls": self.pulls[a]} for a in self.A}}
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(state))
+        with tmp.open("w") as f:
+            f.write(json.dumps(state))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
 
     def _load(self, path: Path) -> None:
-        state = json.loads(path.read_text())
-        if state.get("features") != list(FEATURE_NAMES):
-            return  # another feature layout: start over rather than misread it
-        for arm, s in state["arms"].items():
-            if arm in self.A:  # a profile since removed is forgotten
-                self.A[arm], self.b[arm], self.pulls[arm] = np.asarray(s["A"]), np.asarray(s["b"]), s["pulls"]
+        """Another feature layout or an unreadable file: start over (logged) rather than misread it."""
+        try:
+            state = json.loads(path.read_text())
+            if state.get("features") != list(FEATURE_NAMES):
+                raise ValueError(f"features {state.get('features')} are not {list(FEATURE_NAMES)}")
+            loaded = {arm: (np.asarray(s["A"], dtype=float).reshape(self.dim, self.dim),
+                            np.asarray(s["b"], dtype=float).reshape(self.dim), int(s["pulls"]))
+                      for arm, s in state["arms"].items() if arm in self.A}  # a removed profile is forgotten
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            logger.warning("router: the bandit state %s cannot be used (%s): starting from scratch", path, e)
+            return
+        for arm, (A, b, pulls) in loaded.items():
+            self.A[arm], self.b[arm], self.pulls[arm] = A, b, pulls

@@ -25,8 +25,9 @@ into frozen dataclasses; a bad file is a RouterConfigError naming the field.
 A profile is a versioned bundle over one model: `model` (default: the served model; each
 distinct model gets its own engine and KV pool), `top_k` (experts per token, the model's when
 absent: a cheap and a full profile of the same weights), decoding `defaults` (applied to fields
-the request does not set), `max_tokens` (a cap), `time_budget_s` (the request is cut there: a
-finish reason "length"), `slo_ttft_s` (informational, in /v1/models), `cost_per_token`.
+the request does not set), `max_tokens` (a cap), `time_budget_s` (no escalation starts once the
+request has run this long),
+`slo_ttft_s` (informational, in /v1/models), `cost_per_token`.
 """
 
 from __future__ import annotations
@@ -263,6 +264,8 @@ def _rule(raw: Any, names: list[str]) -> Rule:
     _known(rule.when, _WHEN, f"rules.{rule.name}.when")
     if not rule.name or (rule.profile is None) == (not rule.candidates):
         raise RouterConfigError(f"rules.{rule.name or '?'}: a name and exactly one of profile / candidates")
+    if len(set(rule.candidates)) != len(rule.candidates):
+        raise RouterConfigError(f"rules.{rule.name}: a candidate listed twice")
     for name in (rule.profile,) if rule.profile else rule.candidates:
         if name not in names:
             raise RouterConfigError(f"rules.{rule.name}: unknown profile {name!r}")

@@ -17,6 +17,7 @@ Reward of a request (what the bandit learns for its first choice, and replay est
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -32,6 +33,8 @@ from moeserve.router.config import Profile, RouterConfig
 from moeserve.router.features import RequestFeatures
 from moeserve.router.verifier import Verification
 from moeserve.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 def apply_profile(params: SamplingParams, profile: Profile, explicit: set[str], needs_logprobs: bool) -> SamplingParams:
@@ -145,22 +148,23 @@ class Router:
         if not attempt.verification.passed:
             self.metrics.verifier_failures.labels(attempt.profile).inc()
 
-    def escalation(self, trace: RoutedTrace, next_prompt_tokens: int, next_max_tokens: int) -> str | None:
+    def escalation(self, trace: RoutedTrace, planned_tokens: Callable[[str], int]) -> str | None:
         """The profile to try next, or None. Never for a passed or streamed attempt, beyond
-        `max_escalations`, past `max_total_tokens` (counting the next attempt's prompt and
-        max_tokens), past the profile's time budget, for a tenant now over budget, or beyond the
-        strongest profile."""
+        `max_escalations`, past `max_total_tokens` (counting the next attempt's most tokens,
+        `planned_tokens(profile)`: prompts + their max_tokens under it), past the profile's time
+        budget, for a tenant now over budget, or beyond the strongest of the rule's candidates
+        (a rule that pins a profile pins escalation too)."""
         last = trace.attempts[-1]
         esc = self.config.escalation
         if last.verification.passed or trace.stream or not self.config.verifier.active:
             return None
         why = None
-        order = self.config.escalation_order
+        order = tuple(n for n in self.config.escalation_order if n in trace.candidates) or (last.profile,)
         i = order.index(last.profile) if last.profile in order else len(order)
         budget_s = self.config.profile(last.profile).time_budget_s
         if len(trace.escalations) >= esc.max_escalations:
             why = "max_escalations"
-        elif trace.tokens + next_prompt_tokens + next_max_tokens > esc.max_total_tokens:
+        elif i + 1 < len(order) and trace.tokens + planned_tokens(order[i + 1]) > esc.max_total_tokens:
             why = "max_total_tokens"
         elif budget_s is not None and time.monotonic() - trace.start > budget_s:
             why = "time_budget"
@@ -190,15 +194,9 @@ class Router:
     def finish(self, trace: RoutedTrace) -> dict:
         """Learn, count and audit; returns the audit record."""
         reward = None
-        if trace.attempts and trace.error is None:
-            reward = self.reward(trace)
+        reward = self.reward(trace) if trace.attempts and trace.error is None else None
+        if reward is not None:
             self.metrics.requests.labels(trace.profile).inc()
-            if trace.budget_action is None and trace.features is not None and len(trace.candidates) > 1:
-                x = trace.features.vector()
-                best = max(self.bandit.estimate(a, x) for a in trace.candidates)
-                self._regret += best - self.bandit.estimate(trace.choice, x)
-                self.metrics.regret.set(self._regret)
-                self.bandit.update(trace.choice, x, reward)
         record = {
             "request_id": trace.request_id, "tenant": trace.tenant, "config_version": self.config.version,
             "features": trace.features.as_dict() if trace.features else None,
@@ -211,5 +209,18 @@ class Router:
             "tokens": trace.tokens, "latency_s": time.monotonic() - trace.start, "passed": trace.passed,
             "reward": reward, "error": trace.error,
         }
-        self.audit.write(record)
+        try:
+            self.audit.write(record)
+        except OSError:
+            logger.exception("router: the audit line of %s could not be written", trace.request_id)
+        if reward is not None and trace.budget_action is None and trace.features is not None \
+                and len(trace.candidates) > 1:
+            x = trace.features.vector()
+            best = max(self.bandit.estimate(a, x) for a in trace.candidates)
+            self._regret += best - self.bandit.estimate(trace.choice, x)
+            self.metrics.regret.set(self._regret)
+            try:
+                self.bandit.update(trace.choice, x, reward)
+            except OSError:
+                logger.exception("router: the bandit state could not be saved")
         return record

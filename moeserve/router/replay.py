@@ -7,7 +7,8 @@ epsilon-greedy choice with the bandit state it would start from), and
 
     V_ips = mean_i  pi(a_i | x_i) / p_i * r_i,    95% interval V_ips +- 1.96 * sd / sqrt(n)
 
-Unbiased when every profile the new policy may choose had p > 0 under the logging policy.
+Unbiased when every profile the new policy may choose had p > 0 under the logging policy. A
+logged choice the new config no longer has is a term of 0 (the new policy never makes it).
 Requests refused by the gate, rejected or rerouted by budgets, or failed by the engine are not
 policy decisions and are left out (counted in `skipped`).
 """
@@ -44,12 +45,12 @@ def replay(records: list[dict[str, Any]], config: RouterConfig) -> dict[str, Any
     terms, logged, skipped = [], [], 0
     for rec in records:
         usable = (rec.get("reward") is not None and rec.get("propensity") and rec.get("features")
-                  and rec.get("budget_action") is None and rec.get("choice") in config.names)
+                  and rec.get("budget_action") is None and rec.get("choice"))
         if not usable:
             skipped += 1
             continue
         features = RequestFeatures(**rec["features"])
-        pi = new_policy_probability(config, bandit, features, rec["choice"])
+        pi = new_policy_probability(config, bandit, features, rec["choice"]) if rec["choice"] in config.names else 0.0
         terms.append(pi / rec["propensity"] * rec["reward"])
         logged.append(rec["reward"])
     n = len(terms)

@@ -582,7 +582,10 @@ def build_app(state: ServerState) -> FastAPI:
         trace = RoutedTrace(engine.new_request_id("route"), _tenant(request), bool(req.stream))
         finishing_here = True
         try:
-            texts = [p if isinstance(p, str) else engine.tokenizer.decode(p["prompt_token_ids"]) for p in prompts]
+            try:
+                texts = [p if isinstance(p, str) else engine.tokenizer.decode(p["prompt_token_ids"]) for p in prompts]
+            except (OverflowError, TypeError, ValueError) as e:
+                raise APIError(400, f"the prompt holds token ids this model does not have: {e}", param="prompt") from e
             if chat:
                 texts = [m.as_template_input()["content"] for m in req.messages]
             verdict = router.gate(trace, "\n".join(texts))
@@ -603,51 +606,79 @@ def build_app(state: ServerState) -> FastAPI:
             if route.rejected:
                 raise APIError(429, f"tenant '{trace.tenant}' is over its token budget for this period")
             profile = router.config.profile(route.profile)
+            outs, served = None, None
             while True:
-                handler = _prepare(request, req, _render(req, prompts, chat, state.engine_for(profile)), chat,
-                                   profile, ROUTED_NAME)
-                if req.stream:
+                try:
+                    handler = _prepare(request, req, _render(req, prompts, chat, state.engine_for(profile)), chat,
+                                       profile, ROUTED_NAME)
+                    if req.stream:
+                        started = time.monotonic()
+
+                        def at_end(outs, handler=handler, profile=profile, started=started):
+                            try:
+                                if outs is None:
+                                    trace.error = "the stream did not finish"
+                                else:
+                                    router.record(trace, _attempt(profile, handler, outs, time.monotonic() - started))
+                            finally:
+                                router.finish(trace)
+                            return {"verified": trace.passed, "escalated": False, "failed_checks":
+                                    list(trace.attempts[-1].verification.failures) if trace.attempts else []}
+
+                        handler.on_stream_end = at_end
+                        handler.extra_headers["x-moeserve-escalated"] = "false"
+                        finishing_here = False
+                        try:
+                            return await _respond(request, handler, stream=True)
+                        except BaseException:
+                            finishing_here = True
+                            raise
                     started = time.monotonic()
-
-                    def at_end(outs, handler=handler, profile=profile, started=started):
-                        if outs is None:
-                            trace.error = "the stream did not finish"
-                        else:
-                            router.record(trace, _attempt(profile, handler, outs, time.monotonic() - started))
-                        router.finish(trace)
-                        return {"verified": trace.passed, "failed_checks":
-                                list(trace.attempts[-1].verification.failures) if trace.attempts else []}
-
-                    handler.on_stream_end = at_end
-                    finishing_here = False
-                    try:
-                        return await _respond(request, handler, stream=True)
-                    except BaseException:
-                        finishing_here = True
+                    attempt_outs = await _finals(request, handler)
+                except _ClientGone:
+                    raise
+                except Exception as e:
+                    if outs is None:
                         raise
-                started = time.monotonic()
-                outs = await _finals(request, handler)
+                    # an escalation attempt failed: answer with the attempt that ran
+                    trace.escalations.append({"from": profile.name, "to": None, "why": "error",
+                                              "failed": [getattr(e, "message", None) or f"{type(e).__name__}: {e}"]})
+                    break
+                outs, served = attempt_outs, handler
                 router.record(trace, _attempt(profile, handler, outs, time.monotonic() - started))
-                prompt_tokens = max(len(ids) for ids in handler.prompts)
-                following = router.escalation(trace, prompt_tokens, handler.params.max_tokens or 0)
+                following = router.escalation(trace, lambda name, h=handler: _planned_tokens(h, name))
                 if following is None:
                     break
                 profile = router.config.profile(following)
+            handler = served
             escalated = sum(1 for e in trace.escalations if e["to"] is not None)
             handler.extra_fields.update(escalated=escalated > 0, escalations=escalated, verified=trace.passed,
                                         failed_checks=list(trace.attempts[-1].verification.failures))
             handler.extra_headers["x-moeserve-escalated"] = "true" if escalated else "false"
             return JSONResponse(handler.body_of(outs), headers=handler.headers())
-        except APIError as e:
-            if trace.refused_by is None and trace.budget_action != "rejected":
-                trace.error = e.message
-            raise
         except _ClientGone:
             trace.error = "the client left"
+            raise
+        except Exception as e:
+            if trace.refused_by is None and trace.budget_action != "rejected":
+                trace.error = getattr(e, "message", None) or f"{type(e).__name__}: {e}"
             raise
         finally:
             if finishing_here:
                 router.finish(trace)
+
+    def _planned_tokens(handler: _Handler, name: str) -> int:
+        """The most tokens an attempt of `handler`'s request under profile `name` can take: each
+        prompt plus its max_tokens there (capped by the profile and the context), times n."""
+        profile, eng = state.router.config.profile(name), state.engine_for(state.router.config.profile(name))
+        asked = getattr(handler.body, "max_completion_tokens", None) or handler.body.max_tokens
+        total = 0
+        for ids in handler.prompts:
+            cap = eng.max_model_len - len(ids)
+            cap = min(cap, asked) if asked is not None else cap
+            cap = min(cap, profile.max_tokens) if profile.max_tokens is not None else cap
+            total += len(ids) + handler.params.n * max(cap, 0)
+        return total
 
     def _render(req, prompts: list[Any], chat: bool, eng: AsyncEngine) -> list[Any]:
         """The prompts as `_prepare` takes them: a chat's messages rendered by `eng`'s template."""
