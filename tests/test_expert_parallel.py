@@ -16,6 +16,7 @@ import torch
 
 from moeserve import SamplingParams
 from moeserve.config import engine_config
+from moeserve.engine.faults import ENV_VAR
 from moeserve.engine.llm_engine import LLMEngine
 from moeserve.testing.checkpoints import make_tiny_checkpoint
 from moeserve.testing.equality import GreedyTrace, greedy_divergence
@@ -340,6 +341,42 @@ def test_a_worker_lost_while_idle_or_in_a_control_call_is_recovered(models, prom
             engine.core.call("collective_rpc", "pid")
         done, failed = run()  # rebuilt first, then served
         assert not failed and engine.core.stats().worker_recoveries == 2
+        for i, e in enumerate(expected):
+            assert greedy_divergence(done[str(i)], e) is None, f"prompt {i}"
+    finally:
+        engine.core.shutdown()
+
+
+def test_a_worker_failing_inside_a_split_step_is_recovered(models, prompts, monkeypatch):
+    """Worker 1 raises as micro-batch B begins, with A's dispatch in flight on both ranks (the
+    `split` fault site): worker 0's wait times out, the step's requests fail as unavailable,
+    the group is rebuilt, and the same requests then run split again and equal one worker's."""
+    model = models["qwen2_moe"]
+    expected, _ = _single(model, prompts)
+    monkeypatch.setenv(ENV_VAR, "split:1@1")  # the worker processes read it
+    engine = LLMEngine(engine_config(model, max_model_len=128, block_size=4, expert_parallel_size=2,
+                                     distributed_executor_backend="mp", distributed_timeout=3,
+                                     overlap_threshold_decode=2, overlap_threshold_prefill=2))
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
+
+    def run() -> tuple[dict, dict]:
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), {"prompt_token_ids": p}, params)
+        done, failed = {}, {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if hasattr(out, "message"):
+                    failed[out.request_id] = out.message
+                elif out.finished:
+                    done[out.request_id] = GreedyTrace(out.outputs[0].token_ids, out.outputs[0].logprobs)
+        return done, failed
+
+    try:
+        done, failed = run()
+        assert failed and not done, "the first split step held every request"
+        assert engine.core.stats().worker_recoveries == 1 and engine.core.stats().num_split_steps == 0
+        done, failed = run()
+        assert not failed and engine.core.stats().num_split_steps > 0
         for i, e in enumerate(expected):
             assert greedy_divergence(done[str(i)], e) is None, f"prompt {i}"
     finally:

@@ -8,6 +8,8 @@ it to expert-parallel worker R. Sites:
     forward    the model runner, after the batch is built and before the model runs
     hang       an expert-parallel worker's step: it blocks for good instead of raising (a
                worker that stops answering while its process lives)
+    split      a step run as two micro-batches, as micro-batch B begins its first layer: A's
+               dispatch is then in flight on every rank (model/overlap.py)
 
 The engine reads a plan from the MOESERVE_INJECT_FAULTS environment variable when none is given
 to it, so a test can fault an engine that runs in another process. Without a plan every check
@@ -21,7 +23,7 @@ import re
 import threading
 from dataclasses import dataclass
 
-SITES = ("schedule", "forward", "hang")
+SITES = ("schedule", "forward", "hang", "split")
 ENV_VAR = "MOESERVE_INJECT_FAULTS"
 _SPEC = re.compile(r"^(\w+)(?::(\d+))?@(\d+)(\+?)$")
 
@@ -72,6 +74,10 @@ class FaultInjector:
         self.plan = FaultPlan(tuple(f for f in plan.faults if f.rank is None or f.rank == rank))
         self._sites = {f.site for f in self.plan.faults}
         self._calls: dict[str, int] = {}
+
+    def armed(self, site: str) -> bool:
+        """Whether the plan names `site` (so a caller can skip setting up a check)."""
+        return site in self._sites
 
     def check(self, site: str) -> None:
         if site not in self._sites:

@@ -23,7 +23,7 @@ from moeserve.engine.messages import ExpertLoadStats
 from moeserve.engine.scheduler import SchedulerOutput
 from moeserve.model.attention import AttentionMetadata, PagedKVCache
 from moeserve.model.decoder import MoEForCausalLM, TokenTopK
-from moeserve.model.overlap import MicroBatch, cut_sequences
+from moeserve.model.overlap import MicroBatch, OverlapTrace, cut_sequences
 from moeserve.sampling_params import SamplingParams
 from moeserve.worker.sampler import Sampler, SamplingRow
 
@@ -106,7 +106,11 @@ class ModelRunner:
             hidden = self.model(input_ids, meta, self.kv_cache, token_top_k)  # [T, D]
         else:
             batches = self._micro_batches(input_ids, query_lens, seq_lens, tables, token_top_k, cut)
-            hidden = self.model.forward_micro_batches(batches, self.kv_cache)  # [T, D]
+            trace = None
+            if self.faults.armed("split"):
+                trace = OverlapTrace(hook=lambda event, mb, layer: self.faults.check("split")
+                                     if (event, mb, layer) == ("attention", 1, 0) else None)
+            hidden = self.model.forward_micro_batches(batches, self.kv_cache, trace)  # [T, D]
 
         for req_id, n in out.num_scheduled_tokens.items():
             self.requests[req_id].num_computed_tokens += n
