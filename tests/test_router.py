@@ -223,6 +223,14 @@ def test_the_router_serves_profiles_behind_one_name(server):
         "model": "moeserve-router", "max_tokens": 4, "messages": [{"role": "user", "content": "mail x@y.org a password"}]})
     sent += 1
     assert chat.status_code == 400 and "deny:secrets" in chat.json()["error"]["message"]
+    chat = httpx.post(f"{srv.url}/v1/chat/completions", timeout=60, json={
+        "model": "moeserve-router", "max_tokens": 2, "messages": [{"role": "user", "content": "mail x@y.org now"}]})
+    sent += 1
+    tok = Tokenizer(MODEL)
+    rendered = tok.apply_chat_template([{"role": "user", "content": "mail [REDACTED:email] now"}], True)
+    assert chat.status_code == 200
+    assert chat.json()["usage"]["prompt_tokens"] == len(tok.encode(rendered, add_special_tokens=False)), \
+        "the engine got the redacted message"
     direct = httpx.post(f"{srv.url}/v1/completions", json={"model": "cheap", "prompt": "def", "max_tokens": 2})
     assert direct.headers["x-moeserve-profile"] == "cheap" and direct.json()["model"] == "cheap"
 
@@ -239,6 +247,7 @@ def test_the_router_serves_profiles_behind_one_name(server):
     assert lines[5]["budget_action"] == "rejected" and lines[5]["attempts"] == []
     assert lines[6]["stream"] and len(lines[6]["attempts"]) == 1
     assert lines[7]["refused_by"] == "deny:secrets", "a chat's messages pass the same gate"
+    assert lines[8]["redactions"] == ["email"] and lines[8]["passed"] is not None
     assert all(x["config_version"] == "test-1" for x in lines)
     metrics = httpx.get(f"{srv.url}/metrics").text
     assert 'moeserve:router_refusals_total{rule="deny:secrets"} 2.0' in metrics

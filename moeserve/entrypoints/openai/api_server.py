@@ -224,9 +224,9 @@ class _Handler:
         self.degraded_tokens: int | None = None
         self.extra_headers: dict[str, str] = {}
         self.extra_fields: dict[str, Any] = {}  # added to the body's / the last chunk's "moeserve" object
-        # a stream's end: called with the final outputs (None if it did not finish) and returns
-        # what to add to the closing event's "moeserve" object
-        self.on_stream_end: Callable[[list[RequestOutput] | None], dict[str, Any]] | None = None
+        # a stream's end: called once with its latest outputs and whether every one finished;
+        # returns what to add to the closing event's "moeserve" object
+        self.on_stream_end: Callable[[list[RequestOutput], bool], dict[str, Any]] | None = None
 
     def submit(self) -> None:
         """Admit every prompt's request, or none (a refusal withdraws the ones already in)."""
@@ -362,7 +362,7 @@ class _Handler:
             outs = [latest[i] for i in sorted(latest)]
             done = len(outs) == len(self.prompts) and all(o.finished for o in outs)
             end, self.on_stream_end = self.on_stream_end, None
-            extra = end(outs if done else None) if end is not None else {}
+            extra = end(outs, done) if end is not None else {}
             if include_usage or extra:
                 yield self._chunk([], _usage(outs) if include_usage else None,
                                   {"degraded_tokens": _degraded(outs), **self.extra_fields, **extra})
@@ -374,7 +374,7 @@ class _Handler:
             self.close()
             if self.on_stream_end is not None:  # cut short (the client left, or the engine failed it)
                 end, self.on_stream_end = self.on_stream_end, None
-                end(None)
+                end([latest[i] for i in sorted(latest)], False)
         yield "data: [DONE]\n\n"
 
 
@@ -394,6 +394,28 @@ class _MergedCollector:
                     families[family.name] = merged
                 families[family.name].samples.extend(family.samples)
         yield from families.values()
+
+
+def _strings(value: Any) -> list[str]:
+    """Every string inside a JSON-like value (a chat message and its extra fields)."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in _strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in _strings(v)]
+    return []
+
+
+def _redacted(value: Any, redact: Callable[[str], str]) -> Any:
+    """`value` with `redact` applied to every string in it (keys, "role" and "type" excepted)."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: v if k in ("role", "type") else _redacted(v, redact) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted(v, redact) for v in value]
+    return value
 
 
 def _attempt(profile: Profile, handler: _Handler, outs: list[RequestOutput], seconds: float) -> Attempt:
@@ -587,19 +609,21 @@ def build_app(state: ServerState) -> FastAPI:
             except (OverflowError, TypeError, ValueError) as e:
                 raise APIError(400, f"the prompt holds token ids this model does not have: {e}", param="prompt") from e
             if chat:
-                texts = [m.as_template_input()["content"] for m in req.messages]
+                # every string the template may render: contents and the messages' other fields
+                texts = [s for m in req.messages for s in _strings(m.as_template_input())]
             verdict = router.gate(trace, "\n".join(texts))
             if verdict.refused:
                 raise APIError(400, f"refused by the router's safety rule '{verdict.refused_by}'",
                                param="messages" if chat else "prompt")
             if verdict.redactions:
+                redact = (lambda s: safety.check(router.config.safety, s).text)
                 if chat:
                     req = req.model_copy(update={"messages": [
-                        m.model_copy(update={"content": safety.check(router.config.safety,
-                                                                     m.as_template_input()["content"]).text})
+                        type(m).model_validate(_redacted(m.model_dump(exclude_none=True), redact))
                         for m in req.messages]})
                 else:
-                    prompts = [safety.check(router.config.safety, t).text for t in texts]
+                    prompts = [redact(t) for t in texts]
+
             joined = "\n".join(texts)
             features = extract(joined, len(engine.tokenizer.encode(joined)), trace.tenant)
             route = router.route(trace, features)
@@ -609,15 +633,20 @@ def build_app(state: ServerState) -> FastAPI:
             outs, served = None, None
             while True:
                 try:
-                    handler = _prepare(request, req, _render(req, prompts, chat, state.engine_for(profile)), chat,
-                                       profile, ROUTED_NAME)
+                    eng = state.engine_for(profile)
+                    # token ids mean nothing to another model's tokenizer: it gets the text
+                    sent = prompts if eng is engine else [p if isinstance(p, str) else t for p, t in zip(prompts, texts)]
+                    handler = _prepare(request, req, _render(req, sent, chat, eng), chat, profile, ROUTED_NAME)
                     if req.stream:
                         started = time.monotonic()
 
-                        def at_end(outs, handler=handler, profile=profile, started=started):
+                        def at_end(outs, finished, handler=handler, profile=profile, started=started):
                             try:
-                                if outs is None:
+                                if not finished:
                                     trace.error = "the stream did not finish"
+                                    router.budgets.charge(trace.tenant, sum(  # what it did use
+                                        len(o.prompt_token_ids) + sum(len(c.token_ids) for c in o.outputs)
+                                        for o in outs))
                                 else:
                                     router.record(trace, _attempt(profile, handler, outs, time.monotonic() - started))
                             finally:
