@@ -140,11 +140,15 @@ def serve(args) -> dict:
         return {"text": completion.choices[0].text, "usage": completion.usage.completion_tokens,
                 "streamed": streamed, "metrics_has_ranks": "moeserve:worker_requests_running" in metrics}
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        _stop(server)
+
+
+def _stop(server: subprocess.Popen) -> None:
+    server.terminate()
+    try:
+        server.wait(30)
+    except subprocess.TimeoutExpired:
+        server.kill()
 
 
 def _start_server(args, port: int, env: dict | None = None) -> subprocess.Popen:
@@ -262,11 +266,7 @@ def fault(args) -> dict:
                            json={"prompt": args.prompt, "max_tokens": 12, "temperature": 0, "ignore_eos": True}).json()
         metrics = httpx.get(f"{url}/metrics").text
     finally:
-        server.terminate()
-        try:
-            server.wait(30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        _stop(server)
     time.sleep(3)
     leftover = [n["name"] for n in ray.util.list_named_actors(all_namespaces=True) if "-worker-" in n["name"]]
     return {

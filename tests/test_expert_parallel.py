@@ -302,6 +302,22 @@ def test_a_cluster_leaves_nothing_behind(models, prompts, tmp_path):
     assert not os.path.exists(cluster.temp_dir)
 
 
+def _run_all(engine: LLMEngine, prompts: list[list[int]]) -> tuple[dict, dict]:
+    """Every prompt, greedy, to the end: (request id -> GreedyTrace of the finished ones,
+    request id -> message of the failed ones)."""
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), {"prompt_token_ids": p}, params)
+    done, failed = {}, {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if hasattr(out, "message"):
+                failed[out.request_id] = out.message
+            elif out.finished:
+                done[out.request_id] = GreedyTrace(out.outputs[0].token_ids, out.outputs[0].logprobs)
+    return done, failed
+
+
 def test_a_worker_lost_while_idle_or_in_a_control_call_is_recovered(models, prompts):
     """Worker processes (mp) die between steps: the next step finds it before sending (its
     requests fail as unavailable, naming the worker) and the engine rebuilds; a control call
@@ -315,31 +331,17 @@ def test_a_worker_lost_while_idle_or_in_a_control_call_is_recovered(models, prom
     expected, _ = _single(model, prompts)
     engine = LLMEngine(engine_config(model, max_model_len=128, block_size=4, expert_parallel_size=2,
                                      distributed_executor_backend="mp", distributed_timeout=3))
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
-
-    def run() -> tuple[dict, dict]:
-        for i, p in enumerate(prompts):
-            engine.add_request(str(i), {"prompt_token_ids": p}, params)
-        done, failed = {}, {}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if hasattr(out, "message"):
-                    failed[out.request_id] = out.message
-                elif out.finished:
-                    done[out.request_id] = GreedyTrace(out.outputs[0].token_ids, out.outputs[0].logprobs)
-        return done, failed
-
     try:
         os.kill(engine.core.executor.worker_pids()[1], signal.SIGKILL)  # idle: no step in flight
         time.sleep(0.5)
-        done, failed = run()
+        done, failed = _run_all(engine, prompts)
         assert not done and len(failed) == len(prompts) and all("worker 1" in m for m in failed.values())
         assert engine.core.stats().worker_recoveries == 1
         os.kill(engine.core.executor.worker_pids()[0], signal.SIGKILL)
         time.sleep(0.5)
         with pytest.raises(ValueError, match="worker 0"):
             engine.core.call("collective_rpc", "pid")
-        done, failed = run()  # rebuilt first, then served
+        done, failed = _run_all(engine, prompts)  # rebuilt first, then served
         assert not failed and engine.core.stats().worker_recoveries == 2
         for i, e in enumerate(expected):
             assert greedy_divergence(done[str(i)], e) is None, f"prompt {i}"
@@ -357,25 +359,12 @@ def test_a_worker_failing_inside_a_split_step_is_recovered(models, prompts, monk
     engine = LLMEngine(engine_config(model, max_model_len=128, block_size=4, expert_parallel_size=2,
                                      distributed_executor_backend="mp", distributed_timeout=3,
                                      overlap_threshold_decode=2, overlap_threshold_prefill=2))
-    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=5)
-
-    def run() -> tuple[dict, dict]:
-        for i, p in enumerate(prompts):
-            engine.add_request(str(i), {"prompt_token_ids": p}, params)
-        done, failed = {}, {}
-        while engine.has_unfinished_requests():
-            for out in engine.step():
-                if hasattr(out, "message"):
-                    failed[out.request_id] = out.message
-                elif out.finished:
-                    done[out.request_id] = GreedyTrace(out.outputs[0].token_ids, out.outputs[0].logprobs)
-        return done, failed
 
     try:
-        done, failed = run()
+        done, failed = _run_all(engine, prompts)
         assert failed and not done, "the first split step held every request"
         assert engine.core.stats().worker_recoveries == 1 and engine.core.stats().num_split_steps == 0
-        done, failed = run()
+        done, failed = _run_all(engine, prompts)
         assert not failed and engine.core.stats().num_split_steps > 0
         for i, e in enumerate(expected):
             assert greedy_divergence(done[str(i)], e) is None, f"prompt {i}"

@@ -55,9 +55,6 @@ class OverlapTrace:
         if self.hook is not None:
             self.hook(event, micro_batch, layer)
 
-    def index(self, event: str, micro_batch: int, layer: int) -> int:
-        return self.events.index((event, micro_batch, layer))
-
 
 SequenceLists = tuple[list[int], list[int], list[list[int]]]  # query lens, seq lens, block tables
 

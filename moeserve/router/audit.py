@@ -12,20 +12,18 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 
 class AuditLog:
-    """Appends lines to `path` (None: lines are kept only in `recent`, the last 1000)."""
+    """Appends one line per record to `path` (None: no audit file)."""
 
     def __init__(self, path: str | None):
         self.path = Path(path) if path else None
         self._lock = threading.Lock()
-        self.recent: list[dict[str, Any]] = []
 
     def write(self, record: dict[str, Any]) -> None:
+        if self.path is None:
+            return
         line = json.dumps(record, sort_keys=True)
-        with self._lock:
-            self.recent = self.recent[-999:] + [record]
-            if self.path is not None:
-                with self.path.open("a") as f:
-                    f.write(line + "\n")
+        with self._lock, self.path.open("a") as f:
+            f.write(line + "\n")
 
 
 def read_audit(path: str | Path) -> list[dict[str, Any]]:

@@ -26,8 +26,7 @@ A profile is a versioned bundle over one model: `model` (default: the served mod
 distinct model gets its own engine and KV pool), `top_k` (experts per token, the model's when
 absent: a cheap and a full profile of the same weights), decoding `defaults` (applied to fields
 the request does not set), `max_tokens` (a cap), `time_budget_s` (no escalation starts once the
-request has run this long),
-`slo_ttft_s` (informational, in /v1/models), `cost_per_token`.
+request has run this long), `slo_ttft_s` (informational, in /v1/models), `cost_per_token`.
 """
 
 from __future__ import annotations

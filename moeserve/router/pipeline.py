@@ -17,6 +17,7 @@ Reward of a request (what the bandit learns for its first choice, and replay est
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -41,8 +42,6 @@ def apply_profile(params: SamplingParams, profile: Profile, explicit: set[str], 
     """The request's sampling parameters under `profile`: its K; its decoding defaults for the
     fields the request did not set; its max_tokens as the default and the cap; the sampled
     token's logprob when the verifier needs it. ValueError when the result is invalid."""
-    import dataclasses
-
     changes: dict = {k: v for k, v in profile.defaults.items() if k not in explicit}
     if profile.top_k is not None:
         changes["moe_top_k"] = profile.top_k

@@ -16,7 +16,6 @@ policy decisions and are left out (counted in `skipped`).
 from __future__ import annotations
 
 import math
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +36,7 @@ def new_policy_probability(config: RouterConfig, bandit: LinUCB, features: Reque
 
 
 def replay(records: list[dict[str, Any]], config: RouterConfig) -> dict[str, Any]:
-    # read the new policy's starting state, never write it
-    bandit = LinUCB(config.names, replace(config.bandit, state_path=None))
-    if config.bandit.state_path and Path(config.bandit.state_path).exists():
-        bandit = LinUCB(config.names, config.bandit)
-        bandit.config = replace(config.bandit, state_path=None)
+    bandit = LinUCB(config.names, config.bandit)  # its starting state, read (only `update` writes it)
     terms, logged, skipped = [], [], 0
     for rec in records:
         usable = (rec.get("reward") is not None and rec.get("propensity") and rec.get("features")

@@ -306,9 +306,6 @@ class _Handler:
                 "choices": choices, "usage": _usage(outs),
                 "moeserve": {"degraded_tokens": self.degraded_tokens, **self.extra_fields}}
 
-    async def full(self) -> dict[str, Any]:
-        return self.body_of(await self.finals())
-
     def _chunk(self, choices: list[dict[str, Any]], usage: dict[str, int] | None = None,
                moeserve: dict[str, Any] | None = None) -> str:
         """One SSE event; the fields that never change are serialised once per request."""
@@ -557,7 +554,7 @@ def build_app(state: ServerState) -> FastAPI:
         raise APIError(404, f"the model '{req.model}' does not exist; this server serves "
                             f"{', '.join(repr(n) for n in names)}", param="model")
 
-    async def _respond(request: Request, handler: _Handler, stream: bool):
+    def _submit(handler: _Handler) -> None:
         eng = handler.engine
         if not eng.is_alive():
             raise APIError(503, f"the engine is not running: {eng.dead_reason()}")
@@ -567,10 +564,11 @@ def build_app(state: ServerState) -> FastAPI:
             raise APIError(400, str(e)) from e
         except EngineDeadError as e:
             raise APIError(503, str(e)) from e
-        if stream:  # Starlette cancels the body iterator when the client leaves: that aborts
-            return StreamingResponse(handler.sse(), media_type="text/event-stream", headers=handler.headers())
+
+    async def _finals(request: Request, handler: _Handler) -> list[RequestOutput]:
+        """A submitted request's whole result; whatever is left of it is withdrawn on the way out."""
         try:
-            return JSONResponse(await _unless_disconnected(request, handler.full()), headers=handler.headers())
+            return await _unless_disconnected(request, handler.finals())
         except RequestFailedError as e:
             raise APIError(500, f"the engine failed this request: {e}") from e
         except EngineDeadError as e:
@@ -578,22 +576,12 @@ def build_app(state: ServerState) -> FastAPI:
         finally:
             handler.close()
 
-    async def _finals(request: Request, handler: _Handler) -> list[RequestOutput]:
-        """Submit and wait for the whole result (the non-streaming path of `_respond`)."""
-        eng = handler.engine
-        if not eng.is_alive():
-            raise APIError(503, f"the engine is not running: {eng.dead_reason()}")
-        try:
-            handler.submit()
-            return await _unless_disconnected(request, handler.finals())
-        except ValueError as e:
-            raise APIError(400, str(e)) from e
-        except RequestFailedError as e:
-            raise APIError(500, f"the engine failed this request: {e}") from e
-        except EngineDeadError as e:
-            raise APIError(503, str(e)) from e
-        finally:
-            handler.close()
+    async def _respond(request: Request, handler: _Handler, stream: bool):
+        _submit(handler)
+        if stream:  # Starlette cancels the body iterator when the client leaves: that aborts
+            return StreamingResponse(handler.sse(), media_type="text/event-stream", headers=handler.headers())
+        body = handler.body_of(await _finals(request, handler))
+        return JSONResponse(body, headers=handler.headers())  # after body_of: it counts the degraded tokens
 
     async def _routed(request: Request, req: CompletionRequest | ChatCompletionRequest, prompts: list[Any],
                       chat: bool):
@@ -663,6 +651,7 @@ def build_app(state: ServerState) -> FastAPI:
                             finishing_here = True
                             raise
                     started = time.monotonic()
+                    _submit(handler)
                     attempt_outs = await _finals(request, handler)
                 except _ClientGone:
                     raise
@@ -699,7 +688,8 @@ def build_app(state: ServerState) -> FastAPI:
     def _planned_tokens(handler: _Handler, name: str) -> int:
         """The most tokens an attempt of `handler`'s request under profile `name` can take: each
         prompt plus its max_tokens there (capped by the profile and the context), times n."""
-        profile, eng = state.router.config.profile(name), state.engine_for(state.router.config.profile(name))
+        profile = state.router.config.profile(name)
+        eng = state.engine_for(profile)
         asked = getattr(handler.body, "max_completion_tokens", None) or handler.body.max_tokens
         total = 0
         for ids in handler.prompts:

@@ -89,6 +89,19 @@ def _wait(work, ep: ExpertParallelGroup) -> None:
     ep.timer.calls += 1
 
 
+def _in_flight(work, name: str, ep: ExpertParallelGroup, trace) -> Generator[str, None, None]:
+    """An issued all-to-all: yield `name` (the caller computes something else meanwhile), then
+    wait for it when resumed, telling `trace` "<name>_issued", "<name>_wait" and "<name>_done"."""
+    if trace is not None:
+        trace(f"{name}_issued")
+    yield name
+    if trace is not None:
+        trace(f"{name}_wait")
+    _wait(work, ep)
+    if trace is not None:
+        trace(f"{name}_done")
+
+
 def _pack(rows: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """rows [N, D], slots [N], weights [N] -> one byte matrix [N, row bytes] (one all-to-all)."""
     parts = (rows, slots[:, None], weights[:, None])
@@ -133,28 +146,12 @@ def dispatch_combine_steps(x: torch.Tensor, slots: torch.Tensor, weights: torch.
     recv = send.new_empty(M, send.shape[1])
     if trace is not None:
         trace("dispatch_ready")
-    work = _start(recv, send, recv_splits, send_splits, ep)
-    if trace is not None:
-        trace("dispatch_issued")
-    yield "dispatch"
-    if trace is not None:
-        trace("dispatch_wait")
-    _wait(work, ep)
-    if trace is not None:
-        trace("dispatch_done")
+    yield from _in_flight(_start(recv, send, recv_splits, send_splits, ep), "dispatch", ep, trace)
     rows, recv_slots, recv_weights = _unpack(recv, D, x.dtype, weights.dtype)
     local = (recv_slots - ep.slot_offset)[:, None]  # [M, 1] in [0, P_local)
     y = compute(rows, local, recv_weights[:, None]) if M else rows  # [M, D] weighted
     back = x.new_empty(N, D)
-    work = _start(back, y, send_splits, recv_splits, ep)
-    if trace is not None:
-        trace("combine_issued")
-    yield "combine"
-    if trace is not None:
-        trace("combine_wait")
-    _wait(work, ep)
-    if trace is not None:
-        trace("combine_done")
+    yield from _in_flight(_start(back, y, send_splits, recv_splits, ep), "combine", ep, trace)
     out = torch.zeros_like(x)
     out.index_add_(0, tokens, back)
     return out
