@@ -3,8 +3,13 @@
 Every tensor the model needs must come from the files, with the right shape, exactly once;
 anything else is a CheckpointError naming the tensor. Per-expert Hub tensors
 (`block_sparse_moe.experts.{e}.w1/w2/w3` for Mixtral, `mlp.experts.{e}.{gate,up,down}_proj`
-for Qwen/OLMoE) are copied once into the physical-slot tensors w13 [P, 2I, D] / w2 [P, D, I]
-at expert e's home slot (slot e with one slot group); spare slots start zeroed and empty.
+for Qwen/OLMoE/DeepSeek) are copied once into the physical-slot tensors w13 [P, 2I, D] / w2
+[P, D, I] at expert e's home slot (slot e with one slot group); spare slots start zeroed and
+empty. GPT-OSS stores each layer's experts stacked (`mlp.experts.gate_up_proj` [E, D, 2I] with
+gate and up interleaved column by column, `down_proj` [E, I, D], their biases), or as MXFP4
+`*_blocks`/`*_scales` [E, out, in / 32, ...] (moeserve.mxfp4): both are transposed,
+de-interleaved (gate rows, then up rows) and dequantised into the same slot tensors. DeepSeek-V3
+checkpoints carry a multi-token-prediction layer past num_hidden_layers: it is skipped.
 """
 
 from __future__ import annotations
@@ -22,8 +27,12 @@ from torch import nn
 from moeserve.model_config import CheckpointError, ModelConfig, parse_dtype
 from moeserve.model.decoder import MoEForCausalLM
 from moeserve.model.moe.dispatch import ExpertParallelGroup
+from moeserve.mxfp4 import dequantize_mxfp4
 
 _EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$")
+# GPT-OSS: one tensor per layer and part, every expert stacked on dim 0.
+_STACKED_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias|_blocks|_scales)?$")
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 # Tensors some Hub checkpoints carry that hold nothing the model needs.
 _IGNORED_RE = re.compile(r"\.rotary_emb\.inv_freq$")
 
@@ -34,16 +43,56 @@ _MIXTRAL_EXPERT_NAMES = {"gate": "w1", "up": "w3", "down": "w2"}
 _QWEN_EXPERT_NAMES = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
 
 
+# Hub module names that moeserve calls otherwise, per family: (Hub, moeserve) fragments.
+_RENAMES = {
+    "mixtral": ((".block_sparse_moe.", ".mlp."),),
+    "deepseek_v2": ((".mlp.shared_experts.", ".mlp.shared_expert."),),
+    "deepseek_v3": ((".mlp.shared_experts.", ".mlp.shared_expert."),),
+    "gpt_oss": ((".mlp.router.", ".mlp.gate."),),
+}
+
+
 def _hub_to_moeserve(name: str, config: ModelConfig) -> str:
-    if config.model_type == "mixtral":
-        return name.replace(".block_sparse_moe.", ".mlp.")
+    for hub, ours in _RENAMES.get(config.model_type, ()):
+        name = name.replace(hub, ours)
     return name
 
 
 def _moeserve_to_hub(name: str, config: ModelConfig) -> str:
-    if config.model_type == "mixtral":
-        return re.sub(r"(model\.layers\.\d+)\.mlp\.", r"\1.block_sparse_moe.", name)
+    for hub, ours in _RENAMES.get(config.model_type, ()):
+        name = name.replace(ours, hub)
     return name
+
+
+def _stacked(config: ModelConfig) -> bool:
+    return config.model_type == "gpt_oss"
+
+
+def _stacked_parts(config: ModelConfig) -> tuple[str, ...]:
+    """The stacked tensors each MoE layer needs, by suffix after `mlp.experts.`."""
+    if config.quantization == "mxfp4":
+        return ("gate_up_proj_blocks", "gate_up_proj_scales", "gate_up_proj_bias",
+                "down_proj_blocks", "down_proj_scales", "down_proj_bias")
+    return ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias")
+
+
+def _beyond_layers(name: str, config: ModelConfig) -> bool:
+    """A tensor of a layer past num_hidden_layers (DeepSeek-V3's MTP module): not served."""
+    match = _LAYER_RE.match(name)
+    return bool(match) and config.mla is not None and int(match[1]) >= config.num_layers
+
+
+def _expert_from_stacked(parts: dict[str, torch.Tensor], dtype: torch.dtype) -> list[torch.Tensor]:
+    """One expert's stacked GPT-OSS tensors (dim 0 already taken) -> its slot tensors [w13 [2I, D],
+    w2 [D, I], b13 [2I], b2 [D]], gate rows before up rows."""
+    if "gate_up_proj_blocks" in parts:
+        gate_up = dequantize_mxfp4(parts["gate_up_proj_blocks"], parts["gate_up_proj_scales"], dtype)  # [2I, D]
+        down = dequantize_mxfp4(parts["down_proj_blocks"], parts["down_proj_scales"], dtype)  # [D, I]
+    else:
+        gate_up, down = parts["gate_up_proj"].t(), parts["down_proj"].t()  # [2I, D], [D, I]
+    bias = parts["gate_up_proj_bias"]  # [2I]
+    return [torch.cat([gate_up[0::2], gate_up[1::2]]), down,
+            torch.cat([bias[0::2], bias[1::2]]), parts["down_proj_bias"]]
 
 
 def _expert_names(config: ModelConfig) -> dict[str, str]:
@@ -107,21 +156,27 @@ def _iter_tensors(files: list[Path], skip=lambda name: False) -> Iterator[tuple[
                 yield name, tensor
 
 
-def read_expert(path: str | Path, config: ModelConfig, layer: int, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """One expert's (w13 [2I, D], w2 [D, I]) of decoder layer `layer`, read from the files alone
-    (a restarted expert-parallel worker refilling a slot that held a replica)."""
-    names = {part: _expert_hub_name(config, layer, expert, part) for part in ("gate", "up", "down")}
+def read_expert(path: str | Path, config: ModelConfig, layer: int, expert: int) -> list[torch.Tensor]:
+    """One expert's slot tensors of decoder layer `layer` (w13 [2I, D], w2 [D, I], and for
+    GPT-OSS b13 [2I], b2 [D]), read from the files alone (a restarted expert-parallel worker
+    refilling a slot that held a replica)."""
+    if _stacked(config):
+        names = {part: f"model.layers.{layer}.mlp.experts.{part}" for part in _stacked_parts(config)}
+    else:
+        names = {part: _expert_hub_name(config, layer, expert, part) for part in ("gate", "up", "down")}
     found: dict[str, torch.Tensor] = {}
     for f in weight_files(Path(path)):
         with _open(f) as handle:
             keys = set(handle.keys())
             for part, name in names.items():
                 if name in keys:
-                    found[part] = handle.get_tensor(name)
+                    found[part] = handle.get_slice(name)[expert] if _stacked(config) else handle.get_tensor(name)
     missing = [names[p] for p in names if p not in found]
     if missing:
         raise CheckpointError(f"{path}: no tensor {missing[0]}")
-    return torch.cat([found["gate"], found["up"]]), found["down"]
+    if _stacked(config):
+        return _expert_from_stacked(found, torch.float32)
+    return [torch.cat([found["gate"], found["up"]]), found["down"]]
 
 
 def _checkpoint_dtype(config: ModelConfig, files: list[Path]) -> torch.dtype:
@@ -158,7 +213,8 @@ def load_model(
     if num_redundant_experts < 0:
         raise ValueError(f"num_redundant_experts must be >= 0, got {num_redundant_experts}")
 
-    expert_backend, attention_backend = resolve_backends(expert_backend, attention_backend, device, torch_dtype)
+    expert_backend, attention_backend = resolve_backends(expert_backend, attention_backend, device, torch_dtype,
+                                                         config.expert_activation, config.expert_bias)
     with torch.device("meta"):
         model = MoEForCausalLM(config, num_redundant_experts, expert_backend, attention_backend, expert_slot_groups, ep)
     _materialise(model, torch.device(device), torch_dtype)
@@ -180,25 +236,28 @@ def _materialise(model: nn.Module, device: torch.device, dtype: torch.dtype) -> 
                 if t is None:
                     continue
                 if id(t) not in made:
-                    target = dtype if as_param and t.is_floating_point() else t.dtype
+                    # keep_fp32: a parameter the family keeps in fp32 (DeepSeek-V3's correction bias).
+                    keep = getattr(t, "keep_fp32", False)
+                    target = dtype if as_param and t.is_floating_point() and not keep else t.dtype
                     new = torch.empty(t.shape, dtype=target, device=device)
                     made[id(t)] = nn.Parameter(new, requires_grad=False) if as_param else new
                 slots[name] = made[id(t)]
 
 
 def resolve_backends(
-    expert_backend: str, attention_backend: str, device: str | torch.device, dtype: torch.dtype = torch.bfloat16
+    expert_backend: str, attention_backend: str, device: str | torch.device, dtype: torch.dtype = torch.bfloat16,
+    act=None, biases: bool = False,
 ) -> tuple[str, str]:
     """'auto' -> the device's default; a backend that cannot run here is a ValueError (at start,
     not at the first request): triton with neither CUDA nor the interpreter, grouped_mm on CUDA
     in anything but bf16 (torch's CUDA grouped GEMM takes bf16 only)."""
     from moeserve.kernels import triton_usable
     from moeserve.model.attention import ATTENTION_BACKENDS
-    from moeserve.model.moe.experts import EXPERT_BACKENDS, default_expert_backend
+    from moeserve.model.moe.experts import EXPERT_BACKENDS, SILU, default_expert_backend
 
-    default = default_expert_backend(device)
+    default = default_expert_backend(device, act or SILU, biases)
     expert_backend = default if expert_backend == "auto" else expert_backend
-    attention_backend = default if attention_backend == "auto" else attention_backend
+    attention_backend = default_expert_backend(device) if attention_backend == "auto" else attention_backend
     for kind, name, known in (("moe", expert_backend, EXPERT_BACKENDS), ("attention", attention_backend,
                                                                          ATTENTION_BACKENDS)):
         if name not in known:
@@ -218,21 +277,27 @@ def _fill(model: MoEForCausalLM, config: ModelConfig, files: list[Path]) -> None
     expected = set(params)
     if config.tie_word_embeddings:
         expected.discard("lm_head.weight")
-    stacked = {n for n in params if n.endswith((".mlp.w13", ".mlp.w2"))}
+    stacked = {n for n in params if n.endswith((".mlp.w13", ".mlp.w2", ".mlp.b13", ".mlp.b2"))}
     expected -= stacked
     loaded: set[str] = set()
     for moe in model.moe_layers:
-        moe.w13.zero_()
-        moe.w2.zero_()
+        for t in moe.slot_tensors():
+            t.zero_()
     moe_layer_ids = set(config.moe_layer_ids)
-    experts_needed = {(layer, e, part) for layer in moe_layer_ids for e in range(config.num_experts)
-                      for part in ("gate", "up", "down")}
+    if _stacked(config):
+        experts_needed = {(layer, part) for layer in moe_layer_ids for part in _stacked_parts(config)}
+    else:
+        experts_needed = {(layer, e, part) for layer in moe_layer_ids for e in range(config.num_experts)
+                          for part in ("gate", "up", "down")}
     I = config.moe_intermediate_size
     home = model.layout.home_slot  # expert e's weights go to slot home[e]
     expert_part = {hub: part for part, hub in _expert_names(config).items()}
+    pending: dict[int, dict[str, torch.Tensor]] = {}  # GPT-OSS layer -> its stacked tensors so far
 
     def elsewhere(hub_name: str) -> bool:
-        """An expert another worker holds (only under expert parallelism)."""
+        """An expert another worker holds (only under expert parallelism), or a layer not served."""
+        if _beyond_layers(hub_name, config):
+            return True
         match = _EXPERT_RE.match(_hub_to_moeserve(hub_name, config))
         if model.ep is None or not match or int(match[1]) not in moe_layer_ids or int(match[2]) >= config.num_experts:
             return False
@@ -246,6 +311,16 @@ def _fill(model: MoEForCausalLM, config: ModelConfig, files: list[Path]) -> None
             continue
         name = _hub_to_moeserve(hub_name, config)
         match = _EXPERT_RE.match(name)
+        stacked_match = _STACKED_RE.match(name) if _stacked(config) else None
+        if stacked_match:
+            layer, part = int(stacked_match[1]), stacked_match[2] + (stacked_match[3] or "")
+            if layer not in moe_layer_ids or (layer, part) not in experts_needed:
+                raise CheckpointError(f"unexpected tensor {hub_name} for a {config.architecture} with this config")
+            pending.setdefault(layer, {})[part] = tensor
+            experts_needed.discard((layer, part))
+            if len(pending[layer]) == len(_stacked_parts(config)):
+                _fill_stacked(model.model.layers[layer].mlp, pending.pop(layer), config, home, hub_name)
+            continue
         if match:
             layer, expert, proj = int(match[1]), int(match[2]), match[3]
             part = expert_part.get(proj)
@@ -269,12 +344,35 @@ def _fill(model: MoEForCausalLM, config: ModelConfig, files: list[Path]) -> None
         expected.discard(name)
         loaded.add(name)
 
-    missing = [_moeserve_to_hub(n, config) for n in sorted(expected)] + [
-        _expert_hub_name(config, layer, e, part) for layer, e, part in sorted(experts_needed)
-    ]
+    missing = [_moeserve_to_hub(n, config) for n in sorted(expected)]
+    if _stacked(config):
+        missing += [f"model.layers.{layer}.mlp.experts.{part}" for layer, part in sorted(experts_needed)]
+    else:
+        missing += [_expert_hub_name(config, layer, e, part) for layer, e, part in sorted(experts_needed)]
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"checkpoint is missing tensor(s): {', '.join(missing[:5])}{more}")
+
+
+def _fill_stacked(mlp, parts: dict[str, torch.Tensor], config: ModelConfig, home, hub_name: str) -> None:
+    """One GPT-OSS layer's stacked expert tensors into the slots this worker holds."""
+    E = config.num_experts
+    for part, t in parts.items():
+        if t.shape[0] != E:
+            raise CheckpointError(f"{hub_name.rsplit('.', 1)[0]}.{part} has shape {list(t.shape)}, "
+                                  f"expected {E} experts on dim 0")
+        if part.endswith(("_blocks", "_scales")) and t.dtype != torch.uint8:
+            raise CheckpointError(f"{hub_name.rsplit('.', 1)[0]}.{part} has dtype {t.dtype}; MXFP4 needs uint8")
+    for expert in range(E):
+        slot = mlp.local(home[expert])
+        if slot is None:
+            continue
+        try:
+            values = _expert_from_stacked({part: t[expert] for part, t in parts.items()}, torch.float32)
+        except ValueError as e:
+            raise CheckpointError(f"{hub_name.rsplit('.', 1)[0]}: {e}") from e
+        for target, value, what in zip(mlp.slot_tensors(), values, ("w13", "w2", "b13", "b2")):
+            _copy(f"{hub_name.rsplit('.', 1)[0]} (expert {expert}, {what})", target[slot], value)
 
 
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -22,6 +22,8 @@ from moeserve.generation_config import as_id_tuple
 
 
 QKNorm = Literal["none", "head", "full"]
+Scoring = Literal["softmax", "sigmoid", "topk_softmax"]
+GroupSelect = Literal["none", "group_max", "group_top2_sum"]
 
 _DTYPES = {
     "float32": torch.float32,
@@ -114,6 +116,63 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head latent attention (DeepSeek-V2/V3). Per token and layer the cache holds one
+    entry of kv_lora_rank + qk_rope_head_dim values: the normalised latent c (from which
+    kv_b_proj decompresses every head's non-rotary key and its value) and the roped key part
+    shared by all heads. `rope_interleave`: the rotary pairs are (x0, x1), (x2, x3), ... (V2
+    always; V3 by its config), not the two halves."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    rope_interleave: bool
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def cache_dim(self) -> int:
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How gate logits become K experts and their weights (model/moe/router.py).
+
+    scoring: softmax over all experts; sigmoid per expert (DeepSeek-V3); topk_softmax: top-K of
+    the raw logits, softmax over those K (GPT-OSS). group_select limits the choice to the
+    `topk_group` best of `n_group` equal expert groups, a group scoring its best expert
+    (group_max, DeepSeek-V2 group_limited_greedy) or the sum of its best two (group_top2_sum,
+    DeepSeek-V3, on the bias-corrected scores). `correction_bias`: an fp32 per-expert bias added
+    for the choice only (V3 e_score_correction_bias). Weights are multiplied by
+    routed_scaling_factor last. `bias`: the gate linear has a bias (GPT-OSS). `logits_fp32`: the
+    gate matmul runs in fp32 (DeepSeek)."""
+
+    scoring: Scoring = "softmax"
+    group_select: GroupSelect = "none"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    correction_bias: bool = False
+    bias: bool = False
+    logits_fp32: bool = False
+
+
+@dataclass(frozen=True)
+class ExpertActivation:
+    """silu: down(silu(gate) * up). clamped_swiglu (GPT-OSS): gate clamped above at `limit`, up
+    to [-limit, limit], down(gate * sigmoid(alpha * gate) * (up + 1))."""
+
+    kind: Literal["silu", "clamped_swiglu"] = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """What the model computes, independent of the family that wrote the checkpoint.
 
@@ -154,11 +213,29 @@ class ModelConfig:
     checkpoint_dtype: str | None
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
+    # Families beyond the llama-style block; the defaults describe Mixtral/Qwen/OLMoE.
+    mla: MLAConfig | None = None
+    attention_scale: float | None = None  # None: head_dim ** -0.5
+    attention_sinks: bool = False  # a learned per-head logit in every softmax (GPT-OSS)
+    router: RouterConfig = RouterConfig()
+    expert_activation: ExpertActivation = ExpertActivation()
+    expert_bias: bool = False
+    shared_expert_gated: bool = True  # Qwen2-MoE: sigmoid(shared_expert_gate(x)) * shared; DeepSeek: ungated
+    norm_scale_fp32: bool = False  # RMSNorm casts after the weight multiply (GPT-OSS)
+    quantization: str | None = None  # how expert weights lie on disk ("mxfp4"); dequantised at load
     raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @property
     def num_moe_layers(self) -> int:
         return sum(self.moe_layers)
+
+    @property
+    def kv_entry(self) -> tuple[int, int, int]:
+        """(KV heads, key dim, value dim) of one cached token in one layer. MLA caches one
+        latent entry whose first kv_lora_rank values double as the value (no separate value)."""
+        if self.mla is not None:
+            return 1, self.mla.cache_dim, self.mla.kv_lora_rank
+        return self.num_kv_heads, self.head_dim, self.head_dim
 
     @property
     def moe_layer_ids(self) -> tuple[int, ...]:
@@ -190,6 +267,17 @@ _FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
                   "sliding_window": 4096},
     "qwen3_moe": {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768, "rope_theta": 1e4, "sliding_window": 4096},
     "olmoe": {"rms_norm_eps": 1e-5, "max_position_embeddings": 4096, "rope_theta": 1e4},
+    "deepseek_v2": {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048, "rope_theta": 1e4,
+                    "n_shared_experts": 2, "routed_scaling_factor": 1.0, "topk_method": "greedy",
+                    "first_k_dense_replace": 0, "kv_lora_rank": 512, "q_lora_rank": 1536,
+                    "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128},
+    "deepseek_v3": {"rms_norm_eps": 1e-6, "max_position_embeddings": 4096, "rope_theta": 1e4,
+                    "n_shared_experts": 1, "routed_scaling_factor": 2.5, "n_group": 8, "topk_group": 4,
+                    "first_k_dense_replace": 3, "norm_topk_prob": True, "rope_interleave": True,
+                    "kv_lora_rank": 512, "q_lora_rank": 1536, "qk_nope_head_dim": 128,
+                    "qk_rope_head_dim": 64, "v_head_dim": 128},
+    "gpt_oss": {"rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "rope_theta": 150000.0,
+                "swiglu_alpha": 1.702, "swiglu_limit": 7.0, "attention_bias": True, "sliding_window": 128},
 }
 
 
@@ -210,7 +298,8 @@ class _Reader:
     def num_experts(self) -> int:
         # transformers' attribute_map aliases the two names per family, and which one
         # config.json carries differs between transformers versions and Hub uploads.
-        value = self.raw.get("num_experts", self.raw.get("num_local_experts"))
+        value = next((self.raw[k] for k in ("num_experts", "num_local_experts", "n_routed_experts")
+                      if self.raw.get(k) is not None), None)
         if value is None:
             raise CheckpointError(f"{self.family} config.json: required key 'num_experts' is missing")
         return int(value)
@@ -227,6 +316,9 @@ _ARCHITECTURES = {
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "OlmoeForCausalLM": "olmoe",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+    "GptOssForCausalLM": "gpt_oss",
 }
 
 
@@ -277,12 +369,16 @@ def _rope(r: _Reader, head_dim: int) -> RopeConfig:
     raise CheckpointError(f"unsupported rope_type {rope_type!r}; moeserve supports 'default' and 'yarn'")
 
 
-def _common(r: _Reader, *, head_dim: int | None = None) -> dict[str, Any]:
+def _common(r: _Reader, *, head_dim: int | None = None, rotary_dim: int | None = None,
+            quantizations: tuple[str, ...] = ()) -> dict[str, Any]:
     """Fields every family reads the same way."""
     quant = r.raw.get("quantization_config")
+    method = None
     if quant:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
-        raise CheckpointError(f"quantized checkpoints are not supported (quantization_config: {method})")
+        if method not in quantizations:
+            allowed = f" ({r.family} supports {', '.join(quantizations)})" if quantizations else ""
+            raise CheckpointError(f"quantized checkpoints are not supported (quantization_config: {method}){allowed}")
     hidden, heads = int(r.req("hidden_size")), int(r.req("num_attention_heads"))
     kv_heads = int(r.get("num_key_value_heads", heads))
     if heads % kv_heads:
@@ -305,7 +401,7 @@ def _common(r: _Reader, *, head_dim: int | None = None) -> dict[str, Any]:
         num_kv_heads=kv_heads,
         head_dim=head_dim,
         rms_norm_eps=float(r.get("rms_norm_eps")),
-        rope=_rope(r, head_dim),
+        rope=_rope(r, rotary_dim or head_dim),
         max_position_embeddings=int(r.get("max_position_embeddings")),
         tie_word_embeddings=bool(r.get("tie_word_embeddings", False)),
         intermediate_size=int(r.req("intermediate_size")),
@@ -314,6 +410,7 @@ def _common(r: _Reader, *, head_dim: int | None = None) -> dict[str, Any]:
         checkpoint_dtype=str(dtype).removeprefix("torch.") if dtype else None,
         bos_token_id=r.get("bos_token_id"),
         eos_token_ids=as_id_tuple(r.get("eos_token_id")),
+        quantization=method,
         raw=r.raw,
     )
 
@@ -424,9 +521,133 @@ def _parse_olmoe(r: _Reader) -> ModelConfig:
     )
 
 
+def _yarn_mscale(scale: float, mscale: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _parse_deepseek(r: _Reader) -> ModelConfig:
+    """DeepSeek-V2 and -V3 as transformers computes them: MLA attention, the first
+    first_k_dense_replace layers dense, n_shared_experts * moe_intermediate_size of ungated
+    shared expert, routing weights fp32 and scaled by routed_scaling_factor. V2 scores with a
+    softmax and never renormalises (transformers reads no norm_topk_prob for V2); V3 scores with
+    a sigmoid, picks groups on bias-corrected scores and renormalises iff norm_topk_prob. Layers
+    past num_hidden_layers (V3's multi-token-prediction module) are ignored on load."""
+    v3 = r.family == "deepseek_v3"
+    rope_dim, nope_dim = int(r.get("qk_rope_head_dim")), int(r.get("qk_nope_head_dim"))
+    q_lora = r.raw["q_lora_rank"] if "q_lora_rank" in r.raw else r.get("q_lora_rank")  # null: no q LoRA
+    mla = MLAConfig(
+        q_lora_rank=int(q_lora) if q_lora else None,
+        kv_lora_rank=int(r.get("kv_lora_rank")),
+        qk_nope_head_dim=nope_dim,
+        qk_rope_head_dim=rope_dim,
+        v_head_dim=int(r.get("v_head_dim")),
+        rope_interleave=bool(r.get("rope_interleave", True)) if v3 else True,
+    )
+    if rope_dim % 2:
+        raise CheckpointError(f"qk_rope_head_dim={rope_dim} must be even")
+    common = _common(r, head_dim=mla.qk_head_dim, rotary_dim=rope_dim)
+    if common["num_kv_heads"] != common["num_heads"]:
+        raise CheckpointError(f"{r.family}: num_key_value_heads={common['num_kv_heads']} must equal "
+                              f"num_attention_heads={common['num_heads']} (MLA decompresses every head)")
+    if r.get("mlp_bias", False):
+        raise CheckpointError(f"{r.family}: mlp_bias=true is not supported")
+    if int(r.get("moe_layer_freq", 1)) != 1:
+        raise CheckpointError(f"{r.family}: moe_layer_freq={r.get('moe_layer_freq')} is not supported (only 1)")
+    n, E = common["num_layers"], common["num_experts"]
+    first_dense = int(r.get("first_k_dense_replace"))
+    method = "noaux_tc" if v3 else r.get("topk_method")
+    if method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+        raise CheckpointError(f"{r.family}: unsupported topk_method {method!r}; "
+                              "moeserve supports greedy and group_limited_greedy")
+    grouped = method != "greedy"
+    n_group, topk_group = (int(r.get("n_group") or 1), int(r.get("topk_group") or 1)) if grouped else (1, 1)
+    if grouped:
+        if E % n_group or not 1 <= topk_group <= n_group:
+            raise CheckpointError(f"{r.family}: {E} experts cannot be split into n_group={n_group} equal groups "
+                                  f"with topk_group={topk_group} of them kept")
+        if v3 and E // n_group < 2:
+            raise CheckpointError(f"{r.family}: each of the n_group={n_group} groups needs >= 2 experts "
+                                  "(a group scores the sum of its best two)")
+        if topk_group * (E // n_group) < common["top_k"]:
+            raise CheckpointError(f"{r.family}: topk_group={topk_group} groups of {E // n_group} experts hold fewer "
+                                  f"than num_experts_per_tok={common['top_k']}")
+    rope = common["rope"]
+    scale = mla.qk_head_dim**-0.5
+    if rope.rope_type != "default" and rope.mscale_all_dim:
+        scale *= _yarn_mscale(rope.factor, float(rope.mscale_all_dim)) ** 2
+    n_shared = int(r.get("n_shared_experts") or 0)
+    moe_intermediate = int(r.req("moe_intermediate_size"))
+    return ModelConfig(
+        **common,
+        # attention_bias: q_a_proj, kv_a_proj_with_mqa and o_proj carry biases.
+        qkv_bias=bool(r.get("attention_bias", False)),
+        o_bias=bool(r.get("attention_bias", False)),
+        qk_norm="none",
+        clip_qkv=None,
+        sliding_windows=(None,) * n,
+        moe_layers=tuple(i >= first_dense and E > 0 for i in range(n)),
+        moe_intermediate_size=moe_intermediate,
+        renormalize=bool(r.get("norm_topk_prob", False)) if v3 else False,
+        router_weights_fp32=True,
+        shared_expert_intermediate_size=n_shared * moe_intermediate,
+        mla=mla,
+        attention_scale=scale,
+        router=RouterConfig(
+            scoring="sigmoid" if v3 else "softmax",
+            group_select=("group_top2_sum" if v3 else "group_max") if grouped else "none",
+            n_group=n_group,
+            topk_group=topk_group,
+            routed_scaling_factor=float(r.get("routed_scaling_factor")),
+            correction_bias=v3,
+            logits_fp32=True,
+        ),
+        shared_expert_gated=False,
+    )
+
+
+def _parse_gpt_oss(r: _Reader) -> ModelConfig:
+    """GPT-OSS: attention sinks, biases on every attention projection, on the router and on the
+    experts, sliding-window and full layers as `layer_types` says, routing weights = softmax of
+    the top-K logits (model dtype), the clamped SwiGLU experts. Expert weights may lie on disk
+    as MXFP4 (quantization_config.quant_method = mxfp4): dequantised at load."""
+    common = _common(r, head_dim=r.get("head_dim"), quantizations=("mxfp4",))
+    n = common["num_layers"]
+    layer_types = r.get("layer_types") or [
+        "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n)
+    ]
+    if len(layer_types) != n or not set(layer_types) <= {"sliding_attention", "full_attention"}:
+        raise CheckpointError(
+            f"layer_types must list {n} entries of 'full_attention' or 'sliding_attention', got {layer_types}"
+        )
+    window = _sliding_window_required(r) if "sliding_attention" in layer_types else None
+    bias = bool(r.get("attention_bias"))
+    return ModelConfig(
+        **common,
+        qkv_bias=bias,
+        o_bias=bias,
+        qk_norm="none",
+        clip_qkv=None,
+        sliding_windows=tuple(window if t == "sliding_attention" else None for t in layer_types),
+        moe_layers=(True,) * n,
+        moe_intermediate_size=common["intermediate_size"],
+        renormalize=True,
+        router_weights_fp32=False,
+        shared_expert_intermediate_size=0,
+        attention_sinks=True,
+        router=RouterConfig(scoring="topk_softmax", bias=True),
+        expert_activation=ExpertActivation("clamped_swiglu", float(r.get("swiglu_alpha")),
+                                           float(r.get("swiglu_limit"))),
+        expert_bias=True,
+        norm_scale_fp32=True,
+    )
+
+
 _FAMILIES: dict[str, Callable[[_Reader], ModelConfig]] = {
     "mixtral": _parse_mixtral,
     "qwen2_moe": _parse_qwen2_moe,
     "qwen3_moe": _parse_qwen3_moe,
     "olmoe": _parse_olmoe,
+    "deepseek_v2": _parse_deepseek,
+    "deepseek_v3": _parse_deepseek,
+    "gpt_oss": _parse_gpt_oss,
 }

@@ -129,7 +129,11 @@ def _group(members, query_lens, seq_lens, block_tables, qsl, device) -> Attentio
 
 
 class PagedKVCache:
-    """Key/value blocks of every attention layer, allocated once; block ids are shared by layers."""
+    """Key/value blocks of every attention layer, allocated once; block ids are shared by layers.
+
+    Each layer's key is [num_blocks, B, Hkv, Dk] and its value [num_blocks, B, Hkv, Dv]. With
+    `value_in_key` (MLA) there is no value tensor: a layer's value is the view of the first Dv
+    values of each key entry (the latent), so one entry per token per layer is stored."""
 
     def __init__(
         self,
@@ -140,16 +144,31 @@ class PagedKVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device | str = "cpu",
+        value_dim: int | None = None,
+        value_in_key: bool = False,
     ):
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.key = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.value = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        value_dim = head_dim if value_dim is None else value_dim
+        if value_in_key:
+            self.value = [k[..., :value_dim] for k in self.key]
+        else:
+            vshape = (num_blocks, block_size, num_kv_heads, value_dim)
+            self.value = [torch.zeros(vshape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.value_in_key = value_in_key
 
     @classmethod
     def for_model(cls, config: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device="cpu"):
-        return cls(config.num_layers, num_blocks, block_size, config.num_kv_heads, config.head_dim, dtype, device)
+        heads, key_dim, value_dim = config.kv_entry
+        return cls(config.num_layers, num_blocks, block_size, heads, key_dim, dtype, device, value_dim,
+                   value_in_key=config.mla is not None)
+
+    @property
+    def nbytes(self) -> int:
+        tensors = self.key if self.value_in_key else self.key + self.value
+        return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def paged_attention(
@@ -159,27 +178,42 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     window: int | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [T, H, Dh] against cached keys/values (already holding this step's tokens) -> [T, H, Dh]."""
+    """q [T, H, Dk] against cached keys [.., Hkv, Dk] / values [.., Hkv, Dv] (already holding
+    this step's tokens) -> [T, H, Dv]. `sinks` [H]: one more logit per head in every softmax,
+    whose probability mass is dropped (GPT-OSS attention sinks)."""
     if len(meta.groups) == 1:
-        return _attend_group(q, key_cache, value_cache, meta, meta.groups[0], scale, window)
-    out = torch.empty_like(q)
+        return _attend_group(q, key_cache, value_cache, meta, meta.groups[0], scale, window, sinks)
+    out = q.new_empty(q.shape[0], q.shape[1], value_cache.shape[-1])
     for group in meta.groups:
-        out[group.tokens] = _attend_group(q[group.tokens], key_cache, value_cache, meta, group, scale, window)
+        out[group.tokens] = _attend_group(q[group.tokens], key_cache, value_cache, meta, group, scale, window, sinks)
     return out
 
 
-def _attend_group(q, key_cache, value_cache, meta: AttentionMetadata, g: AttentionGroup, scale, window):
-    """q [T_g, H, Dh] of one group -> [T_g, H, Dh]. Softmax runs in fp32 and is cast to q's dtype
-    before the value product, as transformers' eager attention does."""
-    S, Qmax, L, B = g.seq_lens.shape[0], g.max_query_len, g.max_seq_len, meta.block_size
-    _, H, Dh = q.shape
-    Hkv = key_cache.shape[2]
-    G = H // Hkv
-    nb = -(-L // B)
+def gather_context(cache: torch.Tensor, g: AttentionGroup, block_size: int) -> torch.Tensor:
+    """cache [num_blocks, B, ...] -> each sequence's whole context [S_g, L, ...], in order."""
+    S, L = g.seq_lens.shape[0], g.max_seq_len
+    nb = -(-L // block_size)
     tables = g.block_tables[:, :nb]  # [S, nb]
-    keys = key_cache[tables].reshape(S, nb * B, Hkv, Dh)[:, :L]  # [S, L, Hkv, Dh]
-    values = value_cache[tables].reshape(S, nb * B, Hkv, Dh)[:, :L]  # [S, L, Hkv, Dh]
+    return cache[tables].reshape(S, nb * block_size, *cache.shape[2:])[:, :L]
+
+
+def _attend_group(q, key_cache, value_cache, meta: AttentionMetadata, g: AttentionGroup, scale, window, sinks=None):
+    """q [T_g, H, Dk] of one group -> [T_g, H, Dv]."""
+    keys = gather_context(key_cache, g, meta.block_size)  # [S, L, Hkv, Dk]
+    values = gather_context(value_cache, g, meta.block_size)  # [S, L, Hkv, Dv]
+    return attend_padded(q, keys, values, meta, g, scale, window, sinks)
+
+
+def attend_padded(q, keys, values, meta: AttentionMetadata, g: AttentionGroup, scale, window, sinks=None):
+    """q [T_g, H, Dk] against each sequence's gathered context, keys [S, L, Hkv, Dk] and values
+    [S, L, Hkv, Dv] -> [T_g, H, Dv]. Softmax runs in fp32 and is cast to q's dtype before the
+    value product, as transformers' eager attention does."""
+    S, Qmax, L = g.seq_lens.shape[0], g.max_query_len, g.max_seq_len
+    _, H, Dh = q.shape
+    Hkv, Dv = keys.shape[2], values.shape[-1]
+    G = H // Hkv
 
     q_pad = q.new_zeros(S, Qmax, H, Dh)
     q_pad[g.token_seq, g.token_index] = q
@@ -193,10 +227,14 @@ def _attend_group(q, key_cache, value_cache, meta: AttentionMetadata, g: Attenti
     q_g = q_pad.view(S, Qmax, Hkv, G, Dh).permute(0, 2, 3, 1, 4).reshape(S, Hkv, G * Qmax, Dh)
     scores = torch.matmul(q_g, keys.permute(0, 2, 3, 1)) * scale  # [S, Hkv, G*Qmax, L]
     scores = scores.view(S, Hkv, G, Qmax, L).masked_fill(~allowed[:, None, None], torch.finfo(scores.dtype).min)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs.view(S, Hkv, G * Qmax, L), values.permute(0, 2, 1, 3))  # [S, Hkv, G*Qmax, Dh]
-    out = out.view(S, Hkv, G, Qmax, Dh).permute(0, 3, 1, 2, 4).reshape(S, Qmax, H, Dh)
-    return out[g.token_seq, g.token_index]  # [T_g, H, Dh]
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    else:
+        sink = sinks.to(scores.dtype).view(1, Hkv, G, 1, 1).expand(S, Hkv, G, Qmax, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=torch.float32)[..., :L].to(q.dtype)
+    out = torch.matmul(probs.view(S, Hkv, G * Qmax, L), values.permute(0, 2, 1, 3))  # [S, Hkv, G*Qmax, Dv]
+    out = out.view(S, Hkv, G, Qmax, Dv).permute(0, 3, 1, 2, 4).reshape(S, Qmax, H, Dv)
+    return out[g.token_seq, g.token_index]  # [T_g, H, Dv]
 
 
 ATTENTION_BACKENDS = ("torch", "triton")
@@ -215,7 +253,8 @@ def get_attention_backend(name: str):
 
 class Attention(nn.Module):
     """q/k/v projections, optional q/k RMSNorm ('head': per head, Qwen3; 'full': over the whole
-    projection, OLMoE), optional clamp, RoPE, cache write, paged attention, output projection."""
+    projection, OLMoE), optional clamp, RoPE, cache write, paged attention (with sinks for
+    GPT-OSS), output projection."""
 
     def __init__(self, config: ModelConfig, layer_id: int, backend: str = "torch"):
         super().__init__()
@@ -223,8 +262,9 @@ class Attention(nn.Module):
         self.attend = get_attention_backend(backend)
         D, H, Hkv, Dh = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = H, Hkv, Dh
-        self.scale = Dh**-0.5
+        self.scale = config.attention_scale or Dh**-0.5
         self.window = config.sliding_windows[layer_id]
+        self.sinks = nn.Parameter(torch.empty(H), requires_grad=False) if config.attention_sinks else None
         self.clip_qkv = config.clip_qkv
         self.qk_norm = config.qk_norm
         self.q_proj = nn.Linear(D, H * Dh, bias=config.qkv_bias)
@@ -261,5 +301,5 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         key_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, k)
         value_cache.view(-1, self.num_kv_heads, self.head_dim).index_copy_(0, meta.slot_mapping, v)
-        out = self.attend(q, key_cache, value_cache, meta, self.scale, self.window)  # [T, H, Dh]
+        out = self.attend(q, key_cache, value_cache, meta, self.scale, self.window, self.sinks)  # [T, H, Dh]
         return self.o_proj(out.reshape(T, self.num_heads * self.head_dim))  # [T, D]

@@ -18,6 +18,7 @@ from torch import nn
 from moeserve.model_config import ModelConfig
 from moeserve.model.attention import Attention, AttentionMetadata, PagedKVCache
 from moeserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from moeserve.model.mla import MLAttention
 from moeserve.model.moe import ExpertBackend, ExpertLoad, LoadRecorder, SlotLayout, SparseMoE, get_expert_backend
 from moeserve.model.moe.dispatch import ExpertParallelGroup, run_to_end
 from moeserve.model.overlap import MicroBatch, OverlapTrace, interleave
@@ -27,9 +28,13 @@ class DecoderLayer(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int, moe_layer: int | None, layout: SlotLayout,
                  backend: ExpertBackend, attention_backend: str, ep: ExpertParallelGroup | None = None):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer_id, attention_backend)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_scale_fp32)
+        self.self_attn: Attention | MLAttention
+        if config.mla is not None:
+            self.self_attn = MLAttention(config, layer_id, attention_backend)
+        else:
+            self.self_attn = Attention(config, layer_id, attention_backend)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_scale_fp32)
         self.moe_layer = moe_layer
         self.mlp: SparseMoE | GatedMLP
         if moe_layer is None:
@@ -50,7 +55,7 @@ class _Backbone(nn.Module):
             DecoderLayer(config, i, moe_index.get(i), layout, backend, attention_backend, ep)
             for i in range(config.num_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_scale_fp32)
 
 
 @dataclass(frozen=True)

@@ -15,17 +15,21 @@ from moeserve.model_config import RopeConfig
 
 
 class RMSNorm(nn.Module):
-    """y = weight * (x / rms(x)).to(x.dtype): normalise in fp32, cast back, then scale."""
+    """y = weight * (x / rms(x)).to(x.dtype): normalise in fp32, cast back, then scale. With
+    `scale_fp32` (GPT-OSS) the weight multiply runs in fp32 too and the product is cast."""
 
-    def __init__(self, size: int, eps: float):
+    def __init__(self, size: int, eps: float, scale_fp32: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size), requires_grad=False)
         self.eps = eps
+        self.scale_fp32 = scale_fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         input_dtype = x.dtype
         h = x.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.scale_fp32:
+            return (self.weight.float() * h).to(input_dtype)
         return self.weight * h.to(input_dtype)
 
 
@@ -62,6 +66,17 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x [T, H, Dh], cos/sin [T, Dh] -> [T, H, Dh] (the half-split 'neox' convention)."""
     cos, sin = cos[:, None, :], sin[:, None, :]
     return x * cos + _rotate_half(x) * sin
+
+
+def apply_rotary_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, H, Dr] rotated by pairs (x0, x1), (x2, x3), ... (DeepSeek); cos/sin [T, Dr] as
+    RotaryEmbedding makes them (the angle of pair i at i and Dr/2 + i) -> [T, H, Dr] with the
+    rotated pairs' first elements in the first half, second elements in the second. Keys and
+    queries get the same permutation, so their dot products are those of the paired layout."""
+    half = cos.shape[-1] // 2
+    c, s = cos[:, None, :half], sin[:, None, :half]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
 class GatedMLP(nn.Module):

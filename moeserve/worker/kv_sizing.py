@@ -24,8 +24,10 @@ CPU_BUDGET_CAP = 1 << 30
 
 
 def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
-    """Bytes of one block across every layer: keys and values."""
-    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * dtype.itemsize
+    """Bytes of one block across every layer: keys and values, or MLA's one latent entry."""
+    heads, key_dim, value_dim = config.kv_entry
+    per_token = heads * (key_dim if config.mla is not None else key_dim + value_dim)
+    return config.num_layers * block_size * per_token * dtype.itemsize
 
 
 def gpu_kv_budget(total: int, used_after_load: int, peak_activation: int, utilization: float) -> int:
@@ -74,4 +76,4 @@ def profile_step(model: MoEForCausalLM, num_tokens: int, max_num_seqs: int, max_
     logits = model.compute_logits(rows).float()  # [N, V]
     torch.sort(torch.softmax(logits, dim=-1), dim=-1, descending=True)  # what top-p needs
     model.load.reset_state()
-    return sum(k.numel() * k.element_size() for k in scratch.key + scratch.value)
+    return scratch.nbytes

@@ -162,10 +162,10 @@ class Worker:
             for local in range(moe.w13.shape[0]):
                 expert = phy2log[moe.slot_offset + local]
                 if expert >= 0 and expert != int(moe.placement.phy2log[moe.slot_offset + local]):
-                    w13, w2 = read_expert(self.config.load.model, self.model.config,
-                                          self.model.config.moe_layer_ids[moe.moe_layer], expert)
-                    moe.w13[local].copy_(w13)
-                    moe.w2[local].copy_(w2)
+                    values = read_expert(self.config.load.model, self.model.config,
+                                         self.model.config.moe_layer_ids[moe.moe_layer], expert)
+                    for tensor, value in zip(moe.slot_tensors(), values):
+                        tensor[local].copy_(value)
             moe.placement.phy2log.copy_(torch.tensor(phy2log))
             moe.placement.log2phy.copy_(torch.tensor(log2phy))
             moe.placement.replica_count.copy_(torch.tensor(count))
@@ -179,8 +179,7 @@ class Worker:
 
     def expert_weight_bytes(self) -> int:
         """Bytes of expert weights resident on this worker (its slots only)."""
-        return sum(moe.w13.numel() * moe.w13.element_size() + moe.w2.numel() * moe.w2.element_size()
-                   for moe in self.model.moe_layers)
+        return sum(t.numel() * t.element_size() for moe in self.model.moe_layers for t in moe.slot_tensors())
 
     def slot_codes(self) -> list[dict[int, tuple[float, float]]]:
         """Per MoE layer: global slot -> (mean of its w13, mean of its w2), for this worker's

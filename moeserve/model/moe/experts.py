@@ -13,10 +13,24 @@ import torch
 import torch.nn.functional as F
 
 from moeserve.model.moe.router import select_experts_torch
+from moeserve.model_config import ExpertActivation
+
+SILU = ExpertActivation()
+
+
+def activate(gate: torch.Tensor, up: torch.Tensor, act: ExpertActivation) -> torch.Tensor:
+    """[n, I] x2 -> [n, I]: silu(gate) * up, or GPT-OSS's clamped SwiGLU."""
+    if act.kind == "silu":
+        return F.silu(gate) * up
+    gate = gate.clamp(max=act.limit)
+    up = up.clamp(min=-act.limit, max=act.limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * act.alpha))
 
 
 class ExpertBackend(ABC):
-    """out[t] = sum_k weights[t, k] * down_s(silu(gate_s(x[t])) * up_s(x[t])), s = slots[t, k].
+    """out[t] = sum_k weights[t, k] * down_s(act(gate_s(x[t]), up_s(x[t]))), s = slots[t, k],
+    where gate/up/down are affine when the optional biases b13 [P, 2I] / b2 [P, D] are given and
+    act is silu(gate) * up unless an ExpertActivation says otherwise.
 
     Invariants every backend keeps: slot P means "no expert" and contributes nothing; each
     expert's output is multiplied by its routing weight in the weight's dtype (fp32 for Mixtral)
@@ -25,11 +39,15 @@ class ExpertBackend(ABC):
 
     name: ClassVar[str]
 
-    def select_experts(
-        self, logits: torch.Tensor, top_k: int, k: torch.Tensor, renormalize: bool
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def select_experts(self, logits, top_k, k, renormalize, spec=None, correction_bias=None):
         """The router's step after the logits (see router.select_experts_torch for the contract)."""
-        return select_experts_torch(logits, top_k, k, renormalize)
+        if spec is None:
+            return select_experts_torch(logits, top_k, k, renormalize)
+        return select_experts_torch(logits, top_k, k, renormalize, spec, correction_bias)
+
+    def supports(self, act: ExpertActivation, biases: bool) -> bool:
+        """Whether this backend computes experts with this activation (and biases)."""
+        return True
 
     @abstractmethod
     def __call__(
@@ -39,6 +57,9 @@ class ExpertBackend(ABC):
         weights: torch.Tensor,
         w13: torch.Tensor,
         w2: torch.Tensor,
+        act: ExpertActivation = SILU,
+        b13: torch.Tensor | None = None,
+        b2: torch.Tensor | None = None,
     ) -> torch.Tensor: ...
 
 
@@ -47,7 +68,7 @@ class TorchExpertBackend(ExpertBackend):
 
     name = "torch"
 
-    def __call__(self, x, slots, weights, w13, w2):
+    def __call__(self, x, slots, weights, w13, w2, act=SILU, b13=None, b2=None):
         P, K = w13.shape[0], slots.shape[1]
         flat = slots.reshape(-1)  # [T*K]
         order = torch.argsort(flat, stable=True)  # [T*K] token-slots grouped by slot, P last
@@ -61,8 +82,8 @@ class TorchExpertBackend(ExpertBackend):
             pick = order[start : start + n]  # [n]
             start += n
             tokens = pick // K  # [n]
-            gate, up = F.linear(x[tokens], w13[slot]).chunk(2, dim=-1)  # [n, I] x2
-            y = F.linear(F.silu(gate) * up, w2[slot])  # [n, D]
+            gate, up = F.linear(x[tokens], w13[slot], None if b13 is None else b13[slot]).chunk(2, dim=-1)
+            y = F.linear(activate(gate, up, act), w2[slot], None if b2 is None else b2[slot])  # [n, D]
             y = y * flat_weights[pick, None]
             out.index_add_(0, tokens, y.to(out.dtype))
         return out
@@ -80,10 +101,15 @@ class TritonExpertBackend(ExpertBackend):
 
         self._experts, self._topk = fused_experts, fused_topk
 
-    def select_experts(self, logits, top_k, k, renormalize):
-        return self._topk(logits, top_k, k, renormalize)
+    def select_experts(self, logits, top_k, k, renormalize, spec=None, correction_bias=None):
+        return self._topk(logits, top_k, k, renormalize, spec=spec, correction_bias=correction_bias)
 
-    def __call__(self, x, slots, weights, w13, w2):
+    def supports(self, act, biases):
+        return act.kind == "silu" and not biases
+
+    def __call__(self, x, slots, weights, w13, w2, act=SILU, b13=None, b2=None):
+        if not self.supports(act, b13 is not None):
+            raise ValueError("the triton moe kernels compute silu experts without biases; use --moe-backend torch")
         return self._experts(x, slots, weights, w13, w2)
 
 
@@ -101,7 +127,7 @@ class GroupedMMExpertBackend(ExpertBackend):
         if self._grouped_mm is None:
             raise ValueError(f"this torch ({torch.__version__}) has no grouped_mm; use --moe-backend torch or triton")
 
-    def __call__(self, x, slots, weights, w13, w2):
+    def __call__(self, x, slots, weights, w13, w2, act=SILU, b13=None, b2=None):
         T, K = slots.shape
         P, D = w13.shape[0], x.shape[1]
         flat = slots.reshape(-1)  # [T*K]
@@ -109,8 +135,14 @@ class GroupedMMExpertBackend(ExpertBackend):
         counts = torch.zeros(P + 1, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
         offs = torch.cumsum(counts[:P], 0).to(torch.int32)  # [P] end of each slot's rows
         xs = x[order // K]  # [T*K, D]
-        gate, up = self._grouped_mm(xs, w13.transpose(1, 2), offs=offs).chunk(2, dim=-1)  # [T*K, I] x2
-        y = self._grouped_mm(F.silu(gate) * up, w2.transpose(1, 2), offs=offs)  # [T*K, D]
+        row_slot = flat[order].clamp(max=P - 1)  # [T*K] (inactive rows are masked below)
+        h = self._grouped_mm(xs, w13.transpose(1, 2), offs=offs)  # [T*K, 2I]
+        if b13 is not None:
+            h = h + b13[row_slot]
+        gate, up = h.chunk(2, dim=-1)  # [T*K, I] x2
+        y = self._grouped_mm(activate(gate, up, act), w2.transpose(1, 2), offs=offs)  # [T*K, D]
+        if b2 is not None:
+            y = y + b2[row_slot]
         y = (y * weights.reshape(-1)[order, None]).to(x.dtype)
         y = torch.where((flat[order] < P)[:, None], y, 0)  # rows past offs[-1] are undefined
         out = torch.zeros(T * K, D, dtype=x.dtype, device=x.device).index_copy_(0, order, y)  # [T*K, D]
@@ -128,11 +160,13 @@ def register_expert_backend(cls: type[ExpertBackend]) -> type[ExpertBackend]:
     return cls
 
 
-def default_expert_backend(device: torch.device | str) -> str:
-    """triton on CUDA when triton is installed, torch otherwise (the CPU path)."""
+def default_expert_backend(device: torch.device | str, act: ExpertActivation = SILU, biases: bool = False) -> str:
+    """triton on CUDA when triton is installed and its kernels compute these experts (silu, no
+    biases), torch otherwise (the CPU path, and GPT-OSS's experts)."""
     from moeserve.kernels import triton_usable
 
-    return "triton" if str(device).startswith("cuda") and triton_usable(device) else "torch"
+    kernels = act.kind == "silu" and not biases
+    return "triton" if kernels and str(device).startswith("cuda") and triton_usable(device) else "torch"
 
 
 def get_expert_backend(name: str) -> ExpertBackend:

@@ -24,9 +24,11 @@ from moeserve.model.moe.router import Router
 
 
 class SparseMoE(nn.Module):
-    """Expert weights live in physical-slot tensors w13 [P, 2I, D] and w2 [P, D, I]; slot s holds
-    the weights of placement.phy2log[s]. A shared expert (Qwen2-MoE) is a dense path added for
-    every token, gated by sigmoid(shared_expert_gate(x)); it is outside counts, placement and K.
+    """Expert weights live in physical-slot tensors w13 [P, 2I, D] and w2 [P, D, I] (and, for
+    GPT-OSS, biases b13 [P, 2I] and b2 [P, D]); slot s holds the weights of
+    placement.phy2log[s]. A shared expert is a dense path added for every token, gated by
+    sigmoid(shared_expert_gate(x)) (Qwen2-MoE) or not (DeepSeek's shared_experts); it is
+    outside counts, placement and K.
     With `capacity_factor` set, the routing passes through capacity.apply_capacity first (off:
     exact semantics).
     """
@@ -41,17 +43,27 @@ class SparseMoE(nn.Module):
         self.moe_layer = moe_layer
         self.intermediate_size = I
         self.gate = Router(D, E, config.top_k, config.renormalize, config.router_weights_fp32,
-                           select=backend.select_experts)
+                           select=backend.select_experts, spec=config.router)
         self.w13 = nn.Parameter(torch.empty(num_slots, 2 * I, D), requires_grad=False)  # [P_local, 2I, D]
         self.w2 = nn.Parameter(torch.empty(num_slots, D, I), requires_grad=False)  # [P_local, D, I]
+        self.act = config.expert_activation
+        self.b13 = self.b2 = None
+        if config.expert_bias:
+            self.b13 = nn.Parameter(torch.empty(num_slots, 2 * I), requires_grad=False)  # [P_local, 2I]
+            self.b2 = nn.Parameter(torch.empty(num_slots, D), requires_grad=False)  # [P_local, D]
+        if not backend.supports(self.act, config.expert_bias):
+            raise ValueError(f"the {backend.name} moe backend cannot compute {config.architecture}'s experts "
+                             f"({self.act.kind}{', with biases' if config.expert_bias else ''}); use --moe-backend torch")
         self.placement = ExpertPlacement(layout)
         self.capacity_factor: float | None = None
         self.overflow = "reroute"
         self.backend = backend
         self.shared_expert: GatedMLP | None = None
+        self.shared_expert_gate: nn.Linear | None = None
         if config.shared_expert_intermediate_size:
             self.shared_expert = GatedMLP(D, config.shared_expert_intermediate_size)
-            self.shared_expert_gate = nn.Linear(D, 1, bias=False)
+            if config.shared_expert_gated:
+                self.shared_expert_gate = nn.Linear(D, 1, bias=False)
 
     def forward(self, x: torch.Tensor, k: torch.Tensor, load: LoadRecorder) -> torch.Tensor:
         return run_to_end(self.steps(x, k, load))
@@ -70,16 +82,22 @@ class SparseMoE(nn.Module):
         slots = self.placement.slots_for(expert_ids)  # [T, K]
         load.record(self.moe_layer, expert_ids, slots, routing.logits)
         if self.ep is None:
-            out = self.backend(x, slots, routing.weights, self.w13, self.w2)  # [T, D]
+            out = self.backend(x, slots, routing.weights, self.w13, self.w2, self.act, self.b13, self.b2)  # [T, D]
         else:
             out = yield from dispatch_combine_steps(x, slots, routing.weights, self.placement.slot_rank, self.ep,
                                                     self._local_experts, trace)
-        if self.shared_expert is not None:
+        if self.shared_expert_gate is not None:
             out = out + F.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        elif self.shared_expert is not None:
+            out = out + self.shared_expert(x)
         return out
 
     def _local_experts(self, rows: torch.Tensor, local_slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self.backend(rows, local_slots, weights, self.w13, self.w2)
+        return self.backend(rows, local_slots, weights, self.w13, self.w2, self.act, self.b13, self.b2)
+
+    def slot_tensors(self) -> list[torch.Tensor]:
+        """Every per-slot tensor (dim 0 = local slot): what a replica copies."""
+        return [t for t in (self.w13, self.w2, self.b13, self.b2) if t is not None]
 
     def forward_idle(self, x: torch.Tensor) -> None:
         """A worker with no tokens this step: join the layer's collectives with nothing to send
@@ -112,15 +130,15 @@ class SparseMoE(nn.Module):
         source = int(self.placement.log2phy[expert, 0])
         src, dst = self.local(source), self.local(slot)
         if self.ep is None or (src is not None and dst is not None):
-            self.w13[dst].copy_(self.w13[src])
-            self.w2[dst].copy_(self.w2[src])
+            for t in self.slot_tensors():
+                t[dst].copy_(t[src])
         elif src is not None:
             to = int(self.placement.slot_rank[slot])
-            torch.distributed.send(wire(self.w13[src].contiguous()), to, group=self.ep.group)
-            torch.distributed.send(wire(self.w2[src].contiguous()), to, group=self.ep.group)
+            for t in self.slot_tensors():
+                torch.distributed.send(wire(t[src].contiguous()), to, group=self.ep.group)
         elif dst is not None:
             frm = int(self.placement.slot_rank[source])
-            for t in (self.w13[dst], self.w2[dst]):
+            for t in (t[dst] for t in self.slot_tensors()):
                 buf = torch.empty_like(t)
                 torch.distributed.recv(wire(buf), frm, group=self.ep.group)
                 t.copy_(buf)
