@@ -121,7 +121,8 @@ class MLAConfig:
     entry of kv_lora_rank + qk_rope_head_dim values: the normalised latent c (from which
     kv_b_proj decompresses every head's non-rotary key and its value) and the roped key part
     shared by all heads. `rope_interleave`: the rotary pairs are (x0, x1), (x2, x3), ... (V2
-    always; V3 by its config), not the two halves."""
+    always; V3 by its config), not the two halves. `rope_fp32`: the rotation runs in fp32 and is
+    cast back (V2 rotates as complex64 numbers)."""
 
     q_lora_rank: int | None
     kv_lora_rank: int
@@ -129,6 +130,7 @@ class MLAConfig:
     qk_rope_head_dim: int
     v_head_dim: int
     rope_interleave: bool
+    rope_fp32: bool = False
 
     @property
     def qk_head_dim(self) -> int:
@@ -542,6 +544,7 @@ def _parse_deepseek(r: _Reader) -> ModelConfig:
         qk_rope_head_dim=rope_dim,
         v_head_dim=int(r.get("v_head_dim")),
         rope_interleave=bool(r.get("rope_interleave", True)) if v3 else True,
+        rope_fp32=not v3,
     )
     if rope_dim % 2:
         raise CheckpointError(f"qk_rope_head_dim={rope_dim} must be even")

@@ -209,7 +209,8 @@ def _attend_group(q, key_cache, value_cache, meta: AttentionMetadata, g: Attenti
 def attend_padded(q, keys, values, meta: AttentionMetadata, g: AttentionGroup, scale, window, sinks=None):
     """q [T_g, H, Dk] against each sequence's gathered context, keys [S, L, Hkv, Dk] and values
     [S, L, Hkv, Dv] -> [T_g, H, Dv]. Softmax runs in fp32 and is cast to q's dtype before the
-    value product, as transformers' eager attention does."""
+    value product, as transformers' eager attention does (with sinks: in q's dtype, as its
+    GPT-OSS attention does)."""
     S, Qmax, L = g.seq_lens.shape[0], g.max_query_len, g.max_seq_len
     _, H, Dh = q.shape
     Hkv, Dv = keys.shape[2], values.shape[-1]
@@ -229,9 +230,11 @@ def attend_padded(q, keys, values, meta: AttentionMetadata, g: AttentionGroup, s
     scores = scores.view(S, Hkv, G, Qmax, L).masked_fill(~allowed[:, None, None], torch.finfo(scores.dtype).min)
     if sinks is None:
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    else:
+    else:  # as transformers' GPT-OSS: shift by the max and softmax in the scores' dtype
         sink = sinks.to(scores.dtype).view(1, Hkv, G, 1, 1).expand(S, Hkv, G, Qmax, 1)
-        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1, dtype=torch.float32)[..., :L].to(q.dtype)
+        combined = torch.cat([scores, sink], dim=-1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :L].to(q.dtype)
     out = torch.matmul(probs.view(S, Hkv, G * Qmax, L), values.permute(0, 2, 1, 3))  # [S, Hkv, G*Qmax, Dv]
     out = out.view(S, Hkv, G, Qmax, Dv).permute(0, 3, 1, 2, 4).reshape(S, Qmax, H, Dv)
     return out[g.token_seq, g.token_index]  # [T_g, H, Dv]

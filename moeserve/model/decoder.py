@@ -170,7 +170,8 @@ class MoEForCausalLM(nn.Module):
         """The forward as a staged computation (see model/overlap.py): yields after issuing each
         MoE layer's dispatch and combine all-to-all (expert parallelism only), returns [T, D]."""
         h = self.model.embed_tokens(input_ids)  # [T, D]
-        cos, sin = self.rotary(meta.positions, h.dtype)  # [T, Dh] x2
+        mla = self.config.mla
+        cos, sin = self.rotary(meta.positions, torch.float32 if mla and mla.rope_fp32 else h.dtype)  # [T, Dh] x2
         for i, layer in enumerate(self.model.layers):
             if trace is not None:
                 trace.record("attention", micro_batch, i)

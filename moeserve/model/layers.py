@@ -16,7 +16,7 @@ from moeserve.model_config import RopeConfig
 
 class RMSNorm(nn.Module):
     """y = weight * (x / rms(x)).to(x.dtype): normalise in fp32, cast back, then scale. With
-    `scale_fp32` (GPT-OSS) the weight multiply runs in fp32 too and the product is cast."""
+    `scale_fp32` (GPT-OSS) the multiply runs in fp32 and the product is cast."""
 
     def __init__(self, size: int, eps: float, scale_fp32: bool = False):
         super().__init__()

@@ -53,7 +53,8 @@ class MLAttention(nn.Module):
         self.num_heads = H
         self.R, self.Dn, self.Dr, self.Dv = m.kv_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
         self.scale = config.attention_scale or m.qk_head_dim**-0.5
-        self.rotate = apply_rotary_interleaved if m.rope_interleave else apply_rotary
+        self._rotate = apply_rotary_interleaved if m.rope_interleave else apply_rotary
+        self.rope_fp32 = m.rope_fp32
         self.mode: MLAMode = "auto"
         self.q_lora = m.q_lora_rank is not None
         if self.q_lora:
@@ -93,6 +94,12 @@ class MLAttention(nn.Module):
             attend = self._absorbed if absorbed else self._decompressed
             out[g.tokens] = attend(q_nope[g.tokens], q_rope[g.tokens], key_cache, value_cache, meta, g)
         return self.o_proj(out.reshape(T, H * self.Dv))  # [T, D]
+
+    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [T, h, Dr] rotated (cos/sin [T, Dr], fp32 when the family rotates in fp32)."""
+        if self.rope_fp32:
+            return self._rotate(x.float(), cos.float(), sin.float()).to(x.dtype)
+        return self._rotate(x, cos.to(x.dtype), sin.to(x.dtype))
 
     def _w_uk_uv(self) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.kv_b_proj.weight.view(self.num_heads, self.Dn + self.Dv, self.R)

@@ -82,8 +82,13 @@ class TorchExpertBackend(ExpertBackend):
             pick = order[start : start + n]  # [n]
             start += n
             tokens = pick // K  # [n]
-            gate, up = F.linear(x[tokens], w13[slot], None if b13 is None else b13[slot]).chunk(2, dim=-1)
-            y = F.linear(activate(gate, up, act), w2[slot], None if b2 is None else b2[slot])  # [n, D]
+            h = F.linear(x[tokens], w13[slot])  # [n, 2I]
+            if b13 is not None:  # added after the product is rounded, as transformers' GPT-OSS does
+                h = h + b13[slot]
+            gate, up = h.chunk(2, dim=-1)  # [n, I] x2
+            y = F.linear(activate(gate, up, act), w2[slot])  # [n, D]
+            if b2 is not None:
+                y = y + b2[slot]
             y = y * flat_weights[pick, None]
             out.index_add_(0, tokens, y.to(out.dtype))
         return out
