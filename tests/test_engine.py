@@ -8,6 +8,7 @@ import pytest
 from moeserve import SamplingParams
 from moeserve.config import engine_config
 from moeserve.engine.llm_engine import LLMEngine
+from moeserve.testing.checkpoints import NEW_ARCHS
 from moeserve.testing.equality import GreedyTrace, greedy_divergence
 from moeserve.testing.oracle import hf_greedy, load_hf_model
 
@@ -74,6 +75,27 @@ def test_continuous_batching_with_injected_requests(arch, checkpoints, prompts, 
     many = _many_prompts(prompts)
     done = _run(engine, many, inject_at={2: [8, 9], 5: [10], 9: [11]})
     _assert_agree(done, many, arch, hf_traces)
+    assert engine.core.block_manager.num_free_blocks == engine.core.num_kv_blocks
+
+
+@pytest.mark.parametrize("arch", NEW_ARCHS)
+def test_new_families_under_batching_chunking_and_prefix_caching(arch, checkpoints, prompts, hf_traces):
+    """DeepSeek (latent cache: absorbed decodes next to decompressed chunks) and GPT-OSS (sinks,
+    sliding layers): injected requests, prompts cut into chunks of 16 tokens, then two prompts
+    sharing a cached prefix; every continuation equals transformers' and every block returns."""
+    engine = LLMEngine(engine_config(checkpoints(arch), max_model_len=128, max_num_seqs=6, block_size=4,
+                                    max_num_batched_tokens=16))
+    many = _many_prompts(prompts)
+    assert max(len(p) for p in many) > 2 * 16
+    _assert_agree(_run(engine, many, inject_at={2: [8, 9], 5: [10]}), many, arch, hf_traces)
+    shared = prompts[7] + prompts[4]
+    pair = [shared + prompts[1], shared + prompts[5]]
+    hits_before = engine.core.block_manager.stats.hits
+    _assert_agree(_run(engine, pair[:1]), pair[:1], arch, hf_traces)
+    done = _run(engine, pair[1:])
+    assert done["0"].num_cached_tokens >= (len(shared) // 4) * 4
+    assert engine.core.block_manager.stats.hits > hits_before
+    _assert_agree(done, pair[1:], arch, hf_traces)
     assert engine.core.block_manager.num_free_blocks == engine.core.num_kv_blocks
 
 

@@ -160,7 +160,7 @@ def tiny_hf_config(arch: str, **overrides: Any):
             n_shared_experts=1 if v3 else 2,
             num_experts_per_tok=3 if v3 else 2,
             n_group=4,
-            topk_group=2,
+            topk_group=2 if v3 else 1,  # V2 groups score their best expert: one group kept makes K=2 bite
             first_k_dense_replace=1,
             kv_lora_rank=20,
             q_lora_rank=24 if v3 else None,
