@@ -46,15 +46,26 @@ def _dot(a, b, DOT_FP32: tl.constexpr, FP32_IEEE: tl.constexpr):
 
 
 @triton.jit
-def _kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, s, p, valid, kvh, offs_d, d_mask,
+def _kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, s, p, valid, kvh, offs_d, d_mask, offs_dv, dv_mask,
              stride_kb, stride_kt, stride_kh, stride_bt, B: tl.constexpr):
-    """Keys and values [BN, BD] of sequence s at positions p (zeros where not valid)."""
+    """Keys [BN, BDK] and values [BN, BDV] of sequence s at positions p (zeros where not valid);
+    the value cache shares the key cache's strides (MLA: it is a view of the key entries)."""
     block = tl.load(block_tables_ptr + s * stride_bt + p // B, mask=valid, other=0).to(tl.int64)
     kv_off = block * stride_kb + (p % B) * stride_kt + kvh * stride_kh  # [BN]
-    mask = valid[:, None] & d_mask[None, :]
-    k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=mask, other=0.0)
-    v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=valid[:, None] & d_mask[None, :], other=0.0)
+    v = tl.load(v_cache_ptr + kv_off[:, None] + offs_dv[None, :], mask=valid[:, None] & dv_mask[None, :], other=0.0)
     return k, v
+
+
+@triton.jit
+def _finish(acc, m_i, l_i, sinks_ptr, heads, head_mask, HAS_SINKS: tl.constexpr):
+    """acc / softmax denominator; with a sink logit per head, its exp joins the denominator."""
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + heads, mask=head_mask, other=0.0).to(tl.float32)
+        m_all = tl.maximum(m_i, sink)
+        alpha = tl.exp(m_i - m_all)
+        return acc * alpha[:, None] / (l_i * alpha + tl.exp(sink - m_all))[:, None]
+    return acc / l_i[:, None]
 
 
 @triton.jit
@@ -75,20 +86,23 @@ def decode_kernel(
     # Pointers
     q_ptr,  # [S, H, Dh] one query per sequence
     k_cache_ptr,  # [num_blocks, B, Hkv, Dh]
-    v_cache_ptr,
+    v_cache_ptr,  # [num_blocks, B, Hkv, Dv], the key cache's strides
     block_tables_ptr,  # [S, max_blocks]
     seq_lens_ptr,  # [S]
-    out_ptr,  # [S, H, Dh] (SPLITS == 1)
+    sinks_ptr,  # [H] (HAS_SINKS)
+    out_ptr,  # [S, H, Dv] (SPLITS == 1)
     part_m_ptr,  # [S, H, SPLITS] fp32 (SPLITS > 1)
     part_l_ptr,  # [S, H, SPLITS] fp32
-    part_acc_ptr,  # [S, H, SPLITS, Dh] fp32
+    part_acc_ptr,  # [S, H, SPLITS, Dv] fp32
     # Dimensions and strides
     scale,
     window,  # 0 = no window
     G,
     Dh,
+    Dv,
     tiles_per_split,
     stride_qs, stride_qh,
+    stride_os, stride_oh,
     stride_kb, stride_kt, stride_kh,
     stride_bt,
     # Meta-parameters
@@ -97,6 +111,8 @@ def decode_kernel(
     BLOCK_G: tl.constexpr,  # >= max(G, 16)
     BLOCK_N: tl.constexpr,  # KV positions per tile
     BLOCK_D: tl.constexpr,  # >= Dh
+    BLOCK_DV: tl.constexpr,  # >= Dv
+    HAS_SINKS: tl.constexpr,
     DOT_FP32: tl.constexpr,
     FP32_IEEE: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
@@ -109,9 +125,11 @@ def decode_kernel(
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
+    offs_dv = tl.arange(0, BLOCK_DV)
     heads = kvh * G + offs_g  # [BG]
     g_mask = offs_g < G
     d_mask = offs_d < Dh
+    dv_mask = offs_dv < Dv
     q = tl.load(q_ptr + s * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
                 mask=g_mask[:, None] & d_mask[None, :], other=0.0)  # [BG, BD]
 
@@ -121,39 +139,41 @@ def decode_kernel(
         lo = tl.maximum(lo, (tl.maximum(pos - window + 1, 0) // BLOCK_N) * BLOCK_N)
     m_i = tl.full((BLOCK_G,), NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_G,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_G, BLOCK_D), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_DV), dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
         p = start + offs_n  # [BN] positions
         valid = p < hi
         if window > 0:
             valid = valid & (p > pos - window)
-        k, v = _kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, s, p, valid, kvh, offs_d, d_mask,
-                        stride_kb, stride_kt, stride_kh, stride_bt, B)  # [BN, BD] x2
+        k, v = _kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, s, p, valid, kvh, offs_d, d_mask, offs_dv,
+                        dv_mask, stride_kb, stride_kt, stride_kh, stride_bt, B)  # [BN, BD], [BN, BDV]
         m_i, l_i, acc = _softmax_step(q, k, v, valid[None, :], m_i, l_i, acc, scale, DOT_FP32, FP32_IEEE)
 
     if SPLITS == 1:
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + s * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+        out = _finish(acc, m_i, l_i, sinks_ptr, heads, g_mask, HAS_SINKS)
+        tl.store(out_ptr + s * stride_os + heads[:, None] * stride_oh + offs_dv[None, :],
                  round_to(out, out_ptr.dtype.element_ty, EMULATE_BF16).to(out_ptr.dtype.element_ty),
-                 mask=g_mask[:, None] & d_mask[None, :])
+                 mask=g_mask[:, None] & dv_mask[None, :])
     else:
         row = (s * G * tl.num_programs(1) + heads) * SPLITS + split  # [BG] index into [S, H, SPLITS]
         tl.store(part_m_ptr + row, m_i, mask=g_mask)
         tl.store(part_l_ptr + row, l_i, mask=g_mask)
-        tl.store(part_acc_ptr + row[:, None] * Dh + offs_d[None, :], acc, mask=g_mask[:, None] & d_mask[None, :])
+        tl.store(part_acc_ptr + row[:, None] * Dv + offs_dv[None, :], acc, mask=g_mask[:, None] & dv_mask[None, :])
 
 
 @triton.jit
 def decode_reduce_kernel(
     part_m_ptr,  # [S, H, SPLITS] fp32
     part_l_ptr,
-    part_acc_ptr,  # [S, H, SPLITS, Dh] fp32
-    out_ptr,  # [S, H, Dh]
+    part_acc_ptr,  # [S, H, SPLITS, Dv] fp32
+    sinks_ptr,  # [H] (HAS_SINKS)
+    out_ptr,  # [S, H, Dv]
     H,
     Dh,
     stride_os, stride_oh,
     SPLITS: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
 ):
     s = tl.program_id(0)
@@ -166,8 +186,13 @@ def decode_reduce_kernel(
     l_part = tl.load(part_l_ptr + row)
     acc = tl.load(part_acc_ptr + row[:, None] * Dh + offs_d[None, :], mask=d_mask[None, :], other=0.0)
     m_all = tl.max(m, axis=0)
+    denominator_extra = 0.0
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + h).to(tl.float32)
+        m_all = tl.maximum(m_all, sink)
+        denominator_extra = tl.exp(sink - m_all)
     w = tl.exp(m - m_all)  # [SPLITS]; splits that saw no key have l = 0, acc = 0
-    out = tl.sum(acc * w[:, None], axis=0) / tl.sum(l_part * w, axis=0)  # [BD]
+    out = tl.sum(acc * w[:, None], axis=0) / (tl.sum(l_part * w, axis=0) + denominator_extra)  # [BD]
     tl.store(out_ptr + s * stride_os + h * stride_oh + offs_d,
              round_to(out, out_ptr.dtype.element_ty, EMULATE_BF16).to(out_ptr.dtype.element_ty), mask=d_mask)
 
@@ -183,14 +208,17 @@ def prefill_kernel(
     query_start_ptr,  # [S + 1] offsets into q's rows
     block_seq_ptr,  # [NB] sequence of each program's query block, S = none
     block_q_ptr,  # [NB] index of that block within its sequence
-    out_ptr,  # [T_g, H, Dh]
+    sinks_ptr,  # [H] (HAS_SINKS)
+    out_ptr,  # [T_g, H, Dv]
     # Dimensions and strides
     scale,
     window,  # 0 = no window
     G,
     Dh,
+    Dv,
     S,
     stride_qt, stride_qh,
+    stride_ot, stride_oh,
     stride_kb, stride_kt, stride_kh,
     stride_bt,
     # Meta-parameters
@@ -198,6 +226,8 @@ def prefill_kernel(
     BLOCK_M: tl.constexpr,  # rows per program: BLOCK_M / G_PAD query positions x G_PAD heads
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     G_PAD: tl.constexpr,  # G rounded up to a power of two, <= BLOCK_M
     DOT_FP32: tl.constexpr,
     FP32_IEEE: tl.constexpr,
@@ -217,8 +247,10 @@ def prefill_kernel(
     g = r % G_PAD  # [BM] query head within the KV head's group
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
+    offs_dv = tl.arange(0, BLOCK_DV)
     m_mask = (qi < q_len) & (g < G)
     d_mask = offs_d < Dh
+    dv_mask = offs_dv < Dv
     q_pos = L - q_len + qi  # [BM]
     q_off = (q_start + qi).to(tl.int64) * stride_qt + (kvh * G + g) * stride_qh  # [BM]
     q = tl.load(q_ptr + q_off[:, None] + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
@@ -229,21 +261,22 @@ def prefill_kernel(
         lo = (tl.maximum(L - q_len + qb * BLOCK_Q - window + 1, 0) // BLOCK_N) * BLOCK_N
     m_i = tl.full((BLOCK_M,), NEG_BIG, dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_DV), dtype=tl.float32)
     for start in range(lo, hi, BLOCK_N):
         p = start + offs_n  # [BN]
         in_seq = p < hi
-        k, v = _kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, s, p, in_seq, kvh, offs_d, d_mask,
-                        stride_kb, stride_kt, stride_kh, stride_bt, B)  # [BN, BD] x2
+        k, v = _kv_tile(k_cache_ptr, v_cache_ptr, block_tables_ptr, s, p, in_seq, kvh, offs_d, d_mask, offs_dv,
+                        dv_mask, stride_kb, stride_kt, stride_kh, stride_bt, B)  # [BN, BD], [BN, BDV]
         visible = in_seq[None, :] & (p[None, :] <= q_pos[:, None])  # [BM, BN]
         if window > 0:
             visible = visible & (p[None, :] > q_pos[:, None] - window)
         m_i, l_i, acc = _softmax_step(q, k, v, visible, m_i, l_i, acc, scale, DOT_FP32, FP32_IEEE)
 
-    out = acc / tl.where(m_mask, l_i, 1.0)[:, None]
-    tl.store(out_ptr + q_off[:, None] + offs_d[None, :],
+    out = _finish(acc, m_i, tl.where(m_mask, l_i, 1.0), sinks_ptr, kvh * G + g, m_mask, HAS_SINKS)
+    o_off = (q_start + qi).to(tl.int64) * stride_ot + (kvh * G + g) * stride_oh  # [BM]
+    tl.store(out_ptr + o_off[:, None] + offs_dv[None, :],
              round_to(out, out_ptr.dtype.element_ty, EMULATE_BF16).to(out_ptr.dtype.element_ty),
-             mask=m_mask[:, None] & d_mask[None, :])
+             mask=m_mask[:, None] & dv_mask[None, :])
 
 
 def decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n: int) -> int:
@@ -260,38 +293,43 @@ def decode_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, block_n: i
 def paged_decode(
     q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, max_seq_len: int, scale: float, window: int | None, num_splits: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q [S, H, Dh] (each sequence's one new token, at position seq_len - 1) -> [S, H, Dh]."""
+    """q [S, H, Dh] (each sequence's one new token, at position seq_len - 1) -> [S, H, Dv]."""
     S, H, Dh = q.shape
     _, B, Hkv, _ = key_cache.shape
+    Dv = value_cache.shape[-1]
     G = H // Hkv
     block_n = 32 if interpreting() else 64
     splits = num_splits or decode_splits(S, Hkv, max_seq_len, block_n)
     tiles = -(-max_seq_len // block_n)
     tiles_per_split = -(-tiles // splits)
     q = q.contiguous()
-    out = torch.empty_like(q)
+    out = q.new_empty(S, H, Dv)
     part_m = part_l = part_acc = out  # unused when splits == 1
     if splits > 1:
         part_m = torch.empty(S, H, splits, dtype=torch.float32, device=q.device)
         part_l = torch.empty_like(part_m)
-        part_acc = torch.empty(S, H, splits, Dh, dtype=torch.float32, device=q.device)
+        part_acc = torch.empty(S, H, splits, Dv, dtype=torch.float32, device=q.device)
     fp32 = q.dtype == torch.float32
-    block_d = max(16, triton.next_power_of_2(Dh))  # tl.dot needs every dimension >= 16
+    block_dv = max(16, triton.next_power_of_2(Dv))  # tl.dot needs every dimension >= 16
+    sinks_arg = sinks if sinks is not None else out
     decode_kernel[(S, Hkv, splits)](
-        q, key_cache, value_cache, block_tables, seq_lens, out, part_m, part_l, part_acc,
-        scale, window or 0, G, Dh, tiles_per_split,
+        q, key_cache, value_cache, block_tables, seq_lens, sinks_arg, out, part_m, part_l, part_acc,
+        scale, window or 0, G, Dh, Dv, tiles_per_split,
         q.stride(0), q.stride(1),
+        out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         block_tables.stride(0),
-        B=B, SPLITS=splits, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n, BLOCK_D=block_d,
+        B=B, SPLITS=splits, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,
+        BLOCK_D=max(16, triton.next_power_of_2(Dh)), BLOCK_DV=block_dv, HAS_SINKS=sinks is not None,
         DOT_FP32=interpreting() and not fp32, FP32_IEEE=fp32 and not interpreting(),
         EMULATE_BF16=emulate_bf16(q.dtype),
     )
     if splits > 1:
         decode_reduce_kernel[(S, H)](
-            part_m, part_l, part_acc, out, H, Dh, out.stride(0), out.stride(1),
-            SPLITS=splits, BLOCK_D=block_d, EMULATE_BF16=emulate_bf16(q.dtype),
+            part_m, part_l, part_acc, sinks_arg, out, H, Dv, out.stride(0), out.stride(1),
+            SPLITS=splits, BLOCK_D=block_dv, HAS_SINKS=sinks is not None, EMULATE_BF16=emulate_bf16(q.dtype),
         )
     return out
 
@@ -299,19 +337,21 @@ def paged_decode(
 def paged_prefill(
     q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
     seq_lens: torch.Tensor, query_start_loc: torch.Tensor, scale: float, window: int | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """q [T_g, H, Dh], sequence s owning rows query_start_loc[s]:[s + 1] at its last positions
-    -> [T_g, H, Dh]."""
+    -> [T_g, H, Dv]."""
     T, H, Dh = q.shape
     S = seq_lens.shape[0]
     _, B, Hkv, _ = key_cache.shape
+    Dv = value_cache.shape[-1]
     G = H // Hkv
     g_pad = triton.next_power_of_2(G)
     block_m, block_n = (16, 32) if interpreting() else (64, 64)
     block_m = max(block_m, g_pad)
     block_q = block_m // g_pad  # query positions per program
     q = q.contiguous()
-    out = torch.empty_like(q)
+    out = q.new_empty(T, H, Dv)
     # Program b -> (sequence, query block), with device ops: no host sync, no idle programs but
     # the at most S trailing ones (the grid is sized by T and S, which the host knows).
     num_programs = -(-T // block_q) + S
@@ -322,32 +362,39 @@ def paged_prefill(
     block_q_index = program - (ends - blocks)[block_seq.clamp(max=S - 1)]
     fp32 = q.dtype == torch.float32
     prefill_kernel[(num_programs, Hkv)](
-        q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, block_seq, block_q_index, out,
-        scale, window or 0, G, Dh, S,
+        q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, block_seq, block_q_index,
+        sinks if sinks is not None else out, out,
+        scale, window or 0, G, Dh, Dv, S,
         q.stride(0), q.stride(1),
+        out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         block_tables.stride(0),
-        B=B, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(Dh)), G_PAD=g_pad,
+        B=B, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=max(16, triton.next_power_of_2(Dh)),
+        BLOCK_DV=max(16, triton.next_power_of_2(Dv)), HAS_SINKS=sinks is not None, G_PAD=g_pad,
         DOT_FP32=interpreting() and not fp32, FP32_IEEE=fp32 and not interpreting(),
         EMULATE_BF16=emulate_bf16(q.dtype),
     )
     return out
 
 
-def paged_attention_triton(q, key_cache, value_cache, meta, scale: float, window: int | None) -> torch.Tensor:
+def paged_attention_triton(q, key_cache, value_cache, meta, scale: float, window: int | None,
+                           sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as moeserve.model.attention.paged_attention: q [T, H, Dh] against the cache
-    (already holding this step's keys/values) -> [T, H, Dh]. One decode launch (+ reduce) for
-    the decode group, one prefill launch for the rest."""
+    (already holding this step's keys/values) -> [T, H, Dv]. One decode launch (+ reduce) for
+    the decode group, one prefill launch for the rest. The value cache must share the key
+    cache's strides (a separate cache of the same shape, or MLA's view of the latent)."""
     if key_cache.stride(3) != 1 or value_cache.stride() != key_cache.stride():
         raise ValueError("key and value caches must share a layout with contiguous head dims")
-    out = torch.empty_like(q) if len(meta.groups) > 1 else None
+    Dv = value_cache.shape[-1]
+    out = q.new_empty(q.shape[0], q.shape[1], Dv) if len(meta.groups) > 1 else None
     for g in meta.groups:
         q_g = q[g.tokens] if out is not None else q
         if g.max_query_len == 1:
-            o = paged_decode(q_g, key_cache, value_cache, g.block_tables, g.seq_lens, g.max_seq_len, scale, window)
+            o = paged_decode(q_g, key_cache, value_cache, g.block_tables, g.seq_lens, g.max_seq_len, scale, window,
+                             sinks=sinks)
         else:
             o = paged_prefill(q_g, key_cache, value_cache, g.block_tables, g.seq_lens, g.query_start_loc,
-                              scale, window)
+                              scale, window, sinks=sinks)
         if out is None:
             return o
         out[g.tokens] = o

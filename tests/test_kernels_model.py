@@ -11,7 +11,9 @@ import torch
 
 from moeserve import load_model
 from moeserve.checkpoint import resolve_backends
-from moeserve.testing.checkpoints import SWA_ARCHS, TINY_ARCHS
+from moeserve.model.moe.experts import default_expert_backend
+from moeserve.model_config import ExpertActivation
+from moeserve.testing.checkpoints import NEW_ARCHS, SWA_ARCHS, TINY_ARCHS
 from moeserve.testing.equality import greedy_divergence
 from moeserve.testing.runner import ReferenceRunner
 
@@ -20,11 +22,14 @@ pytest.importorskip("triton")
 DECODE_STEPS = 4
 
 
-@pytest.mark.parametrize("arch", TINY_ARCHS + SWA_ARCHS[:1])
+@pytest.mark.parametrize("arch", TINY_ARCHS + SWA_ARCHS[:1] + NEW_ARCHS)
 def test_triton_backends_agree_with_torch_backends(arch, checkpoints, prompts, device):
+    """DeepSeek: MLA's absorbed decode and the grouped router run in the kernels. GPT-OSS: the
+    attention kernels with sinks and windows; its clamped, biased experts stay on torch."""
     picked = [prompts[0], prompts[3], prompts[-1]]  # 1 token, mid-length, the longest
     reference = load_model(checkpoints(arch), device=device, expert_backend="torch", attention_backend="torch")
-    kernels = load_model(checkpoints(arch), device=device, expert_backend="triton", attention_backend="triton")
+    experts = "torch" if arch == "gpt_oss" else "triton"
+    kernels = load_model(checkpoints(arch), device=device, expert_backend=experts, attention_backend="triton")
     assert kernels.model.layers[0].self_attn.backend == "triton"
     expected = ReferenceRunner(reference).greedy(picked, DECODE_STEPS)
     got = ReferenceRunner(kernels).greedy(picked, DECODE_STEPS)
@@ -32,13 +37,20 @@ def test_triton_backends_agree_with_torch_backends(arch, checkpoints, prompts, d
         assert greedy_divergence(a, b) is None, (len(prompt), greedy_divergence(a, b))
 
 
-def test_grouped_mm_backend_agrees_with_torch_backend(checkpoints, prompts):
-    reference = load_model(checkpoints("qwen3_moe"), expert_backend="torch")
-    grouped = load_model(checkpoints("qwen3_moe"), expert_backend="grouped_mm")
+@pytest.mark.parametrize("arch", ["qwen3_moe", "gpt_oss"])
+def test_grouped_mm_backend_agrees_with_torch_backend(arch, checkpoints, prompts):
+    """GPT-OSS: grouped_mm computes its biased, clamped experts too."""
+    reference = load_model(checkpoints(arch), expert_backend="torch")
+    grouped = load_model(checkpoints(arch), expert_backend="grouped_mm")
     expected = ReferenceRunner(reference).greedy(prompts, DECODE_STEPS)
     got = ReferenceRunner(grouped).greedy(prompts, DECODE_STEPS)
     for a, b in zip(expected, got):
         assert greedy_divergence(a, b) is None, greedy_divergence(a, b)
+
+
+def test_gpt_oss_experts_on_the_triton_kernels_are_refused_by_name(checkpoints):
+    with pytest.raises(ValueError, match="triton moe backend cannot compute GptOssForCausalLM's experts"):
+        load_model(checkpoints("gpt_oss"), expert_backend="triton")
 
 
 def test_backend_choice_follows_the_device(monkeypatch):
@@ -48,6 +60,8 @@ def test_backend_choice_follows_the_device(monkeypatch):
         assert resolve_backends("auto", "auto", "cuda") == ("triton", "triton")
     with pytest.raises(ValueError, match="grouped_mm moe backend takes bfloat16 on CUDA"):
         resolve_backends("grouped_mm", "torch", "cuda", torch.float32)
+    # GPT-OSS's experts (clamped SwiGLU, biases) have no triton kernel: auto picks torch even on CUDA.
+    assert default_expert_backend("cuda", ExpertActivation("clamped_swiglu"), True) == "torch"
     with pytest.raises(ValueError, match="unknown moe backend 'cutlass'"):
         resolve_backends("cutlass", "auto", "cpu")
     with pytest.raises(ValueError, match="unknown attention backend"):

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from moeserve.model.moe.experts import GroupedMMExpertBackend, TorchExpertBackend
 from moeserve.model.moe.router import select_experts_torch
+from moeserve.model_config import RouterConfig
 
 triton = pytest.importorskip("triton")
 
@@ -270,3 +271,27 @@ def test_router_kernel_takes_a_k_per_token(dtype, device):
         assert (ids[row, k:] == E).all() and (w[row, k:] == 0).all() and (ids[row, :k] < E).all()
     torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-7)
     assert torch.allclose(w.sum(dim=1), torch.ones(T, device=device))
+
+
+@pytest.mark.parametrize("name,spec,renorm", [
+    ("deepseek_v3", RouterConfig("sigmoid", "group_top2_sum", 4, 2, 2.5, correction_bias=True), True),
+    ("deepseek_v2", RouterConfig("softmax", "group_max", 4, 1, 1.5), False),
+    ("gpt_oss", RouterConfig("topk_softmax", bias=True), True),
+])
+@pytest.mark.parametrize("k", [3, 1])
+def test_grouped_and_topk_softmax_router_kernel_matches_torch(name, spec, renorm, k, device):
+    """The DeepSeek group-limited routers and GPT-OSS's top-K softmax, at the model's K and at a
+    lowered K, against select_experts_torch (random fp32 logits: no ties)."""
+    T, E, K = 37, 12, 3
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(T, E, generator=gen).to(device)
+    correction = (0.3 * torch.randn(E, generator=gen)).to(device) if spec.correction_bias else None
+    k_t = torch.tensor(k, device=device)
+    w_ref, ids_ref = select_experts_torch(logits, K, k_t, renorm, spec, correction)
+    w, ids = fused_topk(logits, K, k_t, renorm, spec=spec, correction_bias=correction)
+    assert torch.equal(ids, ids_ref), name
+    assert (ids[:, k:] == E).all() and (w[:, k:] == 0).all()
+    torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-6)
+    if spec.group_select != "none" and k == K:  # the group limit changed some token's choice
+        plain = torch.topk(logits, K).indices
+        assert any(set(plain[t, :k].tolist()) != set(ids[t, :k].tolist()) for t in range(T))

@@ -120,3 +120,44 @@ def test_unknown_attention_backend_is_refused():
     assert get_attention_backend("triton") is paged_attention_triton
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         get_attention_backend("flash")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [1, 4])
+def test_mla_absorbed_decode_reads_the_latent_cache_in_place(splits, dtype, device):
+    """MLA's absorbed decode: one KV head of R + Dr key values whose value is the view of its
+    first R (Dv != Dk, value strides = key strides), all H query heads on it (G = H)."""
+    H, R, Dr, B = 8, 20, 8, 4
+    seqs = [(37, 1), (5, 1), (70, 1)]
+    q, key, _, meta = _batch(seqs, H, 1, R + Dr, B, dtype, device, seed=11)
+    value = key[..., :R]
+    (g,) = meta.groups
+    scale = 0.3
+    expected = paged_attention(q, key, value, meta, scale, None)
+    assert expected.shape == (3, H, R)
+    got = paged_decode(q, key, value, g.block_tables, g.seq_lens, g.max_seq_len, scale, None, num_splits=splits)
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    else:
+        exact = paged_attention(q.double().cpu(), key.double().cpu(), key.double().cpu()[..., :R], _to_cpu(meta),
+                                scale, None)
+        err_got, err_ref = ((t.cpu().double() - exact).abs().max().item() for t in (got, expected))
+        assert err_got <= 2 * err_ref + torch.finfo(dtype).eps * exact.abs().max().item()
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("window", [None, 6])
+def test_sinks_join_every_softmax(window, splits, device):
+    """GPT-OSS attention sinks in the decode (with splits) and prefill kernels, fp32; sinks
+    large enough to take most of the probability, so a kernel ignoring them fails."""
+    H, Hkv, Dh, B = 4, 2, 16, 4
+    q, key, value, meta = _batch(MIXED + [(70, 1)], H, Hkv, Dh, B, torch.float32, device, seed=4)
+    sinks = torch.tensor([3.0, -1.0, 0.5, 6.0], device=device)
+    expected = paged_attention(q, key, value, meta, Dh**-0.5, window, sinks)
+    assert (expected - paged_attention(q, key, value, meta, Dh**-0.5, window)).abs().max() > 0.1
+    got = paged_attention_triton(q, key, value, meta, Dh**-0.5, window, sinks)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    decodes = next(g for g in meta.groups if g.max_query_len == 1)
+    got = paged_decode(q[decodes.tokens], key, value, decodes.block_tables, decodes.seq_lens, decodes.max_seq_len,
+                       Dh**-0.5, window, num_splits=splits, sinks=sinks)
+    torch.testing.assert_close(got, expected[decodes.tokens], rtol=1e-5, atol=1e-5)
