@@ -577,7 +577,8 @@ def _parse_deepseek(r: _Reader) -> ModelConfig:
     rope = common["rope"]
     scale = mla.qk_head_dim**-0.5
     if rope.rope_type != "default" and rope.mscale_all_dim:
-        scale *= _yarn_mscale(rope.factor, float(rope.mscale_all_dim)) ** 2
+        mscale = _yarn_mscale(rope.factor, float(rope.mscale_all_dim))
+        scale = scale * mscale * mscale  # in transformers' order: the same float
     n_shared = int(r.get("n_shared_experts") or 0)
     moe_intermediate = int(r.req("moe_intermediate_size"))
     return ModelConfig(
