@@ -43,6 +43,8 @@ def models(tmp_path_factory):
         "qwen2_moe": make_tiny_checkpoint("qwen2_moe", root / "qwen2_moe"),  # with its shared expert
         "qwen3_moe": make_tiny_checkpoint("qwen3_moe", root / "qwen3_moe", num_experts=10),
         "olmoe": make_tiny_checkpoint("olmoe", root / "olmoe"),
+        "deepseek_v3": make_tiny_checkpoint("deepseek_v3", root / "deepseek_v3"),  # grouped routing, MLA
+        "gpt_oss": make_tiny_checkpoint("gpt_oss", root / "gpt_oss"),  # expert biases travel with their slots
     }
 
 
@@ -76,10 +78,12 @@ def _expert_bytes_per_slot(model: Path) -> int:
     from moeserve import ModelConfig
 
     mc = ModelConfig.from_pretrained(model)
-    return 3 * mc.hidden_size * mc.moe_intermediate_size * 4 * mc.num_moe_layers  # fp32
+    D, I = mc.hidden_size, mc.moe_intermediate_size
+    biases = 2 * I + D if mc.expert_bias else 0
+    return (3 * D * I + biases) * 4 * mc.num_moe_layers  # fp32
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"])
 def test_two_and_four_workers_equal_one(cluster, models, prompts, tmp_path, arch):
     model = models[arch]
     prompt_file = tmp_path / "prompts.json"
