@@ -44,20 +44,34 @@ def _moe(act: bool, dtype: str, ieee: bool, bm: int, bn: int, bk: int, warps: in
     )
 
 
-def _attention(kind: str, dtype: str, **extra) -> Variant:
+def _attention(kind: str, dtype: str, label: str = "", **extra) -> Variant:
     cache = {"k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}", "block_tables_ptr": "*i64",
-             "seq_lens_ptr": "*i64"}
-    common = dict(DOT_FP32=False, FP32_IEEE=dtype == "fp32", EMULATE_BF16=False, B=16, BLOCK_D=128)
-    aligned = ("Dh", "stride_qh", "stride_kb", "stride_kt", "stride_kh")
+             "seq_lens_ptr": "*i64", "sinks_ptr": f"*{dtype}"}
+    common = dict(DOT_FP32=False, FP32_IEEE=dtype == "fp32", EMULATE_BF16=False, B=16, BLOCK_D=128, BLOCK_DV=128,
+                  HAS_SINKS=False)
+    aligned = ("Dh", "Dv", "stride_qh", "stride_oh", "stride_kb", "stride_kt", "stride_kh")
     if kind == "decode":
-        return Variant(f"decode[{dtype},splits={extra['SPLITS']}]", "moeserve.kernels.paged_attention:decode_kernel",
+        extra = {"BLOCK_G": 16, **extra}
+        return Variant(f"decode[{dtype},splits={extra['SPLITS']}{label}]",
+                       "moeserve.kernels.paged_attention:decode_kernel",
                        {"q_ptr": f"*{dtype}", **cache, "out_ptr": f"*{dtype}", "part_m_ptr": "*fp32",
                         "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32"},
-                       dict(common, BLOCK_G=16, BLOCK_N=64, **extra), aligned=aligned + ("stride_qs",))
-    return Variant(f"prefill[{dtype}]", "moeserve.kernels.paged_attention:prefill_kernel",
+                       dict(common, **{"BLOCK_N": 64, **extra}), aligned=aligned + ("stride_qs", "stride_os"))
+    return Variant(f"prefill[{dtype}{label}]", "moeserve.kernels.paged_attention:prefill_kernel",
                    {"q_ptr": f"*{dtype}", **cache, "query_start_ptr": "*i64", "block_seq_ptr": "*i64",
                     "block_q_ptr": "*i64", "out_ptr": f"*{dtype}"},
-                   dict(common, BLOCK_M=64, BLOCK_N=64, G_PAD=4), 4, 3, aligned=aligned + ("stride_qt",))
+                   dict(common, **{"BLOCK_M": 64, "BLOCK_N": 64, "G_PAD": 4, **extra}), 4, 3,
+                   aligned=aligned + ("stride_qt", "stride_ot"))
+
+
+def _router(label: str, E: int, K: int, scoring: int, group_select: int = 0, n_group: int = 1,
+            topk_group: int = 1) -> Variant:
+    return Variant(f"router[{label},K={K},E={E}]", "moeserve.kernels.router:topk_router_kernel",
+                   {"logits_ptr": "*fp32" if group_select else "*bf16", "k_ptr": "*i64", "correction_ptr": "*fp32",
+                    "weights_ptr": "*fp32", "ids_ptr": "*i64"},
+                   dict(TOP_K=K, SCORING=scoring, RENORMALIZE=True, CORRECTION=group_select == 2,
+                        GROUP_SELECT=group_select, N_GROUP=n_group, TOPK_GROUP=topk_group, BLOCK_T=32 if E <= 128 else 8,
+                        BLOCK_E=1 << (E - 1).bit_length(), BLOCK_K=1 << (K - 1).bit_length(), BLOCK_GR=n_group))
 
 
 VARIANTS = (
@@ -71,17 +85,25 @@ VARIANTS = (
             {"slots_ptr": "*i64", "sorted_ids_ptr": "*i32", "block_slot_ptr": "*i32", "num_padded_ptr": "*i32",
              "local_slot_ptr": "*i64", "shift_ptr": "*i32"},
             dict(HAS_LOCAL=True, BM=16, BLOCK_N=512, BLOCK_P=256, BLOCK_B=256, FILL=1024)),
-    Variant("router[softmax,K=8,E=128]", "moeserve.kernels.router:topk_router_kernel",
-            {"logits_ptr": "*bf16", "k_ptr": "*i64", "weights_ptr": "*fp32", "ids_ptr": "*i64"},
-            dict(TOP_K=8, SIGMOID=False, RENORMALIZE=True, BLOCK_T=32, BLOCK_E=128, BLOCK_K=8)),
+    _router("softmax", 128, 8, 0),
+    _router("deepseek-v3 groups", 256, 8, 1, group_select=2, n_group=8, topk_group=4),  # fp32 logits
+    _router("deepseek-v2 groups", 160, 6, 0, group_select=1, n_group=8, topk_group=3),
+    _router("gpt-oss topk_softmax", 32, 4, 2),
     _attention("decode", "bf16", SPLITS=1),
     _attention("decode", "bf16", SPLITS=8),
     _attention("decode", "fp32", SPLITS=1),
+    # GPT-OSS: sinks, head dim 64, 8 query heads per KV head.
+    _attention("decode", "bf16", ",sinks", SPLITS=8, HAS_SINKS=True, BLOCK_D=64, BLOCK_DV=64),
+    # DeepSeek-V3 absorbed MLA decode: 128 heads on one latent KV head, 16 per program, key
+    # 512 + 64 (padded to 1024), value 512, KV tiles of 16: the launcher's choice. Not tuned.
+    _attention("decode", "bf16", ",mla", SPLITS=1, BLOCK_G=16, BLOCK_D=1024, BLOCK_DV=512, BLOCK_N=16),
     Variant("decode_reduce", "moeserve.kernels.paged_attention:decode_reduce_kernel",
-            {"part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32", "out_ptr": "*bf16"},
-            dict(SPLITS=8, BLOCK_D=128, EMULATE_BF16=False), aligned=("Dh", "stride_os", "stride_oh")),
+            {"part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "part_acc_ptr": "*fp32", "sinks_ptr": "*bf16",
+             "out_ptr": "*bf16"},
+            dict(SPLITS=8, BLOCK_D=128, HAS_SINKS=True, EMULATE_BF16=False), aligned=("Dh", "stride_os", "stride_oh")),
     _attention("prefill", "bf16"),
     _attention("prefill", "fp16"),
+    _attention("prefill", "bf16", ",sinks", HAS_SINKS=True, BLOCK_D=64, BLOCK_DV=64, G_PAD=8),
 )
 
 
@@ -95,7 +117,7 @@ def compile_variant(v: Variant, arch: int) -> dict:
     module, name = v.kernel.split(":")
     fn = getattr(importlib.import_module(module), name)
     names = fn.arg_names
-    scalars = {"scale": "fp32"}
+    scalars = {"scale": "fp32", "scaling": "fp32"}
     signature = {n: v.pointers.get(n) or ("constexpr" if n in v.constexprs else scalars.get(n, "i32"))
                  for n in names}
     constexprs = {(names.index(k),): value for k, value in v.constexprs.items()}

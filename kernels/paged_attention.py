@@ -11,9 +11,9 @@ Visibility, as in the torch path: the query at position p sees key j iff j <= p 
 (window is None or j > p - window). Scores and softmax are fp32 (online softmax, flash style);
 the output is cast to q's dtype.
 
-    decode  (one new token per sequence)   grid (S, Hkv, SPLITS)
+    decode  (one new token per sequence)   grid (S, Hkv * head_chunks, SPLITS)
         program = one sequence, the G query heads of one KV head (each K/V tile loaded once for
-        all G), one contiguous range of KV tiles. With SPLITS > 1 (few sequences, long context:
+        all G; for wide MLA entries 16 of them per program), one contiguous range of KV tiles. With SPLITS > 1 (few sequences, long context:
         flash-decoding) each split writes (max, sum, acc) to fp32 scratch and
         `decode_reduce_kernel` merges them.
     prefill (q_len >= 1, after a cached prefix)   grid (ceil(T / BLOCK_Q) + S, Hkv)
@@ -98,9 +98,11 @@ def decode_kernel(
     scale,
     window,  # 0 = no window
     G,
+    H,
     Dh,
     Dv,
     tiles_per_split,
+    head_chunks,  # programs per KV head along axis 1, each taking BLOCK_G of its G query heads
     stride_qs, stride_qh,
     stride_os, stride_oh,
     stride_kb, stride_kt, stride_kh,
@@ -118,11 +120,12 @@ def decode_kernel(
     EMULATE_BF16: tl.constexpr,
 ):
     s = tl.program_id(0)
-    kvh = tl.program_id(1)
+    kvh = tl.program_id(1) // head_chunks
+    chunk = tl.program_id(1) % head_chunks
     split = tl.program_id(2)
     L = tl.load(seq_lens_ptr + s).to(tl.int32)
     pos = L - 1
-    offs_g = tl.arange(0, BLOCK_G)
+    offs_g = chunk * BLOCK_G + tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -155,7 +158,7 @@ def decode_kernel(
                  round_to(out, out_ptr.dtype.element_ty, EMULATE_BF16).to(out_ptr.dtype.element_ty),
                  mask=g_mask[:, None] & dv_mask[None, :])
     else:
-        row = (s * G * tl.num_programs(1) + heads) * SPLITS + split  # [BG] index into [S, H, SPLITS]
+        row = (s * H + heads) * SPLITS + split  # [BG] index into [S, H, SPLITS]
         tl.store(part_m_ptr + row, m_i, mask=g_mask)
         tl.store(part_l_ptr + row, l_i, mask=g_mask)
         tl.store(part_acc_ptr + row[:, None] * Dv + offs_dv[None, :], acc, mask=g_mask[:, None] & dv_mask[None, :])
@@ -312,17 +315,26 @@ def paged_decode(
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty(S, H, splits, Dv, dtype=torch.float32, device=q.device)
     fp32 = q.dtype == torch.float32
-    block_dv = max(16, triton.next_power_of_2(Dv))  # tl.dot needs every dimension >= 16
+    block_d = max(16, triton.next_power_of_2(Dh))  # tl.dot needs every dimension >= 16
+    block_dv = max(16, triton.next_power_of_2(Dv))
+    # Wide entries (MLA's absorbed decode: key 576, value 512, 128 heads on one KV head) take
+    # 16 query heads per program and smaller KV tiles, so that a program's tiles fit in shared
+    # memory; otherwise all G heads of a KV head share each tile load.
+    wide = block_d > 256
+    block_g = 16 if wide else max(16, triton.next_power_of_2(G))
+    if wide and not interpreting():
+        block_n = 16
+    head_chunks = -(-G // block_g)
     sinks_arg = sinks if sinks is not None else out
-    decode_kernel[(S, Hkv, splits)](
+    decode_kernel[(S, Hkv * head_chunks, splits)](
         q, key_cache, value_cache, block_tables, seq_lens, sinks_arg, out, part_m, part_l, part_acc,
-        scale, window or 0, G, Dh, Dv, tiles_per_split,
+        scale, window or 0, G, H, Dh, Dv, tiles_per_split, head_chunks,
         q.stride(0), q.stride(1),
         out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
         block_tables.stride(0),
-        B=B, SPLITS=splits, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_N=block_n,
-        BLOCK_D=max(16, triton.next_power_of_2(Dh)), BLOCK_DV=block_dv, HAS_SINKS=sinks is not None,
+        B=B, SPLITS=splits, BLOCK_G=block_g, BLOCK_N=block_n,
+        BLOCK_D=block_d, BLOCK_DV=block_dv, HAS_SINKS=sinks is not None,
         DOT_FP32=interpreting() and not fp32, FP32_IEEE=fp32 and not interpreting(),
         EMULATE_BF16=emulate_bf16(q.dtype),
     )

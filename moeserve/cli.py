@@ -20,8 +20,23 @@ def _inspect(args: argparse.Namespace) -> int:
           f"{config.num_layers - config.num_moe_layers} dense)")
     print(f"hidden / heads    {config.hidden_size} / {config.num_heads} q, {config.num_kv_heads} kv, "
           f"head_dim {config.head_dim}")
+    if config.mla is not None:
+        m = config.mla
+        print(f"attention         MLA: kv_lora_rank {m.kv_lora_rank}, q_lora_rank {m.q_lora_rank}, "
+              f"nope/rope/v dims {m.qk_nope_head_dim}/{m.qk_rope_head_dim}/{m.v_head_dim}")
+    if config.attention_sinks:
+        print("attention         sinks (one learned logit per head)")
+    heads, key_dim, value_dim = config.kv_entry
+    cached = heads * key_dim if config.mla is not None else heads * (key_dim + value_dim)
+    print(f"kv cache          {cached} values per token per layer")
     print(f"experts           {config.num_experts}, top-{config.top_k}, intermediate "
           f"{config.moe_intermediate_size}, renormalise {config.renormalize}")
+    r = config.router
+    print(f"router            {r.scoring}, groups {r.group_select} ({r.topk_group} of {r.n_group}), "
+          f"scale {r.routed_scaling_factor:g}, expert activation {config.expert_activation.kind}"
+          f"{', expert biases' if config.expert_bias else ''}")
+    if config.quantization:
+        print(f"quantization      {config.quantization} (dequantised at load)")
     if config.shared_expert_intermediate_size:
         print(f"shared expert     intermediate {config.shared_expert_intermediate_size}")
     print(f"rope              {config.rope.rope_type}, theta {config.rope.theta:g}")

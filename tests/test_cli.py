@@ -18,6 +18,14 @@ def test_inspect_describes_the_checkpoint(checkpoints):
     assert "shared expert     intermediate 80" in result.stdout
 
 
+def test_inspect_describes_mla_and_the_grouped_router(checkpoints):
+    result = _run("inspect", str(checkpoints("deepseek_v3")))
+    assert result.returncode == 0, result.stderr
+    assert "MLA: kv_lora_rank 20, q_lora_rank 24, nope/rope/v dims 12/8/10" in result.stdout
+    assert "kv cache          28 values per token per layer" in result.stdout
+    assert "router            sigmoid, groups group_top2_sum (2 of 4), scale 2.5" in result.stdout
+
+
 def test_bad_checkpoint_is_one_clear_line(tmp_path):
     result = _run("inspect", str(tmp_path))
     assert result.returncode == 1

@@ -124,10 +124,12 @@ def test_unknown_attention_backend_is_refused():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("splits", [1, 4])
-def test_mla_absorbed_decode_reads_the_latent_cache_in_place(splits, dtype, device):
+@pytest.mark.parametrize("H,R,Dr", [(8, 20, 8), (20, 260, 40)])
+def test_mla_absorbed_decode_reads_the_latent_cache_in_place(H, R, Dr, splits, dtype, device):
     """MLA's absorbed decode: one KV head of R + Dr key values whose value is the view of its
-    first R (Dv != Dk, value strides = key strides), all H query heads on it (G = H)."""
-    H, R, Dr, B = 8, 20, 8, 4
+    first R (Dv != Dk, value strides = key strides), all H query heads on it (G = H). The wide
+    case takes the launcher's other shape: 16 heads per program, two programs per KV head."""
+    B = 4
     seqs = [(37, 1), (5, 1), (70, 1)]
     q, key, _, meta = _batch(seqs, H, 1, R + Dr, B, dtype, device, seed=11)
     value = key[..., :R]
