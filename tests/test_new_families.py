@@ -19,7 +19,6 @@ from moeserve.model.moe.router import select_experts_torch
 from moeserve.model_config import ModelConfig, RouterConfig
 from moeserve.mxfp4 import dequantize_mxfp4
 from moeserve.testing.checkpoints import MTP_TENSORS, NEW_ARCHS, quantize_mxfp4, write_mxfp4_copy
-from moeserve.testing.equality import greedy_divergence
 from moeserve.testing.oracle import hf_logits, load_hf_model
 from moeserve.testing.runner import ReferenceRunner
 from moeserve.worker.kv_sizing import kv_block_bytes
