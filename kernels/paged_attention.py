@@ -13,9 +13,9 @@ the output is cast to q's dtype.
 
     decode  (one new token per sequence)   grid (S, Hkv * head_chunks, SPLITS)
         program = one sequence, the G query heads of one KV head (each K/V tile loaded once for
-        all G; for wide MLA entries 16 of them per program), one contiguous range of KV tiles. With SPLITS > 1 (few sequences, long context:
-        flash-decoding) each split writes (max, sum, acc) to fp32 scratch and
-        `decode_reduce_kernel` merges them.
+        all G; for wide MLA entries 16 of them per program), one contiguous range of KV tiles.
+        With SPLITS > 1 (few sequences, long context: flash-decoding) each split writes (max,
+        sum, acc) to fp32 scratch and `decode_reduce_kernel` merges them.
     prefill (q_len >= 1, after a cached prefix)   grid (ceil(T / BLOCK_Q) + S, Hkv)
         program = BLOCK_Q consecutive queries of one sequence x the G query heads of one KV head,
         packed as BLOCK_M = BLOCK_Q * G_PAD rows of one dot (each K/V tile loaded once for all G;
@@ -303,8 +303,17 @@ def paged_decode(
     _, B, Hkv, _ = key_cache.shape
     Dv = value_cache.shape[-1]
     G = H // Hkv
-    block_n = 32 if interpreting() else 64
-    splits = num_splits or decode_splits(S, Hkv, max_seq_len, block_n)
+    block_d = max(16, triton.next_power_of_2(Dh))  # tl.dot needs every dimension >= 16
+    block_dv = max(16, triton.next_power_of_2(Dv))
+    # Wide entries (MLA's absorbed decode: key 576, value 512, 128 heads on one KV head) take
+    # 16 query heads per program and 16-position KV tiles, so that a program's tiles fit in
+    # shared memory; otherwise all G heads of a KV head share each tile load. The tile size
+    # is fixed before the splits: a split's range is counted in tiles.
+    wide = block_d > 256
+    block_g = 16 if wide else max(16, triton.next_power_of_2(G))
+    block_n = 16 if wide else 32 if interpreting() else 64
+    head_chunks = -(-G // block_g)
+    splits = num_splits or decode_splits(S, Hkv * head_chunks, max_seq_len, block_n)
     tiles = -(-max_seq_len // block_n)
     tiles_per_split = -(-tiles // splits)
     q = q.contiguous()
@@ -315,16 +324,6 @@ def paged_decode(
         part_l = torch.empty_like(part_m)
         part_acc = torch.empty(S, H, splits, Dv, dtype=torch.float32, device=q.device)
     fp32 = q.dtype == torch.float32
-    block_d = max(16, triton.next_power_of_2(Dh))  # tl.dot needs every dimension >= 16
-    block_dv = max(16, triton.next_power_of_2(Dv))
-    # Wide entries (MLA's absorbed decode: key 576, value 512, 128 heads on one KV head) take
-    # 16 query heads per program and smaller KV tiles, so that a program's tiles fit in shared
-    # memory; otherwise all G heads of a KV head share each tile load.
-    wide = block_d > 256
-    block_g = 16 if wide else max(16, triton.next_power_of_2(G))
-    if wide and not interpreting():
-        block_n = 16
-    head_chunks = -(-G // block_g)
     sinks_arg = sinks if sinks is not None else out
     decode_kernel[(S, Hkv * head_chunks, splits)](
         q, key_cache, value_cache, block_tables, seq_lens, sinks_arg, out, part_m, part_l, part_acc,

@@ -26,6 +26,7 @@ from torch import nn
 
 from moeserve.model_config import CheckpointError, ModelConfig, parse_dtype
 from moeserve.model.decoder import MoEForCausalLM
+from moeserve.model.moe import SparseMoE
 from moeserve.model.moe.dispatch import ExpertParallelGroup
 from moeserve.mxfp4 import dequantize_mxfp4
 
@@ -236,8 +237,8 @@ def _materialise(model: nn.Module, device: torch.device, dtype: torch.dtype) -> 
                 if t is None:
                     continue
                 if id(t) not in made:
-                    # keep_fp32: a parameter the family keeps in fp32 (DeepSeek-V3's correction bias).
-                    keep = getattr(t, "keep_fp32", False)
+                    # A module's keep_fp32_params stay fp32 in any model dtype (V3's correction bias).
+                    keep = name in getattr(module, "keep_fp32_params", ())
                     target = dtype if as_param and t.is_floating_point() and not keep else t.dtype
                     new = torch.empty(t.shape, dtype=target, device=device)
                     made[id(t)] = nn.Parameter(new, requires_grad=False) if as_param else new
@@ -314,8 +315,10 @@ def _fill(model: MoEForCausalLM, config: ModelConfig, files: list[Path]) -> None
         stacked_match = _STACKED_RE.match(name) if _stacked(config) else None
         if stacked_match:
             layer, part = int(stacked_match[1]), stacked_match[2] + (stacked_match[3] or "")
-            if layer not in moe_layer_ids or (layer, part) not in experts_needed:
+            if layer not in moe_layer_ids or part not in _stacked_parts(config):
                 raise CheckpointError(f"unexpected tensor {hub_name} for a {config.architecture} with this config")
+            if (layer, part) not in experts_needed:
+                raise CheckpointError(f"tensor {hub_name} appears twice")
             pending.setdefault(layer, {})[part] = tensor
             experts_needed.discard((layer, part))
             if len(pending[layer]) == len(_stacked_parts(config)):
@@ -354,7 +357,8 @@ def _fill(model: MoEForCausalLM, config: ModelConfig, files: list[Path]) -> None
         raise CheckpointError(f"checkpoint is missing tensor(s): {', '.join(missing[:5])}{more}")
 
 
-def _fill_stacked(mlp, parts: dict[str, torch.Tensor], config: ModelConfig, home, hub_name: str) -> None:
+def _fill_stacked(mlp: SparseMoE, parts: dict[str, torch.Tensor], config: ModelConfig, home: list[int],
+                  hub_name: str) -> None:
     """One GPT-OSS layer's stacked expert tensors into the slots this worker holds."""
     E = config.num_experts
     for part, t in parts.items():

@@ -558,8 +558,8 @@ def _parse_deepseek(r: _Reader) -> ModelConfig:
         raise CheckpointError(f"{r.family}: moe_layer_freq={r.get('moe_layer_freq')} is not supported (only 1)")
     n, E = common["num_layers"], common["num_experts"]
     first_dense = int(r.get("first_k_dense_replace"))
-    method = "noaux_tc" if v3 else r.get("topk_method")
-    if method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+    method = "noaux_tc" if v3 else r.get("topk_method")  # V3 always routes noaux_tc in transformers
+    if method not in (("noaux_tc",) if v3 else ("greedy", "group_limited_greedy")):
         raise CheckpointError(f"{r.family}: unsupported topk_method {method!r}; "
                               "moeserve supports greedy and group_limited_greedy")
     grouped = method != "greedy"

@@ -106,7 +106,7 @@ def test_two_and_four_workers_equal_one(cluster, models, prompts, tmp_path, arch
         assert got["expert_bytes"] == [n * _expert_bytes_per_slot(model) for n in shares]
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"])
 def test_overlapped_micro_batches_equal_one_worker(cluster, models, prompts, tmp_path, arch):
     """Every step with >= 2 tokens on each worker runs as two micro-batches whose all-to-alls
     overlap (the first three steps have an idle worker: those are not split on any rank)."""

@@ -6,7 +6,6 @@ test actually changes the result on the tiny checkpoints."""
 from __future__ import annotations
 
 import json
-import math
 from collections import Counter
 
 import pytest
@@ -16,7 +15,7 @@ from moeserve import load_model
 from moeserve.errors import CheckpointError
 from moeserve.model.attention import PagedKVCache
 from moeserve.model.moe.router import select_experts_torch
-from moeserve.model_config import ModelConfig, RouterConfig
+from moeserve.model_config import ModelConfig
 from moeserve.mxfp4 import dequantize_mxfp4
 from moeserve.testing.checkpoints import MTP_TENSORS, NEW_ARCHS, quantize_mxfp4, write_mxfp4_copy
 from moeserve.testing.oracle import hf_logits, load_hf_model
@@ -86,13 +85,6 @@ def test_absorbed_attention_equals_decompressed_attention(arch, checkpoints, pro
     assert calls == []
 
 
-def test_yarn_mscale_scales_deepseek_attention(checkpoints):
-    config = ModelConfig.from_pretrained(checkpoints("deepseek_v3"))
-    m = config.mla
-    mscale = 0.1 * 1.0 * math.log(4.0) + 1.0  # factor 4, mscale_all_dim 1
-    assert config.attention_scale == pytest.approx(m.qk_head_dim**-0.5 * mscale * mscale, rel=1e-12)
-
-
 # --- routers -----------------------------------------------------------------------------------
 
 
@@ -147,14 +139,19 @@ def test_router_equals_transformers_router_module(arch, method):
 
 @pytest.mark.parametrize("arch", NEW_ARCHS)
 def test_runtime_k_equals_transformers_saved_with_that_k(arch, checkpoints, prompts):
+    """Every k below the model's K (V3 renormalises over k, GPT-OSS softmaxes k logits, V2
+    keeps raw scaled scores), then back to K, without reloading."""
     path = checkpoints(arch)
     model = load_model(path)
-    hf_full, hf_top1 = load_hf_model(path), load_hf_model(path, num_experts_per_tok=1)
-    model.set_top_k(1)
-    for p in (prompts[7], prompts[4]):
-        assert _max_abs(ReferenceRunner(model).step({0: p})[0], hf_logits(hf_top1, p)) < LOGIT_ATOL
-    assert int(model.expert_load().logical.sum()) == model.config.num_moe_layers * len(prompts[4])
-    model.set_top_k(model.config.top_k)
+    K = model.config.top_k
+    for k in range(1, K):
+        hf_k = load_hf_model(path, num_experts_per_tok=k)
+        model.set_top_k(k)
+        for p in (prompts[7], prompts[4]):
+            assert _max_abs(ReferenceRunner(model).step({0: p})[0], hf_logits(hf_k, p)) < LOGIT_ATOL, f"k={k}"
+        assert int(model.expert_load().logical.sum()) == model.config.num_moe_layers * k * len(prompts[4])
+    model.set_top_k(K)
+    hf_full = load_hf_model(path)
     assert _max_abs(ReferenceRunner(model).step({0: prompts[7]})[0], hf_logits(hf_full, prompts[7])) < LOGIT_ATOL
 
 
@@ -254,6 +251,65 @@ def test_mxfp4_checkpoint_loads_the_same_model_as_its_dense_copy(checkpoints, pr
         load_model(quantized)
 
 
+def test_read_expert_returns_the_loaded_slot_tensors(checkpoints, tmp_path):
+    """What a restarted expert-parallel worker reads for one expert equals what the loader put
+    in its slot, from the stacked dense tensors and from MXFP4 blocks."""
+    from moeserve.checkpoint import read_expert
+
+    dense = checkpoints("gpt_oss")
+    for path in (dense, write_mxfp4_copy(dense, tmp_path / "mxfp4")):
+        model = load_model(path)
+        config = model.config
+        for moe_layer, expert in ((0, 5), (2, 0)):
+            values = read_expert(path, config, config.moe_layer_ids[moe_layer], expert)
+            moe = model.moe_layers[moe_layer]
+            assert len(values) == 4
+            for tensor, value in zip(moe.slot_tensors(), values):
+                assert torch.equal(tensor[expert], value.to(tensor.dtype))
+
+
+def test_bad_stacked_expert_tensors_are_refused_by_name(checkpoints, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    dense = checkpoints("gpt_oss")
+    quantized = write_mxfp4_copy(dense, tmp_path / "q")
+    file = quantized / "model.safetensors"
+    original = load_file(file)
+    name = "model.layers.1.mlp.experts.gate_up_proj"
+    for change, message in (
+        (lambda t: t.pop(name + "_scales"), f"missing tensor.*{name}_scales"),
+        (lambda t: t.__setitem__(name + "_blocks", t[name + "_blocks"][:-1].clone()), "expected 8 experts"),
+        (lambda t: t.__setitem__(name + "_scales", t[name + "_scales"].float()), "MXFP4 needs uint8"),
+        (lambda t: t.__setitem__("model.layers.1.mlp.experts.up_proj", t["model.layers.0.mlp.router.bias"].clone()),
+         "unexpected tensor model.layers.1.mlp.experts.up_proj"),
+    ):
+        tensors = dict(original)
+        change(tensors)
+        save_file(tensors, file, metadata={"format": "pt"})
+        with pytest.raises(CheckpointError, match=message):
+            load_model(quantized)
+
+
+def test_capacity_rerouting_is_refused_for_group_limited_routing(checkpoints):
+    model = load_model(checkpoints("deepseek_v3"))
+    with pytest.raises(ValueError, match="group-limited"):
+        model.set_capacity(1.25, "reroute")
+    model.set_capacity(1.25, "drop")  # dropping chooses no new expert: allowed
+
+
+def test_profile_step_covers_mla_decompression_at_full_context(checkpoints):
+    """The profile's second run: one chunk of the step budget at max_model_len context."""
+    from moeserve.worker.kv_sizing import profile_step
+
+    model = load_model(checkpoints("deepseek_v3"))
+    seen = []
+    model.model.layers[0].self_attn.kv_b_proj.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    scratch = profile_step(model, num_tokens=16, max_num_seqs=4, max_model_len=96, block_size=8)
+    assert seen[-1][:2] == (1, 96)  # the whole 96-token context decompressed for a 16-token chunk
+    assert scratch == kv_block_bytes(model.config, 8, torch.float32) * 12
+    assert int(model.expert_load().logical.sum()) == 0  # no state left behind
+
+
 def test_gpt_oss_sinks_clamp_and_window_each_change_the_result(checkpoints, prompts):
     """Guards for the GPT-OSS comparison: without each feature the same weights give other logits."""
     path = checkpoints("gpt_oss")
@@ -308,13 +364,10 @@ def test_unsupported_deepseek_configs_are_refused_by_name(checkpoints):
                                                                          "fewer than")):
         with pytest.raises(CheckpointError, match=message):
             ModelConfig.from_hf_dict({**raw, **change})
-    v2 = {**raw, "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "topk_method": "noaux"}
+    v2 = {**raw, "architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "topk_method": "noaux_tc"}
     with pytest.raises(CheckpointError, match="topk_method"):
         ModelConfig.from_hf_dict(v2)
 
-
-def test_router_config_defaults_keep_the_softmax_path():
-    assert RouterConfig().scoring == "softmax" and RouterConfig().group_select == "none"
 
 
 # --- serving -------------------------------------------------------------------------------------

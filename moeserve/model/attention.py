@@ -231,8 +231,8 @@ def attend_padded(q, keys, values, meta: AttentionMetadata, g: AttentionGroup, s
     if sinks is None:
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
     else:  # as transformers' GPT-OSS: shift by the max and softmax in the scores' dtype
-        sink = sinks.to(scores.dtype).view(1, Hkv, G, 1, 1).expand(S, Hkv, G, Qmax, 1)
-        combined = torch.cat([scores, sink], dim=-1)
+        sink = sinks.to(scores.dtype).view(1, Hkv, G, 1, 1).expand(S, Hkv, G, Qmax, 1)  # [S, Hkv, G, Qmax, 1]
+        combined = torch.cat([scores, sink], dim=-1)  # [S, Hkv, G, Qmax, L + 1]
         combined = combined - combined.max(dim=-1, keepdim=True).values
         probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :L].to(q.dtype)
     out = torch.matmul(probs.view(S, Hkv, G * Qmax, L), values.permute(0, 2, 1, 3))  # [S, Hkv, G*Qmax, Dv]

@@ -10,7 +10,8 @@ kv_b_proj's weight [H * (Dn + Dv), R] splits per head into W_UK [H, Dn, R] and W
 
     head h's key   k_h = [W_UK[h] c ; k_r]     value v_h = W_UV[h] c
 
-Two ways to attend, equal in exact arithmetic (tests/test_mla.py checks them against each other):
+Two ways to attend, equal in exact arithmetic (tests/test_new_families.py checks them against
+each other):
 
     decompressed  gather each sequence's latents, K/V = kv_b_proj(c) for every cached token,
                   standard attention over H heads of Dn + Dr / Dv. Used for prefill groups: the

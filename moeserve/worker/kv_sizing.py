@@ -7,8 +7,9 @@
 
 The peak activation is measured, as vLLM's profile run does, by running the largest step the
 scheduler can send (max_num_batched_tokens prompt tokens, logits and a sort for max_num_seqs
-rows) before the cache exists: sizing the cache from free memory alone leaves nothing for the
-first large prefill. Either budget can be overridden (kv_cache_memory_bytes, num_kv_blocks).
+rows; for MLA also the last chunk of a max_model_len prompt, whose whole context prefill
+decompresses) before the cache exists: sizing the cache from free memory alone leaves nothing
+for the first large prefill. Either budget can be overridden (kv_cache_memory_bytes, num_kv_blocks).
 The number of blocks never exceeds what max_num_seqs sequences of max_model_len tokens can use.
 """
 
@@ -75,5 +76,16 @@ def profile_step(model: MoEForCausalLM, num_tokens: int, max_num_seqs: int, max_
     rows = hidden[-1:].expand(max_num_seqs, -1)  # [N, D]
     logits = model.compute_logits(rows).float()  # [N, V]
     torch.sort(torch.softmax(logits, dim=-1), dim=-1, descending=True)  # what top-p needs
+    scratch_bytes = scratch.nbytes
+    del scratch, hidden, rows, logits
+    if model.config.mla is not None and max_model_len > seq_len:
+        # MLA prefill decompresses the whole context of a chunk: its worst case is the last
+        # chunk of a max_model_len prompt, not a fresh prompt of the chunk's length.
+        chunk = min(num_tokens, max_model_len)
+        blocks = -(-max_model_len // block_size)
+        scratch = PagedKVCache.for_model(model.config, blocks, block_size, dtype, device)
+        meta = AttentionMetadata.build([chunk], [max_model_len], [list(range(blocks))], block_size, device)
+        model(torch.zeros(chunk, dtype=torch.int64, device=device), meta, scratch)
+        scratch_bytes = max(scratch_bytes, scratch.nbytes)
     model.load.reset_state()
-    return scratch.nbytes
+    return scratch_bytes

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from moeserve.model.moe.router import select_experts_torch
-from moeserve.model_config import ExpertActivation
+from moeserve.model_config import ExpertActivation, RouterConfig
 
 SILU = ExpertActivation()
 
@@ -39,7 +39,9 @@ class ExpertBackend(ABC):
 
     name: ClassVar[str]
 
-    def select_experts(self, logits, top_k, k, renormalize, spec=None, correction_bias=None):
+    def select_experts(self, logits: torch.Tensor, top_k: int, k: torch.Tensor, renormalize: bool,
+                       spec: RouterConfig | None = None, correction_bias: torch.Tensor | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
         """The router's step after the logits (see router.select_experts_torch for the contract)."""
         if spec is None:
             return select_experts_torch(logits, top_k, k, renormalize)

@@ -117,6 +117,12 @@ class SparseMoE(nn.Module):
             raise ValueError(f"capacity factor must be > 0, got {capacity_factor}")
         if overflow not in OVERFLOW_MODES:
             raise ValueError(f"overflow must be one of {OVERFLOW_MODES}, got {overflow!r}")
+        spec = self.gate.spec
+        if capacity_factor is not None and overflow == "reroute" and (spec.group_select != "none"
+                                                                      or spec.correction_bias):
+            # Re-routing ranks the raw gate logits: it would ignore the group limit and the bias.
+            raise ValueError("capacity re-routing does not follow group-limited routing (DeepSeek); "
+                             "use --moe-overflow drop")
         self.capacity_factor, self.overflow = capacity_factor, overflow
 
     @torch.no_grad()

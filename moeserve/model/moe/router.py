@@ -7,9 +7,10 @@ in this layer) are masked: their id becomes E ("no expert", dropped by dispatch 
 accounting) and their weight 0. k is a device tensor, one value per token ([T], or a 0-dim one
 for every token), so lowering K, for a layer or for some requests, needs no host sync, no
 reload and no new CUDA graph. Running at k < K_max computes exactly what the checkpoint would compute with
-num_experts_per_tok = k: renormalising families (Mixtral; Qwen/OLMoE with norm_topk_prob)
-renormalise over the k kept experts, so at k = 1 the top expert gets weight 1.0; the others keep
-the top expert's raw softmax probability.
+num_experts_per_tok = k: renormalising families (Mixtral; Qwen/OLMoE/DeepSeek-V3 with
+norm_topk_prob) renormalise over the k kept experts, so at k = 1 the top expert gets weight 1.0
+(times routed_scaling_factor); GPT-OSS softmaxes the k kept logits (1.0 at k = 1); the others
+keep the top expert's raw score (softmax probability, times DeepSeek-V2's scaling factor).
 """
 
 from __future__ import annotations
@@ -70,15 +71,15 @@ def select_experts_torch(
         if spec.group_select == "group_max":
             group_scores = groups.max(dim=-1).values  # [T, n_group]
         else:
-            group_scores = groups.topk(2, dim=-1).values.sum(dim=-1)
-        kept = torch.zeros_like(group_scores, dtype=torch.bool)
+            group_scores = groups.topk(2, dim=-1).values.sum(dim=-1)  # [T, n_group]
+        kept = torch.zeros_like(group_scores, dtype=torch.bool)  # [T, n_group]
         kept.scatter_(1, torch.topk(group_scores, spec.topk_group, dim=-1).indices, True)
-        choice = choice.masked_fill(~kept.repeat_interleave(E // spec.n_group, dim=1), float("-inf"))
+        choice = choice.masked_fill(~kept.repeat_interleave(E // spec.n_group, dim=1), float("-inf"))  # [T, E]
     if choice is scores:
         top_w, top_ids = torch.topk(scores, top_k, dim=-1)  # [T, K] x2
     else:
-        top_ids = torch.topk(choice, top_k, dim=-1).indices
-        top_w = scores.gather(1, top_ids)
+        top_ids = torch.topk(choice, top_k, dim=-1).indices  # [T, K]
+        top_w = scores.gather(1, top_ids)  # [T, K]
     top_w = top_w * active
     if renormalize:
         denominator = top_w.sum(dim=-1, keepdim=True)
@@ -88,6 +89,7 @@ def select_experts_torch(
     return top_w, torch.where(active, top_ids, E)
 
 
+# (logits [T, E], top_k, k [T] or [], renormalize, spec, correction_bias [E] | None) -> (weights, ids) [T, K]
 SelectExperts = Callable[..., tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -95,6 +97,8 @@ class Router(nn.Module):
     """Gate logits x W^T (+ bias; in fp32 when the family computes them so) -> `select` (the
     expert backend's, torch or a fused kernel) does everything after the logits. DeepSeek-V3's
     e_score_correction_bias [E] is kept in fp32 whatever the model dtype."""
+
+    keep_fp32_params = ("e_score_correction_bias",)
 
     def __init__(
         self,
@@ -112,7 +116,6 @@ class Router(nn.Module):
         self.e_score_correction_bias = None
         if spec.correction_bias:
             self.e_score_correction_bias = nn.Parameter(torch.empty(num_experts), requires_grad=False)  # [E]
-            self.e_score_correction_bias.keep_fp32 = True
         self.num_experts = num_experts
         self.top_k = top_k
         self.renormalize = renormalize
