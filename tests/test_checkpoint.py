@@ -42,8 +42,8 @@ def qwen2(checkpoints, tmp_path):
 
 
 def test_unknown_architecture(qwen2):
-    _edit_config(qwen2, architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3")
-    with pytest.raises(CheckpointError, match="unsupported architecture.*DeepseekV3ForCausalLM"):
+    _edit_config(qwen2, architectures=["JambaForCausalLM"], model_type="jamba")
+    with pytest.raises(CheckpointError, match="unsupported architecture.*JambaForCausalLM"):
         load_model(qwen2)
 
 
