@@ -8,7 +8,8 @@ COPY moeserve ./moeserve
 COPY kernels ./kernels
 COPY proto ./proto
 COPY models ./models
-RUN pip install --no-cache-dir ".[gpu]"
+COPY cluster ./cluster
+RUN pip install --no-cache-dir ".[gpu,ray]"
 
 EXPOSE 8000 50051
 # Listen on every interface inside the container; pass the model path and flags after the image name:

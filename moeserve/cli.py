@@ -117,8 +117,29 @@ def _serve(args: argparse.Namespace) -> int:
     if args.model is None:
         args.model, name = _default_model()
         args.served_model_name = args.served_model_name or name
-    asyncio.run(serve(engine_config_from_args(args.model, args), from_args(ServerConfig, args),
-                      from_args(AdmissionConfig, args)))
+    server = from_args(ServerConfig, args)
+    if server.replicas is not None:
+        return _serve_replicas(args, server)
+    asyncio.run(serve(engine_config_from_args(args.model, args), server, from_args(AdmissionConfig, args)))
+    return 0
+
+
+def _serve_replicas(args: argparse.Namespace, server: ServerConfig) -> int:
+    """--replicas N: the Ray Serve application of cluster/local.yaml on this machine."""
+    from moeserve.config import engine_settings
+    from moeserve.entrypoints.ray_serve import ServeArgs, run_local
+
+    if server.replicas < 1:
+        raise ValueError(f"--replicas must be >= 1, got {server.replicas}")
+    unsupported = [flag for flag, value in (("--grpc-port", server.grpc_port), ("--router-config", server.router_config))
+                   if value is not None]
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)} cannot be combined with --replicas yet")
+    settings = engine_settings(engine_config_from_args(args.model, args))
+    run_local(ServeArgs.from_dict(dict(model=args.model, served_model_name=server.served_model_name,
+                                       num_replicas=server.replicas, engine=settings, api_keys=server.api_key,
+                                       log_level=server.log_level)),
+              server.host, server.port)
     return 0
 
 

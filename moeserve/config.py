@@ -247,6 +247,8 @@ class ServerConfig:
     router_config: str | None = _opt(None, "YAML file of profiles (model, K, decoding defaults, cost) served "
                                      "behind one endpoint with a routed name, moeserve-router (README: the outer "
                                      "router)")
+    replicas: int | None = _opt(None, "serve N engine replicas behind one endpoint through Ray Serve on this "
+                                "machine (a local Ray cluster; cluster/ scales further)")
 
 
 @dataclass(frozen=True)
@@ -320,6 +322,19 @@ def from_args(cls: type, args: argparse.Namespace, **extra: Any) -> Any:
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:
     for cls in ENGINE_LAYERS.values():
         add_flags(parser, cls)
+
+
+def engine_settings(config: EngineConfig) -> dict[str, Any]:
+    """The flat settings (engine_config's keywords) that differ from the defaults, model aside:
+    engine_config(model, **engine_settings(c)) == c."""
+    settings: dict[str, Any] = {}
+    for layer, cls in ENGINE_LAYERS.items():
+        values = getattr(config, layer)
+        defaults = cls(model="") if cls is LoadConfig else cls()
+        for f in fields(cls):
+            if f.name != "model" and getattr(values, f.name) != getattr(defaults, f.name):
+                settings[f.name] = getattr(values, f.name)
+    return settings
 
 
 def engine_config_from_args(model: str, args: argparse.Namespace) -> EngineConfig:
