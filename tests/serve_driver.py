@@ -97,6 +97,7 @@ def basic(args) -> dict:
                 break
     busy = [s.replica for s in mid if s.in_flight > 0]
     freed = _wait(lambda: all(s.in_flight == 0 and s.num_free_blocks == s.num_blocks for s in _stats()), 15)
+    time.sleep(2.5)  # the ingress polls its replicas' series once a second
     metrics = httpx.get(f"{URL}/metrics", timeout=10).text
     health = httpx.get(f"{URL}/health", timeout=10).status_code
     return {"texts": texts, "served": served, "busy_mid_stream": busy,

@@ -36,7 +36,7 @@ from typing import Any
 from moeserve.config import AdmissionConfig, engine_config
 from moeserve.engine.input_processor import InputProcessor, Prompt
 from moeserve.engine.messages import EngineInfo
-from moeserve.entrypoints.admission import DEFAULT_TENANT, AdmissionPolicy, AdmissionRejected
+from moeserve.entrypoints.admission import DEFAULT_TENANT, AdmissionController, AdmissionPolicy, AdmissionRejected
 from moeserve.entrypoints.async_engine import AsyncEngine, Submitted
 from moeserve.errors import EngineDeadError, RequestFailedError
 from moeserve.outputs import RequestOutput
@@ -231,7 +231,10 @@ class ReplicaSetEngine:
         self.info, self.args = info, args
         self.tokenizer = Tokenizer(args.model)
         self.input = InputProcessor(self.tokenizer, info)
-        self.admission = AdmissionPolicy.from_config(AdmissionConfig())
+        # Tenants are named here (API key -> tenant) with the replicas' policy; admission itself
+        # runs in each replica.
+        self.admission = AdmissionController(AdmissionPolicy.from_config(AdmissionConfig(**args.admission)), info,
+                                             lambda: None)
         self.metrics = IngressMetrics(args.name)
         self.latest_stats = None
         self.replica_stats: dict[str, ReplicaStats] = {}
