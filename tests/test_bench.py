@@ -206,3 +206,23 @@ def test_ep_faults_smoke_measures_detection_and_recovery(tmp_path):
     # 503 before the stream started, or an error event inside a stream already answered 200
     assert set(data["errors_by_status"]) <= {"200", "503"}, data["errors_by_status"]
     assert data["harness_command"].startswith("moeserve bench serve")
+
+
+@pytest.mark.ray
+def test_replicas_smoke_compares_one_and_two_replicas_and_both_routers(tmp_path):
+    from netns import can_make_namespaces
+
+    if not can_make_namespaces():
+        pytest.skip("the benchmark runs Ray in a network namespace: needs root and iproute2")
+    out = tmp_path / "replicas.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "replicas.py"), "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert [(v["replicas"], v["router"]) for v in data["variants"]] == [(1, "pow2"), (2, "pow2"),
+                                                                         (2, "outstanding_tokens")]
+    for v in data["variants"]:
+        assert v["summary"]["completed"] == 8 and v["summary"]["failed"] == 0
+        assert len(v["tokens_by_replica"]) == v["replicas"] and v["imbalance"] >= 1.0
+    one, two = data["variants"][0]["summary"], data["variants"][1]["summary"]
+    assert data["ratios"]["output_throughput_2_vs_1"] == two["output_throughput"] / one["output_throughput"]

@@ -96,3 +96,45 @@ def test_replicas_spread_over_two_namespace_hosts(two_nodes, model):
     got = _driver(two_nodes, "nodes", str(model))
     assert got["status"] == 200
     assert got["node_ips"] == two_nodes.ips
+
+
+def test_moeserve_serve_replicas_is_the_one_machine_shortcut(model, tmp_path):
+    """`moeserve serve MODEL --replicas 2` starts Ray itself (in the namespace it runs in), serves
+    the same application on --port, and stops everything on SIGTERM."""
+    import os
+    import signal
+    import subprocess
+    import time
+    import uuid
+
+    from moeserve import LLM, SamplingParams
+    from netns import RAY_ENV, Netns, can_make_namespaces
+
+    if not can_make_namespaces():
+        pytest.skip("network namespaces need root and iproute2")
+    expected = LLM(str(model), max_model_len=128).generate(
+        PROMPTS[0], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].outputs[0].text
+    ns = Netns(f"msr-{uuid.uuid4().hex[:6]}-cli")
+    env = {**os.environ, **RAY_ENV}
+    log = open(tmp_path / "serve.log", "w")
+    try:
+        proc = subprocess.Popen(ns.cmd(sys.executable, "-m", "moeserve.cli", "serve", str(model), "--replicas", "2",
+                                       "--port", "8125", "--max-model-len", "128", "--served-model-name", "tiny"),
+                                stdout=log, stderr=subprocess.STDOUT, env=env)
+        probe = ("import httpx, json, sys\n"
+                 "r = httpx.post('http://127.0.0.1:8125/v1/completions', timeout=30, json={'model': 'tiny', "
+                 f"'prompt': {PROMPTS[0]!r}, 'max_tokens': 8, 'temperature': 0, 'ignore_eos': True}})\n"
+                 "print(json.dumps([r.status_code, r.json()]))")
+        deadline, answer = time.monotonic() + 180, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            done = subprocess.run(ns.cmd(sys.executable, "-c", probe), capture_output=True, text=True, env=env)
+            if done.returncode == 0:
+                answer = json.loads(done.stdout)
+                break
+            time.sleep(2)
+        assert answer is not None, (tmp_path / "serve.log").read_text()[-4000:]
+        assert answer[0] == 200 and answer[1]["choices"][0]["text"] == expected
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0, (tmp_path / "serve.log").read_text()[-4000:]
+    finally:
+        ns.delete()
