@@ -5,6 +5,7 @@ cluster there, drives it over HTTP on the namespace's loopback and prints `RESUL
     serve_driver.py kill MODEL --ray-address A                  a replica killed mid-stream
     serve_driver.py autoscale MODEL --ray-address A             1 -> 2 -> 1 replicas under load
     serve_driver.py nodes MODEL --ray-address A                 one replica per node
+    serve_driver.py ep MODEL EXPECTED.json --ray-address A      a replica of 2 expert-parallel workers
 """
 
 from __future__ import annotations
@@ -182,6 +183,14 @@ def autoscale(args) -> dict:
     return {"up": up, "down": down, "timeline": timeline}
 
 
+def ep(args) -> dict:
+    """One replica that is itself two expert-parallel workers (placed on this cluster)."""
+    _deploy(args.model, num_replicas=1, engine={**ENGINE, "expert_parallel_size": 2})
+    expected = json.loads(open(args.expected).read())
+    texts = {p: _complete(p, 12).json()["choices"][0]["text"] for p in expected}
+    return {"texts": texts, "replicas": len(_stats())}
+
+
 def nodes(args) -> dict:
     _deploy(args.model, num_replicas=2)
     ok = _complete("the expert router", 8).status_code
@@ -193,7 +202,7 @@ def main() -> None:
     from ray import serve
 
     p = argparse.ArgumentParser()
-    p.add_argument("scenario", choices=["basic", "kill", "autoscale", "nodes"])
+    p.add_argument("scenario", choices=["basic", "kill", "autoscale", "nodes", "ep"])
     p.add_argument("model")
     p.add_argument("expected", nargs="?")
     p.add_argument("--ray-address", required=True)

@@ -36,16 +36,23 @@ def _driver(cluster, *args: str, timeout: float = 600) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def test_two_replicas_serve_correct_text_share_load_and_free_aborted_blocks(cluster, model, tmp_path):
-    from prometheus_client.parser import text_string_to_metric_families
-
+@pytest.fixture(scope="module")
+def expected(model, tmp_path_factory):
+    """The one-process engine's greedy text for PROMPTS, as a file the driver reads."""
     from moeserve import LLM, SamplingParams
 
     offline = LLM(str(model), max_model_len=256)
     greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-    expected = {p: offline.generate(p, greedy)[0].outputs[0].text for p in PROMPTS}
-    (tmp_path / "expected.json").write_text(json.dumps(expected))
-    got = _driver(cluster, "basic", str(model), str(tmp_path / "expected.json"))
+    path = tmp_path_factory.mktemp("expected") / "expected.json"
+    path.write_text(json.dumps({p: offline.generate(p, greedy)[0].outputs[0].text for p in PROMPTS}))
+    return path
+
+
+def test_two_replicas_serve_correct_text_share_load_and_free_aborted_blocks(cluster, model, expected):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    got = _driver(cluster, "basic", str(model), str(expected))
+    expected = json.loads(expected.read_text())
 
     assert got["texts"] == expected  # the openai client's greedy text, through Ray Serve
     assert len(got["served"]) == 2 and all(n > 0 for n in got["served"].values()), got["served"]
@@ -85,6 +92,11 @@ def test_autoscaling_goes_from_one_replica_to_two_and_back(cluster, model):
     counts = [n for _, n in got["timeline"]]
     assert counts[0] == 1 and got["up"] and got["down"], got["timeline"]
     assert max(counts) == 2 and counts[-1] == 1
+
+
+def test_a_replica_can_be_a_gang_of_expert_parallel_workers(cluster, model, expected):
+    got = _driver(cluster, "ep", str(model), str(expected))
+    assert got["replicas"] == 1 and got["texts"] == json.loads(expected.read_text())
 
 
 @pytest.fixture(scope="module")

@@ -145,7 +145,13 @@ class EngineReplica:
 
         self.args = args
         self.replica = serve.get_replica_context().replica_id.unique_id
-        config = engine_config(args.model, **args.engine)
+        settings = dict(args.engine)
+        if settings.get("expert_parallel_size", 1) > 1 and not settings.get("ray_address"):
+            import ray
+
+            # A replica of N expert-parallel workers places them on this replica's cluster.
+            settings["ray_address"] = ray.get_runtime_context().gcs_address
+        config = engine_config(args.model, **settings)
         self.engine = await AsyncEngine.start(config, args.name, args.log_level, AdmissionConfig(**args.admission))
         self.requests_served = 0
         self._outstanding: dict[str, int] = {}  # request id -> tokens still to compute
@@ -412,7 +418,7 @@ def run_local(args: ServeArgs, host: str, port: int, num_cpus: int | None = None
     from ray import serve
 
     node_ip = "127.0.0.1" if host in ("127.0.0.1", "localhost") else None
-    ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address=node_ip,
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address=node_ip,
              runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
