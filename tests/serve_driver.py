@@ -6,6 +6,7 @@ cluster there, drives it over HTTP on the namespace's loopback and prints `RESUL
     serve_driver.py autoscale MODEL --ray-address A             1 -> 2 -> 1 replicas under load
     serve_driver.py nodes MODEL --ray-address A                 one replica per node
     serve_driver.py ep MODEL EXPECTED.json --ray-address A      a replica of 2 expert-parallel workers
+    serve_driver.py backpressure MODEL --ray-address A          Ray Serve's queue full: 503s
 """
 
 from __future__ import annotations
@@ -183,6 +184,27 @@ def autoscale(args) -> dict:
     return {"up": up, "down": down, "timeline": timeline}
 
 
+def backpressure(args) -> dict:
+    """One replica taking one request at a time, one more allowed to wait: a burst of six
+    finds Ray Serve's queue full for some, which get a 503 with Retry-After at once."""
+    _deploy(args.model, num_replicas=1, max_ongoing_requests=1, max_queued_requests=1)
+    results: list = []
+
+    def one(i: int) -> None:
+        start = time.monotonic()
+        r = _complete(f"the expert router {i}", 48)
+        results.append((r.status_code, r.headers.get("retry-after"), time.monotonic() - start,
+                        r.json().get("error", {}).get("message", "") if r.status_code != 200 else ""))
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = _complete("the batch", 4).status_code  # the burst gone, a request goes through again
+    return {"results": results, "after": after}
+
+
 def ep(args) -> dict:
     """One replica that is itself two expert-parallel workers (placed on this cluster)."""
     _deploy(args.model, num_replicas=1, engine={**ENGINE, "expert_parallel_size": 2})
@@ -202,7 +224,7 @@ def main() -> None:
     from ray import serve
 
     p = argparse.ArgumentParser()
-    p.add_argument("scenario", choices=["basic", "kill", "autoscale", "nodes", "ep"])
+    p.add_argument("scenario", choices=["basic", "kill", "autoscale", "nodes", "ep", "backpressure"])
     p.add_argument("model")
     p.add_argument("expected", nargs="?")
     p.add_argument("--ray-address", required=True)

@@ -87,6 +87,16 @@ def test_a_killed_replica_fails_its_requests_cleanly_and_is_replaced(cluster, mo
     assert got["replaced"] == [got["victim"]] and len(got["new"]) == 1
 
 
+def test_ray_serves_full_queue_is_a_503_with_retry_after(cluster, model):
+    got = _driver(cluster, "backpressure", str(model))
+    codes = sorted(code for code, *_ in got["results"])
+    assert codes.count(200) >= 2 and 503 in codes, got["results"]
+    for code, retry_after, seconds, message in got["results"]:
+        if code == 503:
+            assert retry_after == "1" and "every replica is busy" in message and seconds < 5
+    assert got["after"] == 200
+
+
 def test_autoscaling_goes_from_one_replica_to_two_and_back(cluster, model):
     got = _driver(cluster, "autoscale", str(model))
     counts = [n for _, n in got["timeline"]]
