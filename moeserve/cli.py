@@ -125,7 +125,10 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_replicas(args: argparse.Namespace, server: ServerConfig) -> int:
-    """--replicas N: the Ray Serve application of cluster/local.yaml on this machine."""
+    """--replicas N: the Ray Serve application of cluster/local.yaml on this machine; engine and
+    admission flags apply in every replica (so a tenant's quota is per replica)."""
+    import dataclasses
+
     from moeserve.config import engine_settings
     from moeserve.entrypoints.ray_serve import ServeArgs, run_local
 
@@ -136,9 +139,12 @@ def _serve_replicas(args: argparse.Namespace, server: ServerConfig) -> int:
     if unsupported:
         raise ValueError(f"{', '.join(unsupported)} cannot be combined with --replicas yet")
     settings = engine_settings(engine_config_from_args(args.model, args))
+    admission = from_args(AdmissionConfig, args)
+    admission_settings = {f.name: getattr(admission, f.name) for f in dataclasses.fields(AdmissionConfig)
+                          if getattr(admission, f.name) != getattr(AdmissionConfig(), f.name)}
     run_local(ServeArgs.from_dict(dict(model=args.model, served_model_name=server.served_model_name,
-                                       num_replicas=server.replicas, engine=settings, api_keys=server.api_key,
-                                       log_level=server.log_level)),
+                                       num_replicas=server.replicas, engine=settings, admission=admission_settings,
+                                       api_keys=list(server.api_key), log_level=server.log_level)),
               server.host, server.port)
     return 0
 

@@ -192,9 +192,9 @@ def backpressure(args) -> dict:
 
     def one(i: int) -> None:
         start = time.monotonic()
-        r = _complete(f"the expert router {i}", 48)
-        results.append((r.status_code, r.headers.get("retry-after"), time.monotonic() - start,
-                        r.json().get("error", {}).get("message", "") if r.status_code != 200 else ""))
+        stream = i % 2 == 1
+        r = _complete(f"the expert router {i}", 48, stream=stream)
+        results.append((r.status_code, r.headers.get("retry-after"), time.monotonic() - start, r.text, stream))
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(6)]
     for t in threads:

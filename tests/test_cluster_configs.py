@@ -39,14 +39,3 @@ def test_gpu_cluster_config_validates_against_rays_autoscaler_schema():
     jsonschema.validate(config, schema)
     workers = config["available_node_types"]["gpu_worker"]
     assert workers["max_workers"] == config["max_workers"] and config["head_node_type"] in config["available_node_types"]
-
-
-def test_bad_application_args_are_refused_by_name():
-    with pytest.raises(ValueError, match="unknown moeserve application arg.*replicas"):
-        ServeArgs.from_dict({"model": "m", "replicas": 2})
-    with pytest.raises(ValueError, match="not both"):
-        ServeArgs.from_dict({"model": "m", "num_replicas": 2, "autoscaling_config": {"max_replicas": 2}})
-    with pytest.raises(TypeError, match="unknown engine setting"):
-        ServeArgs.from_dict({"model": "m", "engine": {"max_len": 5}})
-    with pytest.raises(ValueError, match="request_router"):
-        ServeArgs.from_dict({"model": "m", "request_router": "random"})

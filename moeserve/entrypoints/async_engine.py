@@ -166,6 +166,10 @@ class AsyncEngine:
             self._drop(victim)
         return Submitted(request_id, predicted, time.monotonic())
 
+    async def admitted(self, submitted: Submitted) -> Submitted:
+        """`submit` admits here and now: nothing to wait for (a replica set's front waits)."""
+        return submitted
+
     async def stream(self, submitted: Submitted) -> AsyncIterator[RequestOutput]:
         """Outputs of a submitted request as the engine produces them (those the caller has not
         taken yet arrive merged). Raises RequestFailedError if the engine fails the request,

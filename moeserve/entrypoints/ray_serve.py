@@ -12,9 +12,11 @@ A request is tokenised and validated in the ingress, routed by Ray Serve to one 
 moeserve/entrypoints/ray_serve_router.py, which ranks by the token budgets of the requests each
 replica has in flight), admitted there
 by the replica's own admission control and streamed back as typed messages: RequestOutput, or
-one ReplicaRefusal that the ingress turns into the API's 400/429/500/503. Ray Serve's own
-backpressure (more than max_queued_requests waiting for a replica) is a 503 with Retry-After, as
-the admission issue's overload is; a replica that dies mid-stream fails its requests with a 503
+one ReplicaRefusal that the ingress turns into the API's 400/429/500/503. The replica's first
+message is its admission answer, which the ingress waits for before it answers the client, so a
+refusal is a plain 400/429/503 response, streamed or not. Ray Serve's own backpressure (more
+than max_queued_requests waiting for a replica) is a 503 with Retry-After, as the admission
+issue's overload is; a replica that dies mid-stream fails its requests with a 503
 the client may retry, and Ray Serve replaces it (check_health fails as soon as its engine
 process is gone). A client that leaves cancels the replica's generator, which aborts the
 request in that replica's engine: its blocks come back there.
@@ -48,6 +50,7 @@ logger = logging.getLogger("moeserve.ray_serve")
 REQUEST_ROUTERS = ("pow2", "outstanding_tokens")
 _RETRY_AFTER_S = 1  # a replica lost or Ray Serve's queue full: retry soon, another replica will answer
 _POLL_S = 1.0  # how often the ingress asks every replica for its stats and metrics
+_POLL_TIMEOUT_S = 5.0  # a replica slower than this to report is left out of that poll
 
 
 @dataclass(frozen=True)
@@ -84,7 +87,12 @@ class ServeArgs:
             raise ValueError(f"unknown moeserve application arg(s): {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         if "model" not in raw:
             raise ValueError("the moeserve application needs `model` (a checkpoint directory)")
-        args = cls(**{**raw, "api_keys": tuple(raw.get("api_keys", ()))})
+        keys = raw.get("api_keys") or ()
+        if isinstance(keys, str) or not all(isinstance(k, str) and k for k in keys):
+            raise ValueError("api_keys must be a list of non-empty strings")
+        args = cls(**{**raw, "api_keys": tuple(keys)})
+        if args.num_replicas is not None and args.num_replicas < 1:
+            raise ValueError(f"num_replicas must be >= 1, got {args.num_replicas}")
         if args.num_replicas is not None and args.autoscaling_config is not None:
             raise ValueError("give num_replicas or autoscaling_config, not both")
         if args.request_router not in REQUEST_ROUTERS:
@@ -108,6 +116,13 @@ class ReplicaRequest:
     params: SamplingParams
     priority: int = 0
     tenant: str = DEFAULT_TENANT
+
+
+@dataclass(frozen=True)
+class ReplicaAdmitted:
+    """The replica's admission control took the request (its first message)."""
+
+    predicted_ttft: float | None
 
 
 @dataclass(frozen=True)
@@ -159,22 +174,24 @@ class EngineReplica:
     def info(self) -> EngineInfo:
         return self.engine.info
 
-    async def generate(self, request: ReplicaRequest) -> AsyncIterator[RequestOutput | ReplicaRefusal]:
+    async def generate(self, request: ReplicaRequest
+                       ) -> AsyncIterator[ReplicaAdmitted | RequestOutput | ReplicaRefusal]:
+        """ReplicaAdmitted or a ReplicaRefusal first; then outputs, ending with the finished one
+        or a refusal. Cancelled (the ingress's client left): the request is aborted here."""
         try:
             submitted = self.engine.submit(request.request_id, request.prompt, request.params, request.priority,
                                            request.tenant)
-        except (ValueError, AdmissionRejected, EngineDeadError) as e:
+        except Exception as e:
             yield _refusal(e)
             return
         self.requests_served += 1
-        prompt_tokens = len(request.prompt.get("prompt_token_ids", ())) if isinstance(request.prompt, dict) else 0
-        budget = prompt_tokens + (request.params.max_tokens or 0)
-        self._outstanding[request.request_id] = budget
+        self._outstanding[request.request_id] = request_budget(request, self.engine.max_model_len)
         try:
+            yield ReplicaAdmitted(submitted.predicted_ttft)
             async for out in self.engine.stream(submitted):
-                self._outstanding[request.request_id] = budget - sum(len(o.token_ids) for o in out.outputs)
+                self._outstanding[request.request_id] = request_budget(request, self.engine.max_model_len, out)
                 yield out
-        except (AdmissionRejected, RequestFailedError, EngineDeadError) as e:
+        except Exception as e:
             yield _refusal(e)
         finally:
             self._outstanding.pop(request.request_id, None)
@@ -205,6 +222,19 @@ class EngineReplica:
             engine.shutdown()
 
 
+def request_budget(request: ReplicaRequest, max_model_len: int | None = None,
+                   progress: RequestOutput | None = None) -> int:
+    """Prompt and output tokens a request has still to compute: its prompt (until its first
+    output) and max_tokens per sequence (the context's room when unset) less what it made."""
+    prompt = request.prompt
+    prompt_tokens = len(prompt.get("prompt_token_ids", ())) if isinstance(prompt, dict) else 0
+    n = request.params.n or 1
+    room = request.params.max_tokens or max(0, (max_model_len or prompt_tokens) - prompt_tokens)
+    if progress is None:
+        return prompt_tokens + n * room
+    return max(0, n * room - sum(len(o.token_ids) for o in progress.outputs))
+
+
 def _refusal(e: BaseException) -> ReplicaRefusal:
     if isinstance(e, AdmissionRejected):
         return ReplicaRefusal(e.status, e.reason, e.message, e.retry_after)
@@ -218,11 +248,13 @@ def _refusal(e: BaseException) -> ReplicaRefusal:
 # ---- the ingress ----
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Call:
-    """A submitted request's Ray Serve call (Submitted carries only its id)."""
+    """A submitted request's Ray Serve call (Submitted carries only its id) and the iterator
+    its messages are read from (the admission message first)."""
 
     response: Any  # DeploymentResponseGenerator
+    messages: Any  # its async iterator
 
 
 class ReplicaSetEngine:
@@ -254,7 +286,9 @@ class ReplicaSetEngine:
 
     async def poll(self) -> None:
         """Every replica's stats and metrics (a control-plane broadcast, once per _POLL_S)."""
-        reports = await self._control.broadcast("report").results_async()
+        reports = await self._control.broadcast("report").results_async(timeout_s=_POLL_TIMEOUT_S,
+                                                                        return_exceptions=True)
+        reports = [r for r in reports if not isinstance(r, BaseException)]  # a replica going away
         self.replica_stats = {stats.replica: stats for stats, _ in reports}
         self.metrics.update({stats.replica: text for stats, text in reports})
 
@@ -263,8 +297,9 @@ class ReplicaSetEngine:
             await asyncio.sleep(_POLL_S)
             try:
                 await self.poll()
-            except Exception as e:  # a replica going away mid-broadcast: the next poll sees the new set
-                logger.debug("replica poll failed: %s", e)
+            except Exception as e:  # the broadcast as a whole timed out: no replica answered
+                logger.warning("no replica answered the poll: %s", e)
+                self.replica_stats = {}
 
     @property
     def max_model_len(self) -> int:
@@ -278,10 +313,13 @@ class ReplicaSetEngine:
         return f"{prefix}-{next(self._ids)}-{time.monotonic_ns() % 10**9}"
 
     def is_alive(self) -> bool:
-        return any(s.alive for s in self.replica_stats.values())
+        """False only when replicas answered and every one's engine is gone. With no replica
+        running (scaled to zero, or all being replaced) requests go on to Ray Serve, which
+        queues them and starts replicas."""
+        return not self.replica_stats or any(s.alive for s in self.replica_stats.values())
 
     def dead_reason(self) -> str:
-        return "no replica is serving"
+        return "every replica's engine has stopped"
 
     def unavailable_reason(self) -> str | None:
         return None
@@ -295,36 +333,59 @@ class ReplicaSetEngine:
         self.input.process(request_id, prompt, params, priority)
         if request_id in self._calls:
             raise ValueError(f"request id {request_id!r} is already in use")
-        response = self.handle.generate.remote(ReplicaRequest(request_id, prompt, params, priority, tenant))
-        self._calls[request_id] = _Call(response)
+        try:  # a full queue may be known at once
+            response = self.handle.generate.remote(ReplicaRequest(request_id, prompt, params, priority, tenant))
+        except Exception as e:
+            raise _ray_error(e, self.metrics) from e
+        self._calls[request_id] = _Call(response, response.__aiter__())
         return Submitted(request_id, None, time.monotonic())
 
-    async def stream(self, submitted: Submitted) -> AsyncIterator[RequestOutput]:
-        from ray.exceptions import RayActorError
-        from ray.serve.exceptions import BackPressureError
+    async def admitted(self, submitted: Submitted) -> Submitted:
+        """The replica's admission answer: the Submitted with its TTFT prediction, or the
+        refusal raised (AdmissionRejected 429/503, ValueError, RequestFailedError)."""
+        call = self._calls[submitted.request_id]
+        try:
+            first = await self._next(call)
+        except BaseException:
+            self.cancel(submitted)
+            raise
+        if isinstance(first, ReplicaRefusal):
+            self._calls.pop(submitted.request_id, None)
+            raise _as_exception(first)
+        return Submitted(submitted.request_id, first.predicted_ttft, submitted.start)
 
+    async def _next(self, call: _Call) -> ReplicaAdmitted | RequestOutput | ReplicaRefusal:
+        """The call's next message; Ray Serve's and Ray's own failures as the API's errors."""
+        try:
+            return await call.messages.__anext__()
+        except StopAsyncIteration:
+            raise
+        except Exception as e:
+            raise _ray_error(e, self.metrics) from e
+
+    async def stream(self, submitted: Submitted) -> AsyncIterator[RequestOutput]:
         call = self._calls[submitted.request_id]
         finished = False
         try:
-            try:
-                async for item in call.response:
-                    if isinstance(item, ReplicaRefusal):
-                        finished = True
-                        raise _as_exception(item)
-                    finished = item.finished
-                    yield item
-            except BackPressureError as e:
-                finished = True
-                self.metrics.reject("backpressure")
-                raise AdmissionRejected(503, "backpressure", f"every replica is busy: {e}", _RETRY_AFTER_S) from e
-            except RayActorError as e:
-                finished = True
-                raise AdmissionRejected(503, "replica_failure", f"the replica serving this request died: {e}",
-                                        _RETRY_AFTER_S) from e
+            while not finished:
+                try:
+                    item = await self._next(call)
+                except StopAsyncIteration:
+                    raise RequestFailedError("the replica ended the request without finishing it") from None
+                except BaseException:
+                    finished = True
+                    raise
+                if isinstance(item, ReplicaAdmitted):
+                    continue
+                if isinstance(item, ReplicaRefusal):
+                    finished = True
+                    raise _as_exception(item)
+                finished = item.finished
+                yield item
         finally:
             self._calls.pop(submitted.request_id, None)
             if not finished:
-                call.response.cancel()  # the replica's generator is cancelled: it aborts the request there
+                _cancel(call)  # the replica's generator is cancelled: it aborts the request there
 
     async def generate(self, request_id: str, prompt: Prompt, params: SamplingParams, priority: int = 0,
                        tenant: str = DEFAULT_TENANT) -> AsyncIterator[RequestOutput]:
@@ -335,11 +396,36 @@ class ReplicaSetEngine:
     def cancel(self, submitted: Submitted) -> None:
         call = self._calls.pop(submitted.request_id, None)
         if call is not None:
-            call.response.cancel()
+            _cancel(call)
 
     def shutdown(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
+
+
+def _cancel(call: _Call) -> None:
+    """Cancel a call; one that already failed (refused by Ray Serve's queue, say) re-raises its
+    error from cancel(), which has nothing left to cancel."""
+    try:
+        call.response.cancel()
+    except Exception as e:
+        logger.debug("cancelling a finished call: %s", e)
+
+
+def _ray_error(e: Exception, metrics: Any) -> Exception:
+    """Ray Serve's full queue and a failed replica as 503s the client may retry; anything else
+    as a failed request (500)."""
+    from ray.exceptions import RayError
+    from ray.serve.exceptions import BackPressureError, RayServeException
+
+    if isinstance(e, BackPressureError):
+        metrics.reject("backpressure")
+        retry = max(1, round(e._retry_after_s or _RETRY_AFTER_S))
+        return AdmissionRejected(503, "backpressure", f"every replica is busy: {e}", retry)
+    if isinstance(e, (RayServeException, RayError)):
+        return AdmissionRejected(503, "replica_failure", f"the replica serving this request failed: {e}",
+                                 _RETRY_AFTER_S)
+    return RequestFailedError(f"{type(e).__name__}: {e}")
 
 
 def _as_exception(refusal: ReplicaRefusal) -> Exception:
@@ -393,7 +479,8 @@ def build_app(raw_args: dict[str, Any]):
         from ray.serve.config import RequestRouterConfig
 
         options["request_router_config"] = RequestRouterConfig(
-            request_router_class="moeserve.entrypoints.ray_serve_router:OutstandingTokensRouter")
+            request_router_class="moeserve.entrypoints.ray_serve_router:OutstandingTokensRouter",
+            request_router_kwargs={"max_model_len": int(args.engine.get("max_model_len") or 2048)})
     engines = serve.deployment(EngineReplica, name="MoeServeEngine", **options).bind(args)
     ingress = serve.deployment(serve.ingress()(MoeServeIngress), name="MoeServeIngress",
                                ray_actor_options={"num_cpus": 0}).bind(engines, args)
@@ -410,7 +497,8 @@ APP_NAME = "moeserve"
 def run_local(args: ServeArgs, host: str, port: int, num_cpus: int | None = None) -> None:
     """`moeserve serve MODEL --replicas N`: a Ray cluster of this machine alone (started here,
     on `host`'s address when that is a loopback one), Ray Serve's proxy on host:port, the
-    application of cluster/local.yaml; until SIGTERM or SIGINT, then everything stops."""
+    application of cluster/local.yaml; until SIGTERM or SIGINT (also while it is still
+    deploying), then everything stops and it returns."""
     import signal
     import threading
 
@@ -421,14 +509,29 @@ def run_local(args: ServeArgs, host: str, port: int, num_cpus: int | None = None
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address=node_ip,
              runtime_env={"env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}})
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+
+    class _Stop(Exception):
+        pass
+
+    def on_signal(*_) -> None:
+        stop.set()
+        if not running.is_set():
+            raise _Stop  # still deploying (a slow or retrying start): leave serve.run at once
+
+    running = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):  # after ray.init, whose own handlers they replace
+        signal.signal(sig, on_signal)
     try:
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(serve_args_dict(args)), name=APP_NAME, route_prefix="/")
+        running.set()
+        if stop.is_set():
+            return
         logger.info("serving %s with %s replica(s) through Ray Serve on %s:%d", args.name,
                     args.num_replicas or "autoscaled", host, port)
         stop.wait()
+    except _Stop:
+        pass
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -1,10 +1,13 @@
 """The Ray Serve ingress's /metrics: every replica's series, labelled by replica, plus totals.
 
 Each replica keeps its own ServerMetrics (its AsyncEngine's); the ingress fetches their
-exposition text (ReplicaSetEngine.poll) and re-exports it: every sample with a `replica` label,
-and, for counters and histograms, the sum over replicas without one (the figure a dashboard of
-one server shows). Gauges are per replica only: a sum of KV-cache usage fractions means nothing.
-The ingress's own refusals (Ray Serve's queue full, draining, bad keys) have series of their own.
+exposition text (ReplicaSetEngine.poll, once a second) and re-exports it: every sample with a
+`replica` label, and for counters and histograms one more series with `replica="all"`: the sum
+over the replicas serving now plus the last values of those gone (scaled down, replaced), so
+that it never decreases. Select either `replica="all"` or the others (`sum` over every series
+would count twice). Gauges are per replica only: a sum of KV-cache usage fractions means
+nothing. The ingress's own refusals (Ray Serve's queue full, draining, bad keys) have series of
+their own.
 """
 
 from __future__ import annotations
@@ -16,30 +19,52 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 _SUMMED = ("counter", "histogram")
+ALL = "all"
+
+_Key = tuple[str, str, str, tuple[tuple[str, str], ...]]  # (family, type, sample name, labels)
+
+
+def _parse(text: bytes) -> tuple[dict[str, tuple[str, str]], dict[_Key, float], list[tuple[str, str, dict, float]]]:
+    """(family -> (type, doc), summable sample values, every sample as (family, name, labels, value))."""
+    families, summable, samples = {}, {}, []
+    for family in text_string_to_metric_families(text.decode()):
+        families[family.name] = (family.type, family.documentation)
+        for sample in family.samples:
+            if sample.name.endswith("_created"):
+                continue
+            samples.append((family.name, sample.name, sample.labels, sample.value))
+            if family.type in _SUMMED:
+                summable[(family.name, family.type, sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return families, summable, samples
 
 
 class _ReplicaCollector:
     def __init__(self) -> None:
-        self.texts: dict[str, bytes] = {}  # replica id -> its latest exposition text
+        self.live: dict[str, tuple] = {}  # replica id -> its parsed latest text
+        self.departed: dict[_Key, float] = defaultdict(float)  # summed last values of replicas gone
+        self.families: dict[str, tuple[str, str]] = {}
+
+    def update(self, texts: dict[str, bytes]) -> None:
+        parsed = {replica: _parse(text) for replica, text in texts.items()}
+        for replica, (_, summable, _) in self.live.items():
+            if replica not in parsed:
+                for key, value in summable.items():
+                    self.departed[key] += value
+        self.live = parsed
+        for families, _, _ in parsed.values():
+            self.families.update(families)
 
     def collect(self):
-        families: dict[str, Metric] = {}
-        totals: dict[str, dict[tuple, float]] = defaultdict(lambda: defaultdict(float))
-        for replica, text in sorted(self.texts.items()):
-            for family in text_string_to_metric_families(text.decode()):
-                out = families.get(family.name)
-                if out is None:
-                    out = families[family.name] = Metric(family.name, family.documentation, family.type)
-                for sample in family.samples:
-                    if sample.name.endswith("_created"):
-                        continue
-                    out.add_sample(sample.name, {**sample.labels, "replica": replica}, sample.value)
-                    if family.type in _SUMMED:
-                        totals[family.name][(sample.name, tuple(sorted(sample.labels.items())))] += sample.value
-        for name, family in families.items():
-            for (sample_name, labels), value in totals[name].items():
-                family.add_sample(sample_name, dict(labels), value)
-            yield family
+        out = {name: Metric(name, doc, typ) for name, (typ, doc) in self.families.items()}
+        totals: dict[_Key, float] = defaultdict(float, self.departed)
+        for replica, (_, summable, samples) in sorted(self.live.items()):
+            for family, name, labels, value in samples:
+                out[family].add_sample(name, {**labels, "replica": replica}, value)
+            for key, value in summable.items():
+                totals[key] += value
+        for (family, _, name, labels), value in totals.items():
+            out[family].add_sample(name, {**dict(labels), "replica": ALL}, value)
+        yield from (m for m in out.values() if m.samples)
 
 
 class IngressMetrics:
@@ -61,7 +86,7 @@ class IngressMetrics:
 
     def update(self, texts: dict[str, bytes]) -> None:
         """The replicas now serving and their latest exposition text (gone replicas drop out)."""
-        self._replicas.texts = dict(texts)
+        self._replicas.update(texts)
 
     def reject(self, reason: str, tenant: str = "") -> None:
         self.rejections.labels(self.model_name, reason, tenant).inc()

@@ -239,6 +239,15 @@ class _Handler:
             self.close()
             raise
 
+    async def admitted(self) -> None:
+        """Wait until every prompt's request is admitted: at once for a local engine; a replica
+        set's replica answers (admitted, or refused) before the response starts."""
+        try:
+            self.submitted = [await self.engine.admitted(s) for s in self.submitted]
+        except BaseException:
+            self.close()
+            raise
+
     def close(self) -> None:
         """Withdraw whatever of this request is still in the engine (nothing, once streamed to the end)."""
         for submitted in self.submitted:
@@ -554,16 +563,20 @@ def build_app(state: ServerState) -> FastAPI:
         raise APIError(404, f"the model '{req.model}' does not exist; this server serves "
                             f"{', '.join(repr(n) for n in names)}", param="model")
 
-    def _submit(handler: _Handler) -> None:
+    async def _submit(handler: _Handler) -> None:
+        """Submitted and admitted (or refused: 400, 429/503, before any response starts)."""
         eng = handler.engine
         if not eng.is_alive():
             raise APIError(503, f"the engine is not running: {eng.dead_reason()}")
         try:
             handler.submit()
+            await handler.admitted()
         except ValueError as e:  # what only the engine's own checks know (moe_top_k above the model's K)
             raise APIError(400, str(e)) from e
         except EngineDeadError as e:
             raise APIError(503, str(e)) from e
+        except RequestFailedError as e:
+            raise APIError(500, f"the engine failed this request: {e}") from e
 
     async def _finals(request: Request, handler: _Handler) -> list[RequestOutput]:
         """A submitted request's whole result; whatever is left of it is withdrawn on the way out."""
@@ -577,7 +590,7 @@ def build_app(state: ServerState) -> FastAPI:
             handler.close()
 
     async def _respond(request: Request, handler: _Handler, stream: bool):
-        _submit(handler)
+        await _submit(handler)
         if stream:  # Starlette cancels the body iterator when the client leaves: that aborts
             return StreamingResponse(handler.sse(), media_type="text/event-stream", headers=handler.headers())
         body = handler.body_of(await _finals(request, handler))
@@ -651,7 +664,7 @@ def build_app(state: ServerState) -> FastAPI:
                             finishing_here = True
                             raise
                     started = time.monotonic()
-                    _submit(handler)
+                    await _submit(handler)
                     attempt_outs = await _finals(request, handler)
                 except _ClientGone:
                     raise
