@@ -44,6 +44,3 @@ class OutstandingTokensRouter(FIFOMixin, RequestRouter):
     def on_request_completed(self, replica_id: ReplicaID, internal_request_id: str) -> None:
         budget = self._requests.pop((replica_id, internal_request_id), 0)
         self._tokens[replica_id] = max(0, self._tokens.get(replica_id, 0) - budget)
-
-    def outstanding_tokens(self) -> dict[str, int]:
-        return {r.unique_id: n for r, n in self._tokens.items()}
