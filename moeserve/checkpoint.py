@@ -25,6 +25,7 @@ from safetensors import safe_open
 from torch import nn
 
 from moeserve.model_config import CheckpointError, ModelConfig, parse_dtype
+from moeserve.model.cpu_gemm import resolve_cpu_gemm
 from moeserve.model.decoder import MoEForCausalLM
 from moeserve.model.moe import SparseMoE
 from moeserve.model.moe.dispatch import ExpertParallelGroup
@@ -202,11 +203,13 @@ def load_model(
     attention_backend: str = "auto",
     expert_slot_groups: int = 1,
     ep: ExpertParallelGroup | None = None,
+    cpu_gemm: str = "auto",
 ) -> MoEForCausalLM:
     """Build the model on the meta device, allocate it on `device` in `dtype` ('auto' follows
     the checkpoint), then fill every parameter from the checkpoint. Backends 'auto': triton
     kernels on CUDA (when triton is installed), torch elsewhere. With `ep` (an expert-parallel
-    worker) only that worker's slots are allocated and only their experts read."""
+    worker) only that worker's slots are allocated and only their experts read. `cpu_gemm`
+    'auto' packs fp32 weights for oneDNN on the CPU (model/cpu_gemm.py); 'aten' never does."""
     path = Path(path)
     config = ModelConfig.from_pretrained(path)
     files = weight_files(path)
@@ -216,12 +219,15 @@ def load_model(
 
     expert_backend, attention_backend = resolve_backends(expert_backend, attention_backend, device, torch_dtype,
                                                          config.expert_activation, config.expert_bias)
+    gemm = resolve_cpu_gemm(cpu_gemm, device, torch_dtype)
     with torch.device("meta"):
         model = MoEForCausalLM(config, num_redundant_experts, expert_backend, attention_backend, expert_slot_groups, ep)
     _materialise(model, torch.device(device), torch_dtype)
     model.reset_state()
     _fill(model, config, files)
     model.eval()
+    if gemm == "onednn":
+        model.pack_weights()
     return model
 
 

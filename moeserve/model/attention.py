@@ -12,27 +12,55 @@ sequence s lives in block `block_tables[s, p // B]` at offset `p % B`, i.e. flat
     every new token attends to all keys at positions <= its own (and > pos - window)
 
 The torch path pads each group of sequences (decodes; the rest) to [S, max_query_len] queries
-and [S, L] keys so that there is no per-sequence Python loop; the triton backend
+and gathers each sequence's whole blocks into a workspace reused by every layer and step (one
+index_select per cache per layer; the block list, query grid and masks are built once per step),
+so that there is no per-sequence Python loop; the triton backend
 (moeserve.kernels.paged_attention) reads the blocks in place instead, one launch per group.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from moeserve.model_config import ModelConfig
-from moeserve.model.layers import RMSNorm, apply_rotary
+from moeserve.model.layers import Linear, RMSNorm, apply_rotary
+
+
+class Workspace:
+    """Scratch tensors reused by every layer of a step and across steps, so the per-layer
+    context gathers of the torch path write into memory already mapped instead of fresh
+    allocations (which, for tens of MB, the allocator maps and faults in anew each time).
+    `get(tag, shape, dtype)` returns a view of the buffer kept for (tag, dtype, device), grown
+    when too small; a view is valid until the next `get` with the same tag. Not thread-safe:
+    one per model runner."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def get(self, tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        numel = 1
+        for n in shape:
+            numel *= n
+        key = (tag, dtype, torch.device(device))
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
 
 
 @dataclass(frozen=True)
 class AttentionGroup:
-    """Sequences attended in one padded batch: S_g sequences, T_g tokens.
+    """Sequences attended in one padded batch: S_g sequences, T_g tokens. Everything the torch
+    path needs per layer is derived here once per step: the blocks to gather, the padded query
+    grid and the causal mask.
 
     `tokens` indexes the step's flat batch; `token_seq`/`token_index` place each of those
-    tokens in the padded [S_g, max_query_len] grid.
+    tokens in the padded [S_g, max_query_len] grid. Each sequence's context is gathered as the
+    ceil(max_seq_len / B) whole blocks of `context_blocks`; `blocked` masks what lies past its
+    length.
     """
 
     tokens: torch.Tensor  # [T_g] int64
@@ -43,6 +71,24 @@ class AttentionGroup:
     token_index: torch.Tensor  # [T_g] int64
     max_query_len: int
     max_seq_len: int
+    context_blocks: torch.Tensor  # [S_g * ceil(max_seq_len / B)] int64, block_tables[:, :nb] row-major
+    query_pos: torch.Tensor  # [S_g, max_query_len] int64, each grid cell's position, -1 for padding
+    uniform_query: bool  # every sequence has max_query_len tokens: the grid is a view of the tokens
+    _blocked: dict = field(default_factory=dict, compare=False, repr=False)  # (window, length) -> mask
+
+    def blocked(self, window: int | None, length: int) -> torch.Tensor:
+        """[S_g, max_query_len, length] bool, True where a query may not see a key: past its
+        own position, before its window, or a padding query. Built once per step and window."""
+        key = (window, length)
+        mask = self._blocked.get(key)
+        if mask is None:
+            k_pos = torch.arange(length, device=self.query_pos.device)
+            q_pos = self.query_pos[:, :, None]
+            mask = k_pos[None, None, :] > q_pos  # [S, Qmax, length]
+            if window is not None:
+                mask |= k_pos[None, None, :] <= q_pos - window
+            self._blocked[key] = mask
+        return mask
 
 
 @dataclass(frozen=True)
@@ -61,6 +107,7 @@ class AttentionMetadata:
     query_start_loc: torch.Tensor  # [S + 1] int64
     groups: tuple[AttentionGroup, ...]
     block_size: int
+    workspace: Workspace = field(default_factory=Workspace, compare=False, repr=False)
 
     @classmethod
     def build(
@@ -70,6 +117,7 @@ class AttentionMetadata:
         block_tables: list[list[int]],
         block_size: int,
         device: torch.device | str = "cpu",
+        workspace: Workspace | None = None,
     ) -> AttentionMetadata:
         """Derive every per-token tensor from per-sequence lengths and block tables."""
         if not (len(query_lens) == len(seq_lens) == len(block_tables)) or not query_lens:
@@ -93,17 +141,18 @@ class AttentionMetadata:
         groups = []
         for members in ([i for i, q in enumerate(query_lens) if q == 1], [i for i, q in enumerate(query_lens) if q > 1]):
             if members:
-                groups.append(_group(members, query_lens, seq_lens, block_tables, qsl, device))
+                groups.append(_group(members, query_lens, seq_lens, block_tables, qsl, positions, block_size, device))
         return cls(
             positions=positions.to(device),
             slot_mapping=slots.to(device),
             query_start_loc=qsl.to(device),
             groups=tuple(groups),
             block_size=block_size,
+            workspace=workspace if workspace is not None else Workspace(),
         )
 
 
-def _group(members, query_lens, seq_lens, block_tables, qsl, device) -> AttentionGroup:
+def _group(members, query_lens, seq_lens, block_tables, qsl, positions, block_size, device) -> AttentionGroup:
     width = max(len(block_tables[i]) for i in members)
     tables = torch.tensor([block_tables[i] + [0] * (width - len(block_tables[i])) for i in members],
                           dtype=torch.int64)
@@ -116,6 +165,11 @@ def _group(members, query_lens, seq_lens, block_tables, qsl, device) -> Attentio
     tokens = starts[token_seq] + token_index
     group_qsl = torch.zeros(len(members) + 1, dtype=torch.int64)
     group_qsl[1:] = torch.cumsum(q_lens, 0)
+    max_query_len = max(query_lens[i] for i in members)
+    max_seq_len = max(seq_lens[i] for i in members)
+    query_pos = torch.full((len(members), max_query_len), -1, dtype=torch.int64)
+    query_pos[token_seq, token_index] = positions[tokens]
+    num_blocks = -(-max_seq_len // block_size)
     return AttentionGroup(
         tokens=tokens.to(device),
         query_start_loc=group_qsl.to(device),
@@ -123,8 +177,11 @@ def _group(members, query_lens, seq_lens, block_tables, qsl, device) -> Attentio
         block_tables=tables.to(device),
         token_seq=token_seq.to(device),
         token_index=token_index.to(device),
-        max_query_len=max(query_lens[i] for i in members),
-        max_seq_len=max(seq_lens[i] for i in members),
+        max_query_len=max_query_len,
+        max_seq_len=max_seq_len,
+        context_blocks=tables[:, :num_blocks].reshape(-1).to(device),
+        query_pos=query_pos.to(device),
+        uniform_query=num_tokens == len(members) * max_query_len,
     )
 
 
@@ -191,52 +248,66 @@ def paged_attention(
     return out
 
 
-def gather_context(cache: torch.Tensor, g: AttentionGroup, block_size: int) -> torch.Tensor:
-    """cache [num_blocks, B, ...] -> each sequence's whole context [S_g, L, ...], in order."""
-    S, L = g.seq_lens.shape[0], g.max_seq_len
-    nb = -(-L // block_size)
-    tables = g.block_tables[:, :nb]  # [S, nb]
-    return cache[tables].reshape(S, nb * block_size, *cache.shape[2:])[:, :L]
+def gather_context(cache: torch.Tensor, g: AttentionGroup, block_size: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+    """cache [num_blocks, B, ...] -> each sequence's whole context in order [S_g, L, ...],
+    L = max_seq_len (a view of the ceil(L / B) whole blocks gathered; positions past a
+    sequence's own length hold whatever their block does, and attention masks them). The blocks
+    are written into `out` ([S_g * nb, B, ...]) when given."""
+    S = g.seq_lens.shape[0]
+    blocks = torch.index_select(cache, 0, g.context_blocks, out=out) if out is not None else \
+        cache.index_select(0, g.context_blocks)  # [S * nb, B, ...]
+    return blocks.view(S, -1, *cache.shape[2:])[:, : g.max_seq_len]
 
 
 def _attend_group(q, key_cache, value_cache, meta: AttentionMetadata, g: AttentionGroup, scale, window, sinks=None):
-    """q [T_g, H, Dk] of one group -> [T_g, H, Dv]."""
-    keys = gather_context(key_cache, g, meta.block_size)  # [S, L, Hkv, Dk]
-    values = gather_context(value_cache, g, meta.block_size)  # [S, L, Hkv, Dv]
+    """q [T_g, H, Dk] of one group -> [T_g, H, Dv]; the contexts are gathered into the step's
+    workspace (one gather of the keys and, unless they are a view of the keys, of the values)."""
+    ws, n = meta.workspace, g.context_blocks.shape[0]
+    keys = gather_context(key_cache, g, meta.block_size,
+                          ws.get("key", (n, *key_cache.shape[1:]), key_cache.dtype, key_cache.device))  # [S, L, Hkv, Dk]
+    if value_cache.data_ptr() == key_cache.data_ptr() and value_cache.stride() == key_cache.stride():
+        values = keys[..., : value_cache.shape[-1]]  # MLA: the value is the head of each key entry
+    else:
+        values = gather_context(value_cache, g, meta.block_size,
+                                ws.get("value", (n, *value_cache.shape[1:]), value_cache.dtype, value_cache.device))
     return attend_padded(q, keys, values, meta, g, scale, window, sinks)
 
 
 def attend_padded(q, keys, values, meta: AttentionMetadata, g: AttentionGroup, scale, window, sinks=None):
-    """q [T_g, H, Dk] against each sequence's gathered context, keys [S, L, Hkv, Dk] and values
-    [S, L, Hkv, Dv] -> [T_g, H, Dv]. Softmax runs in fp32 and is cast to q's dtype before the
-    value product, as transformers' eager attention does (with sinks: in q's dtype, as its
-    GPT-OSS attention does)."""
-    S, Qmax, L = g.seq_lens.shape[0], g.max_query_len, g.max_seq_len
-    _, H, Dh = q.shape
+    """q [T_g, H, Dk] against each sequence's gathered context, keys [S, Lc, Hkv, Dk] and values
+    [S, Lc, Hkv, Dv] (Lc >= max_seq_len, the rest masked) -> [T_g, H, Dv]. One pair of batched matmuls per KV head over strided views
+    of the context (no copy into a head-major layout). Softmax runs in fp32 and is cast to q's
+    dtype before the value product, as transformers' eager attention does (with sinks: in q's
+    dtype, as its GPT-OSS attention does)."""
+    S, Qmax, Lc = g.seq_lens.shape[0], g.max_query_len, keys.shape[1]
+    _, H, Dk = q.shape
     Hkv, Dv = keys.shape[2], values.shape[-1]
     G = H // Hkv
 
-    q_pad = q.new_zeros(S, Qmax, H, Dh)
-    q_pad[g.token_seq, g.token_index] = q
-    q_pos = torch.full((S, Qmax), -1, dtype=torch.int64, device=q.device)
-    q_pos[g.token_seq, g.token_index] = meta.positions[g.tokens]  # padding rows see no key
-    k_pos = torch.arange(L, device=q.device)
-    allowed = k_pos[None, None, :] <= q_pos[:, :, None]  # [S, Qmax, L]
-    if window is not None:
-        allowed &= k_pos[None, None, :] > q_pos[:, :, None] - window
-
-    q_g = q_pad.view(S, Qmax, Hkv, G, Dh).permute(0, 2, 3, 1, 4).reshape(S, Hkv, G * Qmax, Dh)
-    scores = torch.matmul(q_g, keys.permute(0, 2, 3, 1)) * scale  # [S, Hkv, G*Qmax, L]
-    scores = scores.view(S, Hkv, G, Qmax, L).masked_fill(~allowed[:, None, None], torch.finfo(scores.dtype).min)
-    if sinks is None:
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    else:  # as transformers' GPT-OSS: shift by the max and softmax in the scores' dtype
-        sink = sinks.to(scores.dtype).view(1, Hkv, G, 1, 1).expand(S, Hkv, G, Qmax, 1)  # [S, Hkv, G, Qmax, 1]
-        combined = torch.cat([scores, sink], dim=-1)  # [S, Hkv, G, Qmax, L + 1]
-        combined = combined - combined.max(dim=-1, keepdim=True).values
-        probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :L].to(q.dtype)
-    out = torch.matmul(probs.view(S, Hkv, G * Qmax, L), values.permute(0, 2, 1, 3))  # [S, Hkv, G*Qmax, Dv]
-    out = out.view(S, Hkv, G, Qmax, Dv).permute(0, 3, 1, 2, 4).reshape(S, Qmax, H, Dv)
+    if g.uniform_query:
+        q_pad = q.view(S, Qmax, H, Dk)
+    else:
+        q_pad = q.new_zeros(S, Qmax, H, Dk)
+        q_pad[g.token_seq, g.token_index] = q
+    blocked = g.blocked(window, Lc)[:, None]  # [S, 1, Qmax, Lc]
+    out = q.new_empty(S, Qmax, H, Dv)
+    for h in range(Hkv):
+        heads = slice(h * G, (h + 1) * G)
+        q_h = q_pad[:, :, heads].transpose(1, 2).reshape(S, G * Qmax, Dk)  # rows (g, query)
+        scores = torch.bmm(q_h, keys[:, :, h].transpose(1, 2)) * scale  # [S, G*Qmax, Lc]
+        scores = scores.view(S, G, Qmax, Lc).masked_fill_(blocked, torch.finfo(scores.dtype).min)
+        if sinks is None:
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        else:  # as transformers' GPT-OSS: shift by the max and softmax in the scores' dtype
+            sink = sinks[heads].to(scores.dtype).view(1, G, 1, 1).expand(S, G, Qmax, 1)  # [S, G, Qmax, 1]
+            combined = torch.cat([scores, sink], dim=-1)  # [S, G, Qmax, Lc + 1]
+            combined = combined - combined.max(dim=-1, keepdim=True).values
+            probs = torch.softmax(combined, dim=-1, dtype=combined.dtype)[..., :Lc].to(q.dtype)
+        o = torch.bmm(probs.reshape(S, G * Qmax, Lc), values[:, :, h])  # [S, G*Qmax, Dv]
+        out[:, :, heads] = o.view(S, G, Qmax, Dv).transpose(1, 2)
+    if g.uniform_query:
+        return out.view(S * Qmax, H, Dv)
     return out[g.token_seq, g.token_index]  # [T_g, H, Dv]
 
 
@@ -270,10 +341,10 @@ class Attention(nn.Module):
         self.sinks = nn.Parameter(torch.empty(H), requires_grad=False) if config.attention_sinks else None
         self.clip_qkv = config.clip_qkv
         self.qk_norm = config.qk_norm
-        self.q_proj = nn.Linear(D, H * Dh, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(D, Hkv * Dh, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(D, Hkv * Dh, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(H * Dh, D, bias=config.o_bias)
+        self.q_proj = Linear(D, H * Dh, bias=config.qkv_bias)
+        self.k_proj = Linear(D, Hkv * Dh, bias=config.qkv_bias)
+        self.v_proj = Linear(D, Hkv * Dh, bias=config.qkv_bias)
+        self.o_proj = Linear(H * Dh, D, bias=config.o_bias)
         if config.qk_norm == "head":
             self.q_norm = RMSNorm(Dh, config.rms_norm_eps)
             self.k_norm = RMSNorm(Dh, config.rms_norm_eps)

@@ -17,7 +17,7 @@ from torch import nn
 
 from moeserve.model_config import ModelConfig
 from moeserve.model.attention import Attention, AttentionMetadata, PagedKVCache
-from moeserve.model.layers import GatedMLP, RMSNorm, RotaryEmbedding
+from moeserve.model.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
 from moeserve.model.mla import MLAttention
 from moeserve.model.moe import ExpertBackend, ExpertLoad, LoadRecorder, SlotLayout, SparseMoE, get_expert_backend
 from moeserve.model.moe.dispatch import ExpertParallelGroup, run_to_end
@@ -94,7 +94,7 @@ class MoEForCausalLM(nn.Module):
         self.expert_backend, self.attention_backend = expert_backend, attention_backend
         backend = get_expert_backend(expert_backend)
         self.model = _Backbone(config, self.layout, backend, attention_backend, ep)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.rotary = RotaryEmbedding(config.rope)
         self.register_buffer("top_k", torch.empty(config.num_moe_layers, dtype=torch.int64), persistent=False)
@@ -116,6 +116,14 @@ class MoEForCausalLM(nn.Module):
         for module in self.modules():
             if module is not self and hasattr(module, "reset_state"):
                 module.reset_state()
+
+    def pack_weights(self, packed: bool = True) -> None:
+        """Keep (or drop) oneDNN-packed copies of every dense Linear's weight and every expert
+        slot's (model/cpu_gemm.py: fp32 on the CPU), which the forward then multiplies with.
+        Call after the weights are loaded; a slot whose weights change repacks itself."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "pack"):
+                module.pack() if packed else module.unpack()
 
     @property
     def moe_layers(self) -> list[SparseMoE]:

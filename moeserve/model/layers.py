@@ -11,7 +11,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeserve.model import cpu_gemm
 from moeserve.model_config import RopeConfig
+
+
+class Linear(nn.Linear):
+    """nn.Linear that may also hold a oneDNN-packed copy of its weight (model/cpu_gemm.py),
+    used instead of the weight once `pack()` made it; `unpack()` drops it. The copy is only as
+    current as the last `pack()`: whoever changes the weight packs again."""
+
+    packed: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        self.packed = cpu_gemm.pack(self.weight)
+
+    def unpack(self) -> None:
+        self.packed = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is None:
+            return F.linear(x, self.weight, self.bias)
+        return cpu_gemm.packed_linear(x, self.packed, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -84,9 +104,9 @@ class GatedMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # [T, D]

@@ -32,7 +32,7 @@ from torch import nn
 
 from moeserve.model.attention import AttentionGroup, AttentionMetadata, attend_padded, gather_context, \
     get_attention_backend
-from moeserve.model.layers import RMSNorm, apply_rotary, apply_rotary_interleaved
+from moeserve.model.layers import Linear, RMSNorm, apply_rotary, apply_rotary_interleaved
 from moeserve.model_config import ModelConfig
 
 MLAMode = Literal["auto", "absorbed", "decompressed"]
@@ -59,15 +59,15 @@ class MLAttention(nn.Module):
         self.mode: MLAMode = "auto"
         self.q_lora = m.q_lora_rank is not None
         if self.q_lora:
-            self.q_a_proj = nn.Linear(D, m.q_lora_rank, bias=config.qkv_bias)
+            self.q_a_proj = Linear(D, m.q_lora_rank, bias=config.qkv_bias)
             self.q_a_layernorm = RMSNorm(m.q_lora_rank, LATENT_NORM_EPS)
-            self.q_b_proj = nn.Linear(m.q_lora_rank, H * m.qk_head_dim, bias=False)
+            self.q_b_proj = Linear(m.q_lora_rank, H * m.qk_head_dim, bias=False)
         else:
-            self.q_proj = nn.Linear(D, H * m.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(D, self.R + self.Dr, bias=config.qkv_bias)
+            self.q_proj = Linear(D, H * m.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(D, self.R + self.Dr, bias=config.qkv_bias)
         self.kv_a_layernorm = RMSNorm(self.R, LATENT_NORM_EPS)
-        self.kv_b_proj = nn.Linear(self.R, H * (self.Dn + self.Dv), bias=False)
-        self.o_proj = nn.Linear(H * self.Dv, D, bias=config.o_bias)
+        self.kv_b_proj = Linear(self.R, H * (self.Dn + self.Dv), bias=False)
+        self.o_proj = Linear(H * self.Dv, D, bias=config.o_bias)
 
     def forward(
         self,
@@ -120,7 +120,7 @@ class MLAttention(nn.Module):
                       g: AttentionGroup) -> torch.Tensor:
         """q_nope [T_g, H, Dn], q_rope [T_g, H, Dr] -> [T_g, H, Dv] through per-head K/V."""
         H = self.num_heads
-        entries = gather_context(key_cache, g, meta.block_size)[:, :, 0]  # [S, L, R + Dr]
+        entries = gather_context(key_cache, g, meta.block_size)[:, :, 0]  # [S, L, R + Dr], L whole blocks
         S, L = entries.shape[:2]
         kv = self.kv_b_proj(entries[..., : self.R]).view(S, L, H, self.Dn + self.Dv)  # [S, L, H, Dn + Dv]
         keys = torch.cat([kv[..., : self.Dn], entries[:, :, None, self.R :].expand(S, L, H, self.Dr)], dim=-1)

@@ -21,7 +21,7 @@ import torch
 from moeserve.engine.faults import FaultInjector
 from moeserve.engine.messages import ExpertLoadStats
 from moeserve.engine.scheduler import SchedulerOutput
-from moeserve.model.attention import AttentionMetadata, PagedKVCache
+from moeserve.model.attention import AttentionMetadata, PagedKVCache, Workspace
 from moeserve.model.decoder import MoEForCausalLM, TokenTopK
 from moeserve.model.overlap import MicroBatch, OverlapTrace, cut_sequences
 from moeserve.sampling_params import SamplingParams
@@ -63,6 +63,7 @@ class ModelRunner:
         self.sampler = sampler
         self.device = next(model.parameters()).device
         self.requests: dict[str, _RunnerRequest] = {}
+        self.workspace = Workspace()  # the torch attention path's context buffers, kept across steps
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         for req_id in out.finished_request_ids:
@@ -102,7 +103,8 @@ class ModelRunner:
         cut = out.micro_batch_cut[self.rank] if out.micro_batch_cut is not None else None
         self.faults.check("forward")
         if cut is None:
-            meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.kv_cache.block_size, self.device)
+            meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.kv_cache.block_size, self.device,
+                                           self.workspace)
             hidden = self.model(input_ids, meta, self.kv_cache, token_top_k)  # [T, D]
         else:
             batches = self._micro_batches(input_ids, query_lens, seq_lens, tables, token_top_k, cut)
@@ -135,7 +137,7 @@ class ModelRunner:
         parts = cut_sequences(query_lens, seq_lens, tables, cut)
         batches = []
         for side, lo, hi in ((0, 0, cut), (1, cut, T)):
-            meta = AttentionMetadata.build(*parts[side], self.kv_cache.block_size, self.device)
+            meta = AttentionMetadata.build(*parts[side], self.kv_cache.block_size, self.device, self.workspace)
             tk = None if token_top_k is None else TokenTopK(token_top_k.requested[lo:hi], token_top_k.degraded[lo:hi])
             batches.append(MicroBatch(input_ids[lo:hi], meta, tk))
         return batches

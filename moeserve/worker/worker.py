@@ -55,7 +55,7 @@ class Worker:
         self.model = load_model(load.model, dtype=load.dtype, device=self.device,
                                 num_redundant_experts=load.num_redundant_experts, expert_backend=load.expert_backend,
                                 attention_backend=load.attention_backend, expert_slot_groups=parallel.num_slot_groups,
-                                ep=ep)
+                                ep=ep, cpu_gemm=load.cpu_gemm)
         self.model.load.enabled = self.config.control.record_expert_load
         self.model.set_capacity(load.moe_capacity_factor, load.moe_overflow)
         return self.model.config
@@ -166,6 +166,7 @@ class Worker:
                                          self.model.config.moe_layer_ids[moe.moe_layer], expert)
                     for tensor, value in zip(moe.slot_tensors(), values):
                         tensor[local].copy_(value)
+                    moe.repack(local)
             moe.placement.phy2log.copy_(torch.tensor(phy2log))
             moe.placement.log2phy.copy_(torch.tensor(log2phy))
             moe.placement.replica_count.copy_(torch.tensor(count))

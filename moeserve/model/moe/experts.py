@@ -7,11 +7,13 @@ intermediate size. w13 [P, 2I, D] stacks gate (rows :I) over up (rows I:); w2 [P
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from moeserve.model import cpu_gemm
 from moeserve.model.moe.router import select_experts_torch
 from moeserve.model_config import ExpertActivation, RouterConfig
 
@@ -35,6 +37,9 @@ class ExpertBackend(ABC):
     Invariants every backend keeps: slot P means "no expert" and contributes nothing; each
     expert's output is multiplied by its routing weight in the weight's dtype (fp32 for Mixtral)
     and cast to x's dtype when accumulated; the result has x's shape and dtype.
+
+    `packed`, when given, holds per slot oneDNN-packed copies (w13[s], w2[s]) of the same
+    weights (model/cpu_gemm.py); a backend that cannot use them reads w13/w2.
     """
 
     name: ClassVar[str]
@@ -62,37 +67,57 @@ class ExpertBackend(ABC):
         act: ExpertActivation = SILU,
         b13: torch.Tensor | None = None,
         b2: torch.Tensor | None = None,
+        packed: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> torch.Tensor: ...
 
 
 class TorchExpertBackend(ExpertBackend):
-    """Reference and CPU path: sort token-slots by slot, one pair of matmuls per non-empty slot."""
+    """Reference and CPU path: sort token-slots by slot, gather their rows once, one pair of
+    matmuls per non-empty slot on its contiguous run of rows (with the packed weights when
+    given), then the weighted rows added back slot by slot. A grouped GEMM does not pay on the CPU:
+    bench/moe_kernels.py measures grouped_mm and padded bmm no faster than this loop."""
 
     name = "torch"
 
-    def __call__(self, x, slots, weights, w13, w2, act=SILU, b13=None, b2=None):
+    def __call__(self, x, slots, weights, w13, w2, act=SILU, b13=None, b2=None, packed=None):
         P, K = w13.shape[0], slots.shape[1]
         flat = slots.reshape(-1)  # [T*K]
         order = torch.argsort(flat, stable=True)  # [T*K] token-slots grouped by slot, P last
         counts = torch.bincount(flat, minlength=P + 1)[:P].tolist()
-        flat_weights = weights.reshape(-1)  # [T*K]
-        out = torch.zeros_like(x)  # [T, D]
+        active = sum(counts)
+        order = order[:active]  # [n_active]
+        tokens = order // K  # [n_active]
+        xs = x[tokens]  # [n_active, D]
+        ys = x.new_empty(active, w2.shape[1])  # [n_active, D]
         start = 0
         for slot, n in enumerate(counts):
             if n == 0:
                 continue
-            pick = order[start : start + n]  # [n]
-            start += n
-            tokens = pick // K  # [n]
-            h = F.linear(x[tokens], w13[slot])  # [n, 2I]
+            rows = xs[start : start + n]  # [n, D]
+            if packed is None:
+                h = F.linear(rows, w13[slot])  # [n, 2I]
+            else:
+                h = cpu_gemm.packed_linear(rows, packed[slot][0])
             if b13 is not None:  # added after the product is rounded, as transformers' GPT-OSS does
                 h = h + b13[slot]
             gate, up = h.chunk(2, dim=-1)  # [n, I] x2
-            y = F.linear(activate(gate, up, act), w2[slot])  # [n, D]
+            if packed is None:
+                y = F.linear(activate(gate, up, act), w2[slot])  # [n, D]
+            else:
+                y = cpu_gemm.packed_linear(activate(gate, up, act), packed[slot][1])
             if b2 is not None:
                 y = y + b2[slot]
-            y = y * flat_weights[pick, None]
-            out.index_add_(0, tokens, y.to(out.dtype))
+            ys[start : start + n] = y
+            start += n
+        # Accumulated slot by slot, in x's dtype, as transformers does: one index_add_ over all
+        # rows would sum a token's experts in fp32 before rounding, off by a bf16 ulp.
+        ys = (ys * weights.reshape(-1)[order, None]).to(x.dtype)  # [n_active, D]
+        out = torch.zeros_like(x)  # [T, D]
+        start = 0
+        for n in counts:
+            if n:
+                out.index_add_(0, tokens[start : start + n], ys[start : start + n])
+                start += n
         return out
 
 
@@ -114,7 +139,7 @@ class TritonExpertBackend(ExpertBackend):
     def supports(self, act, biases):
         return act.kind == "silu" and not biases
 
-    def __call__(self, x, slots, weights, w13, w2, act=SILU, b13=None, b2=None):
+    def __call__(self, x, slots, weights, w13, w2, act=SILU, b13=None, b2=None, packed=None):
         if not self.supports(act, b13 is not None):
             raise ValueError("the triton moe kernels compute silu experts without biases; use --moe-backend torch")
         return self._experts(x, slots, weights, w13, w2)
@@ -134,7 +159,7 @@ class GroupedMMExpertBackend(ExpertBackend):
         if self._grouped_mm is None:
             raise ValueError(f"this torch ({torch.__version__}) has no grouped_mm; use --moe-backend torch or triton")
 
-    def __call__(self, x, slots, weights, w13, w2, act=SILU, b13=None, b2=None):
+    def __call__(self, x, slots, weights, w13, w2, act=SILU, b13=None, b2=None, packed=None):
         T, K = slots.shape
         P, D = w13.shape[0], x.shape[1]
         flat = slots.reshape(-1)  # [T*K]

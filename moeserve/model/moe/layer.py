@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeserve.model import cpu_gemm
 from moeserve.model_config import ModelConfig
 from moeserve.model.layers import GatedMLP
 from moeserve.model.moe.experts import ExpertBackend
@@ -58,6 +59,7 @@ class SparseMoE(nn.Module):
         self.capacity_factor: float | None = None
         self.overflow = "reroute"
         self.backend = backend
+        self.packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per local slot (w13, w2), see pack()
         self.shared_expert: GatedMLP | None = None
         self.shared_expert_gate: nn.Linear | None = None
         if config.shared_expert_intermediate_size:
@@ -82,7 +84,8 @@ class SparseMoE(nn.Module):
         slots = self.placement.slots_for(expert_ids)  # [T, K]
         load.record(self.moe_layer, expert_ids, slots, routing.logits)
         if self.ep is None:
-            out = self.backend(x, slots, routing.weights, self.w13, self.w2, self.act, self.b13, self.b2)  # [T, D]
+            out = self.backend(x, slots, routing.weights, self.w13, self.w2, self.act, self.b13, self.b2,
+                               self.packed)  # [T, D]
         else:
             out = yield from dispatch_combine_steps(x, slots, routing.weights, self.placement.slot_rank, self.ep,
                                                     self._local_experts, trace)
@@ -93,7 +96,20 @@ class SparseMoE(nn.Module):
         return out
 
     def _local_experts(self, rows: torch.Tensor, local_slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return self.backend(rows, local_slots, weights, self.w13, self.w2, self.act, self.b13, self.b2)
+        return self.backend(rows, local_slots, weights, self.w13, self.w2, self.act, self.b13, self.b2, self.packed)
+
+    def pack(self) -> None:
+        """Keep oneDNN-packed copies of every local slot's w13/w2 (model/cpu_gemm.py), which the
+        torch backend then multiplies with; `repack(slot)` after a slot's weights change."""
+        self.packed = [(cpu_gemm.pack(self.w13[i]), cpu_gemm.pack(self.w2[i])) for i in range(self.w13.shape[0])]
+
+    def unpack(self) -> None:
+        self.packed = None
+
+    def repack(self, local_slot: int) -> None:
+        """The weights of `local_slot` changed: make its packed copies again (no-op unpacked)."""
+        if self.packed is not None:
+            self.packed[local_slot] = (cpu_gemm.pack(self.w13[local_slot]), cpu_gemm.pack(self.w2[local_slot]))
 
     def slot_tensors(self) -> list[torch.Tensor]:
         """Every per-slot tensor (dim 0 = local slot): what a replica copies."""
@@ -138,6 +154,7 @@ class SparseMoE(nn.Module):
         if self.ep is None or (src is not None and dst is not None):
             for t in self.slot_tensors():
                 t[dst].copy_(t[src])
+            self.repack(dst)
         elif src is not None:
             to = int(self.placement.slot_rank[slot])
             for t in self.slot_tensors():
@@ -148,6 +165,7 @@ class SparseMoE(nn.Module):
                 buf = torch.empty_like(t)
                 torch.distributed.recv(wire(buf), frm, group=self.ep.group)
                 t.copy_(buf)
+            self.repack(dst)
         self.placement.add_replica(expert, slot)
 
     def retire(self, slot: int) -> None:
