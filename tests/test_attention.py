@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from moeserve.model.attention import AttentionMetadata, paged_attention
+from moeserve.model import attention
+from moeserve.model.attention import AttentionMetadata, Workspace, paged_attention
 
 
 def _reference(q, k, v, window):
@@ -27,8 +28,12 @@ def _reference(q, k, v, window):
     return out
 
 
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("window", [None, 5])
-def test_mixed_prefill_and_decode_batch(window):
+def test_mixed_prefill_and_decode_batch(window, split, monkeypatch):
+    """Also with the decodes cut into length buckets (any saving splits here), and twice over one
+    workspace, as the layers of a step share it."""
+    monkeypatch.setattr(attention, "SPLIT_MIN_SAVING", 1)
     torch.manual_seed(0)
     H, Hkv, Dh, B = 4, 2, 8, 4
     rng = random.Random(0)
@@ -50,13 +55,18 @@ def test_mixed_prefill_and_decode_batch(window):
         for p in range(cached):  # the prefix a previous step wrote
             key_cache[blocks[p // B], p % B] = k[p]
             value_cache[blocks[p // B], p % B] = v[p]
-    meta = AttentionMetadata.build([n for _, n in seqs], [c + n for c, n in seqs], tables, B)
+    meta = AttentionMetadata.build([n for _, n in seqs], [c + n for c, n in seqs], tables, B,
+                                   workspace=Workspace(), split_decodes=split)
+    decode_groups = [g.seq_lens.tolist() for g in meta.groups if g.max_query_len == 1]
+    assert decode_groups == ([[4, 1], [14]] if split else [[14, 4, 1]]), decode_groups  # 4 and 1: one block each
     new_k = torch.cat([k[c:] for k, (c, _) in zip(full_k, seqs)])
     new_v = torch.cat([v[c:] for v, (c, _) in zip(full_v, seqs)])
     key_cache.view(-1, Hkv, Dh).index_copy_(0, meta.slot_mapping, new_k)
     value_cache.view(-1, Hkv, Dh).index_copy_(0, meta.slot_mapping, new_v)
 
     out = paged_attention(torch.cat(qs), key_cache, value_cache, meta, Dh**-0.5, window)
+    again = paged_attention(torch.cat(qs), key_cache, value_cache, meta, Dh**-0.5, window)
+    assert torch.equal(out, again)
     expected = torch.cat([_reference(q, k, v, window) for q, k, v in zip(qs, full_k, full_v)])
     assert (out - expected).abs().max().item() < 1e-5
     assert meta.positions.tolist()[9:16] == list(range(6, 13))

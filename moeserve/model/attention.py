@@ -98,8 +98,11 @@ class AttentionMetadata:
     Invariants: sequence s owns flat tokens query_start_loc[s] : query_start_loc[s + 1]; they sit
     at the last q_len(s) positions before seq_lens[s] (new tokens always extend the cached
     prefix, so positions are contiguous from 0); its block table covers ceil(seq_lens[s] / B)
-    blocks. Sequences are attended in at most two groups, decodes (one new token) and the rest,
-    so that padding to the longest query never multiplies a decode batch by a prefill's length.
+    blocks. Sequences are attended in groups: decodes (one new token), then the rest, so that
+    padding to the longest query never multiplies a decode batch by a prefill's length. With
+    `split_decodes` (the torch path, whose cost is the padded context it reads) the decodes are
+    further cut into at most three groups of similar lengths when that saves more padding than
+    a group costs (`_length_buckets`).
     """
 
     positions: torch.Tensor  # [T] int64
@@ -118,6 +121,7 @@ class AttentionMetadata:
         block_size: int,
         device: torch.device | str = "cpu",
         workspace: Workspace | None = None,
+        split_decodes: bool = False,
     ) -> AttentionMetadata:
         """Derive every per-token tensor from per-sequence lengths and block tables."""
         if not (len(query_lens) == len(seq_lens) == len(block_tables)) or not query_lens:
@@ -139,7 +143,9 @@ class AttentionMetadata:
         slots = blocks * block_size + positions % block_size
 
         groups = []
-        for members in ([i for i, q in enumerate(query_lens) if q == 1], [i for i, q in enumerate(query_lens) if q > 1]):
+        decodes = [i for i, q in enumerate(query_lens) if q == 1]
+        buckets = _length_buckets(decodes, seq_lens, block_size) if split_decodes else [decodes]
+        for members in (*buckets, [i for i, q in enumerate(query_lens) if q > 1]):
             if members:
                 groups.append(_group(members, query_lens, seq_lens, block_tables, qsl, positions, block_size, device))
         return cls(
@@ -150,6 +156,38 @@ class AttentionMetadata:
             block_size=block_size,
             workspace=workspace if workspace is not None else Workspace(),
         )
+
+
+# Padding (in context positions) a split must save to pay for one more group: a group costs a
+# gather and 2 * Hkv small matmuls per layer, about what reading this much padding costs (CPU).
+SPLIT_MIN_SAVING = 4096
+
+
+def _length_buckets(members: list[int], seq_lens: list[int], block_size: int, max_buckets: int = 3) -> list[list[int]]:
+    """`members` cut into at most `max_buckets` sets of neighbouring (block-rounded) lengths, each
+    cut the one that saves the most padded positions (count x longest), taken while it saves at
+    least SPLIT_MIN_SAVING. Each set keeps the batch order."""
+    if len(members) < 2:
+        return [members]
+    ordered = sorted(members, key=lambda i: seq_lens[i])
+    buckets = [ordered]
+    while len(buckets) < max_buckets:
+        best = None  # (saving, bucket index, cut)
+        for b, bucket in enumerate(buckets):
+            lens = [-(-seq_lens[i] // block_size) * block_size for i in bucket]
+            whole = len(lens) * lens[-1]
+            for cut in range(1, len(lens)):
+                if lens[cut - 1] == lens[cut]:
+                    continue
+                saving = whole - (cut * lens[cut - 1] + (len(lens) - cut) * lens[-1])
+                if best is None or saving > best[0]:
+                    best = (saving, b, cut)
+        if best is None or best[0] < SPLIT_MIN_SAVING:
+            break
+        _, b, cut = best
+        buckets[b : b + 1] = [buckets[b][:cut], buckets[b][cut:]]
+    # In batch order within each bucket: a lone group must list the batch's tokens in order.
+    return [sorted(bucket) for bucket in buckets]
 
 
 def _group(members, query_lens, seq_lens, block_tables, qsl, positions, block_size, device) -> AttentionGroup:

@@ -64,6 +64,7 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.requests: dict[str, _RunnerRequest] = {}
         self.workspace = Workspace()  # the torch attention path's context buffers, kept across steps
+        self.split_decodes = model.attention_backend == "torch"  # its cost is the padded context it reads
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         for req_id in out.finished_request_ids:
@@ -104,7 +105,7 @@ class ModelRunner:
         self.faults.check("forward")
         if cut is None:
             meta = AttentionMetadata.build(query_lens, seq_lens, tables, self.kv_cache.block_size, self.device,
-                                           self.workspace)
+                                           self.workspace, self.split_decodes)
             hidden = self.model(input_ids, meta, self.kv_cache, token_top_k)  # [T, D]
         else:
             batches = self._micro_batches(input_ids, query_lens, seq_lens, tables, token_top_k, cut)
@@ -137,7 +138,8 @@ class ModelRunner:
         parts = cut_sequences(query_lens, seq_lens, tables, cut)
         batches = []
         for side, lo, hi in ((0, 0, cut), (1, cut, T)):
-            meta = AttentionMetadata.build(*parts[side], self.kv_cache.block_size, self.device, self.workspace)
+            meta = AttentionMetadata.build(*parts[side], self.kv_cache.block_size, self.device, self.workspace,
+                                           self.split_decodes)
             tk = None if token_top_k is None else TokenTopK(token_top_k.requested[lo:hi], token_top_k.degraded[lo:hi])
             batches.append(MicroBatch(input_ids[lo:hi], meta, tk))
         return batches
