@@ -74,20 +74,23 @@ class AttentionGroup:
     context_blocks: torch.Tensor  # [S_g * ceil(max_seq_len / B)] int64, block_tables[:, :nb] row-major
     query_pos: torch.Tensor  # [S_g, max_query_len] int64, each grid cell's position, -1 for padding
     uniform_query: bool  # every sequence has max_query_len tokens: the grid is a view of the tokens
+    static: bool = False  # views of buffers refilled every step (decode graphs): derive nothing once
     _blocked: dict = field(default_factory=dict, compare=False, repr=False)  # (window, length) -> mask
 
     def blocked(self, window: int | None, length: int) -> torch.Tensor:
         """[S_g, max_query_len, length] bool, True where a query may not see a key: past its
-        own position, before its window, or a padding query. Built once per step and window."""
+        own position, before its window, or a padding query. Built once per step and window
+        (every call for a static group, whose positions change under it)."""
         key = (window, length)
-        mask = self._blocked.get(key)
+        mask = None if self.static else self._blocked.get(key)
         if mask is None:
             k_pos = torch.arange(length, device=self.query_pos.device)
             q_pos = self.query_pos[:, :, None]
             mask = k_pos[None, None, :] > q_pos  # [S, Qmax, length]
             if window is not None:
                 mask |= k_pos[None, None, :] <= q_pos - window
-            self._blocked[key] = mask
+            if not self.static:
+                self._blocked[key] = mask
         return mask
 
 

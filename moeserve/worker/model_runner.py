@@ -25,6 +25,7 @@ from moeserve.model.attention import AttentionMetadata, PagedKVCache, Workspace
 from moeserve.model.decoder import MoEForCausalLM, TokenTopK
 from moeserve.model.overlap import MicroBatch, OverlapTrace, cut_sequences
 from moeserve.sampling_params import SamplingParams
+from moeserve.worker.cuda_graph import DecodeGraphs, DecodeRow
 from moeserve.worker.sampler import Sampler, SamplingRow
 
 
@@ -55,7 +56,7 @@ class _RunnerRequest:
 
 class ModelRunner:
     def __init__(self, model: MoEForCausalLM, kv_cache: PagedKVCache, sampler: Sampler,
-                 faults: FaultInjector | None = None, rank: int = 0):
+                 faults: FaultInjector | None = None, rank: int = 0, decode_graphs: DecodeGraphs | None = None):
         self.model = model
         self.rank = rank
         self.faults = faults or FaultInjector()
@@ -65,10 +66,17 @@ class ModelRunner:
         self.requests: dict[str, _RunnerRequest] = {}
         self.workspace = Workspace()  # the torch attention path's context buffers, kept across steps
         self.split_decodes = model.attention_backend == "torch"  # its cost is the padded context it reads
+        # With decode graphs: each request's persistent row of their block tables (kept current
+        # from the diffs on every step, graph or not) and the free rows.
+        self.decode_graphs = decode_graphs
+        self.rows: dict[str, int] = {}
+        self.free_rows = list(range(decode_graphs.inputs.padding_row))[::-1] if decode_graphs else []
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         for req_id in out.finished_request_ids:
             self.requests.pop(req_id, None)
+            if req_id in self.rows:
+                self.free_rows.append(self.rows.pop(req_id))
         if self.model.ep is not None:
             out = _for_rank(out, self.rank)
         for new in out.new_requests:
@@ -76,10 +84,20 @@ class ModelRunner:
                 list(new.token_ids), new.num_prompt_tokens, list(new.block_table), new.num_computed_tokens,
                 new.sampling_params, new.eos_token_ids,
             )
+            if self.decode_graphs is not None:
+                row = self.rows.get(new.request_id)
+                if row is None:
+                    row = self.rows[new.request_id] = self.free_rows.pop()
+                self.decode_graphs.inputs.set_blocks(row, 0, list(new.block_table))
         for diff in out.cached_requests:
             state = self.requests[diff.request_id]
+            if self.decode_graphs is not None and diff.new_block_ids:
+                self.decode_graphs.inputs.set_blocks(self.rows[diff.request_id], len(state.block_table),
+                                                     list(diff.new_block_ids))
             state.block_table.extend(diff.new_block_ids)
             assert state.num_computed_tokens == diff.num_computed_tokens, "runner and scheduler disagree"
+        if self._graph_step(out):
+            return self._decode_from_graphs(out)
         if not out.num_scheduled_tokens:
             if self.model.ep is not None and out.runs:
                 self.faults.check("forward")
@@ -121,6 +139,36 @@ class ModelRunner:
         if not sample_ids:
             return ModelRunnerOutput([], [], [], load)
         logits = self.model.compute_logits(hidden[torch.tensor(sample_at, device=self.device)])  # [N, V]
+        return self._sample(logits, sample_ids, load)
+
+    def _graph_step(self, out: SchedulerOutput) -> bool:
+        """Whether this step runs on the decode graphs: every scheduled request decodes one token
+        that is then sampled, no micro-batch split, and the batch fits the largest bucket."""
+        graphs = self.decode_graphs
+        if graphs is None or out.micro_batch_cut is not None or not out.num_scheduled_tokens \
+                or len(out.num_scheduled_tokens) > graphs.max_batch:
+            return False
+        return all(n == 1 and self.requests[r].num_computed_tokens + 1 == len(self.requests[r].token_ids)
+                   for r, n in out.num_scheduled_tokens.items())
+
+    def _decode_from_graphs(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        K, B = self.model.config.top_k, self.kv_cache.block_size
+        rows = []
+        for req_id in out.num_scheduled_tokens:
+            s = self.requests[req_id]
+            pos = s.num_computed_tokens
+            asked, runs = out.top_k.get(req_id, (K, K))
+            rows.append(DecodeRow(s.token_ids[pos], pos, s.block_table[pos // B] * B + pos % B, self.rows[req_id],
+                                  asked, runs))
+        self.faults.check("forward")
+        logits = self.decode_graphs.run(rows)  # [N, V]
+        sample_ids = list(out.num_scheduled_tokens)
+        for req_id in sample_ids:
+            self.requests[req_id].num_computed_tokens += 1
+        load = self._expert_load()
+        return self._sample(logits, sample_ids, load)
+
+    def _sample(self, logits: torch.Tensor, sample_ids: list[str], load: ExpertLoadStats | None) -> ModelRunnerOutput:
         rows = []
         for req_id in sample_ids:
             s = self.requests[req_id]

@@ -4,9 +4,10 @@ Shape legend: N rows (one per sampling request this step), V vocabulary.
 
 Order of operations (vLLM's): min_tokens masks EOS/stop ids; repetition, frequency and
 presence penalties; greedy rows take the argmax; the others divide by temperature, apply top-k,
-top-p and min-p, and draw. A seeded request's draw uses a generator seeded by (seed, number of
-tokens it has generated), so its tokens do not depend on which other requests share the batch,
-nor on preemption. Logprobs are those of the raw model distribution (before any processing).
+top-p and min-p, and draw by an exponential race (argmax of p / E, E ~ Exp(1)). A seeded
+request's noise is a pure function of (seed, number of tokens it has generated), so its tokens do
+not depend on which other requests share the batch, nor on preemption. Logprobs are those of the
+raw model distribution (before any processing).
 """
 
 from __future__ import annotations
@@ -41,60 +42,117 @@ class SamplingRow:
         return self.token_ids[self.num_prompt_tokens :]
 
 
-def _seeded_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
-    return torch.Generator(device=device).manual_seed((seed * 0x9E3779B1 + step) % (2**63))
+# splitmix64's constants, as signed int64 (torch has no uint64 arithmetic on every device).
+_GOLDEN = 0x9E3779B97F4A7C15 - 2**64
+_MIX1 = 0xBF58476D1CE4E5B9 - 2**64
+_MIX2 = 0x94D049BB133111EB - 2**64
+
+
+def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
+    """Logical right shift of int64 bit patterns (>> on int64 is arithmetic)."""
+    return (z >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finaliser on int64 tensors (multiplication wraps modulo 2^64)."""
+    z = (z ^ _shift_right(z, 30)) * _MIX1
+    z = (z ^ _shift_right(z, 27)) * _MIX2
+    return z ^ _shift_right(z, 31)
+
+
+def stream_key(seed: int, counter: int) -> int:
+    """One draw's key from (seed, counter), as a signed int64 (the host half of the RNG)."""
+    z = (seed * 0x9E3779B1 + counter * 0x85EBCA77 + 0x632BE5AB) % 2**64
+    return z - 2**64 if z >= 2**63 else z
+
+
+def exponential_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """keys [n] int64 -> Exp(1) draws [n, V] fp32, a pure function of (key, column): a
+    counter-based generator (splitmix64 over key + column * golden), so a row's noise depends on
+    nothing but its key, takes no torch.Generator, no host round trip and no per-row launch."""
+    columns = torch.arange(vocab_size, dtype=torch.int64, device=keys.device)
+    z = _mix(_mix(keys[:, None]) + columns[None, :] * _GOLDEN)  # [n, V]
+    uniform = (_shift_right(z, 40).float() + 0.5) * 2.0**-24  # 24 random bits, in (0, 1)
+    return -torch.log(uniform)
+
+
+@dataclass(frozen=True)
+class SampledTokens:
+    """The sampler's device results for N rows: the tokens, and, when any row asked for logprobs,
+    each row's top-`num_top` raw logprobs and the chosen token's."""
+
+    tokens: torch.Tensor  # [N] int64
+    top_ids: torch.Tensor | None = None  # [N, num_top] int64
+    top_logprobs: torch.Tensor | None = None  # [N, num_top] fp32
+    chosen_logprobs: torch.Tensor | None = None  # [N] fp32
 
 
 class Sampler:
+    """One batched pass per step: greedy rows take one argmax, random rows one filtered softmax and
+    one exponential race whose noise is counter-based (a seeded request's key is (seed, tokens it
+    has generated); an unseeded row's is (the sampler's seed, step, row)), logprobs one top-k for
+    all rows. `sample` stays on the device (no host sync); `__call__` adds the step's single copy
+    to the host."""
+
     def __init__(self, seed: int = 0):
         self._seed = seed
         self._step = 0
 
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> list[tuple[int, dict[int, float] | None]]:
+        out = self.sample(logits, rows)
+        tokens = out.tokens.tolist()
+        if out.top_ids is None:
+            return [(t, None) for t in tokens]
+        top_ids, top_lp, chosen = out.top_ids.tolist(), out.top_logprobs.tolist(), out.chosen_logprobs.tolist()
+        results: list[tuple[int, dict[int, float] | None]] = []
+        for i, r in enumerate(rows):
+            n = r.params.logprobs
+            if n is None:
+                results.append((tokens[i], None))
+                continue
+            top = dict(zip(top_ids[i][:n], top_lp[i][:n]))
+            top[tokens[i]] = chosen[i]
+            results.append((tokens[i], top))
+        return results
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampledTokens:
+        """logits [N, V] -> the step's tokens on the logits' device, without reading device data
+        on the host (what the rows ask for is host data; every value computed stays put)."""
         logits = logits.float()  # [N, V]
         N, V = logits.shape
         device = logits.device
-        raw_logprobs = torch.log_softmax(logits, dim=-1) if any(r.params.logprobs is not None for r in rows) else None
-        logits = logits.clone()
+        num_top = max((r.params.logprobs for r in rows if r.params.logprobs is not None), default=None)
+        raw_logprobs = torch.log_softmax(logits, dim=-1) if num_top is not None else None
 
-        for i, r in enumerate(rows):
-            p = r.params
+        edits = [i for i, r in enumerate(rows) if r.num_output_tokens < r.params.min_tokens
+                 or r.params.repetition_penalty != 1.0 or r.params.presence_penalty or r.params.frequency_penalty]
+        if edits:
+            logits = logits.clone()
+        for i in edits:
+            r, p = rows[i], rows[i].params
             if r.num_output_tokens < p.min_tokens:
                 banned = [t for t in (*r.eos_token_ids, *p.stop_token_ids) if t < V]
                 logits[i, banned] = float("-inf")
             if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
                 self._penalise(logits[i], r)
 
-        greedy = torch.argmax(logits, dim=-1)  # [N]
-        tokens = greedy.tolist()
+        tokens = torch.argmax(logits, dim=-1)  # [N]
         random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
         if random_rows:
             idx = torch.tensor(random_rows, device=device)
             probs = self._filtered_probs(logits[idx], [rows[i].params for i in random_rows])  # [n, V]
-            for j, i in enumerate(random_rows):
-                seed = rows[i].params.seed
-                gen = (
-                    _seeded_generator(seed, rows[i].num_output_tokens, device)
-                    if seed is not None
-                    else _seeded_generator(self._seed, self._step * 1_000_003 + i, device)
-                )
-                noise = torch.empty(V, device=device).exponential_(generator=gen)  # [V]
-                tokens[i] = int(torch.argmax(probs[j] / noise))
+            keys = [stream_key(rows[i].params.seed, rows[i].num_output_tokens) if rows[i].params.seed is not None
+                    else stream_key(self._seed, self._step * 1_000_003 + i) for i in random_rows]
+            noise = exponential_noise(torch.tensor(keys, dtype=torch.int64, device=device), V)  # [n, V]
+            tokens = tokens.index_copy(0, idx, torch.argmax(probs / noise, dim=-1))
         self._step += 1
-
-        out: list[tuple[int, dict[int, float] | None]] = []
-        for i, r in enumerate(rows):
-            if r.params.logprobs is None or raw_logprobs is None:
-                out.append((tokens[i], None))
-                continue
-            top = {}
-            if r.params.logprobs:
-                values, ids = torch.topk(raw_logprobs[i], r.params.logprobs)
-                top = dict(zip(ids.tolist(), values.tolist()))
-            top[tokens[i]] = float(raw_logprobs[i, tokens[i]])
-            out.append((tokens[i], top))
-        return out
+        if raw_logprobs is None:
+            return SampledTokens(tokens)
+        top_lp, top_ids = torch.topk(raw_logprobs, max(num_top, 1), dim=-1)  # [N, num_top] x2
+        chosen = raw_logprobs.gather(1, tokens[:, None])[:, 0]  # [N]
+        return SampledTokens(tokens, top_ids, top_lp, chosen)
 
     @staticmethod
     def _penalise(row: torch.Tensor, r: SamplingRow) -> None:

@@ -23,6 +23,7 @@ from moeserve.model.moe import SlotLayout
 from moeserve.model.moe.dispatch import ExpertParallelGroup
 from moeserve.model_config import ModelConfig, resolve_device
 from moeserve.worker import kv_sizing
+from moeserve.worker.cuda_graph import DEFAULT_BUCKETS, DecodeGraphs, DecodeInputs
 from moeserve.worker.model_runner import ModelRunner, ModelRunnerOutput
 from moeserve.worker.sampler import Sampler
 
@@ -43,6 +44,7 @@ class Worker:
             self.device = f"cuda:{rank % torch.cuda.device_count()}"
         self.model: MoEForCausalLM | None = None
         self.runner: ModelRunner | None = None
+        self.max_model_len: int | None = None  # the engine's, told with available_kv_blocks
 
     def load_model(self) -> ModelConfig:
         load, parallel = self.config.load, self.config.parallel
@@ -67,6 +69,7 @@ class Worker:
     def available_kv_blocks(self, max_model_len: int) -> int:
         """See kv_sizing: a measured budget on the GPU, a fixed share of memory on the CPU."""
         cache, sched = self.config.cache, self.config.scheduler
+        self.max_model_len = max_model_len
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks
         budget = cache.kv_cache_memory_bytes
@@ -97,9 +100,23 @@ class Worker:
         return budget
 
     def initialize_cache(self, num_blocks: int) -> None:
-        cache = PagedKVCache.for_model(self.model.config, num_blocks, self.config.cache.block_size, self.dtype,
+        """The KV cache of `num_blocks` blocks (one more, never handed out, as the decode graphs'
+        scratch block when they are on) and the runner."""
+        graphs = self.config.load.cuda_graphs
+        block_size = self.config.cache.block_size
+        cache = PagedKVCache.for_model(self.model.config, num_blocks + int(graphs), block_size, self.dtype,
                                        self.device)
-        self.runner = ModelRunner(self.model, cache, Sampler(self.config.load.seed), self.faults, self.rank)
+        decode = None
+        if graphs:
+            max_model_len = self.max_model_len or self.model.config.max_position_embeddings
+            max_seqs = self.config.scheduler.max_num_seqs
+            max_batch = next((b for b in DEFAULT_BUCKETS if b >= max_seqs), DEFAULT_BUCKETS[-1])
+            inputs = DecodeInputs(max_batch=max_batch, max_num_seqs=max_seqs,
+                                  blocks_per_seq=-(-max_model_len // block_size), max_diffs=min(max_seqs, 256),
+                                  block_size=block_size, scratch_block=num_blocks, device=self.device)
+            decode = DecodeGraphs(self.model, cache, inputs, max_model_len,
+                                  capture=torch.device(self.device).type == "cuda")
+        self.runner = ModelRunner(self.model, cache, Sampler(self.config.load.seed), self.faults, self.rank, decode)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self.faults.check("hang")
