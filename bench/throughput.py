@@ -11,7 +11,15 @@ Checkpoint: Mixtral shape scaled down (hidden 512, 8 layers, 8 experts, top-2, i
 1024, 8 heads / 2 KV heads), random weights, made with transformers' class. --smoke uses a
 tiny model and 4 short requests, to keep the script working in `make test`.
 
-Writes JSON (machine description, workload, both runs, ratio) to --out.
+Efficiency (CPU): the useful FLOPs of the moeserve run (every linear layer and attention
+product of the tokens each request needs, nothing for padding), divided by its time, as a
+fraction of this machine's GEMM rate at the step's dominant shapes (a full decode batch: the
+attention projections at M = batch, each expert's two GEMMs at M = batch * K / E), measured in
+the same run for aten's fp32 linear and for oneDNN with packed weights (what moeserve uses):
+`gemm_efficiency`. `expert_paths` times the CPU expert-compute choices at several batch sizes
+(the per-expert loop on aten or packed weights, torch's grouped_mm, one bmm over padded groups).
+
+Writes JSON (machine description, workload, both runs, ratio, efficiency) to --out.
 """
 
 from __future__ import annotations
@@ -130,6 +138,114 @@ def run_transformers(path: Path, requests, args) -> dict:
             "batch_size": args.hf_batch_size}
 
 
+def useful_flops(path: Path, requests) -> float:
+    """FLOPs the requests need: per forwarded token (the prompt, then every output but the last)
+    each layer's projections, router, K experts (or dense MLP) and shared expert, plus the QK and
+    PV products over its causal context; per output token the LM head."""
+    from moeserve import ModelConfig
+
+    c = ModelConfig.from_pretrained(path)
+    D, H, Hkv, Dh = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+    attn = D * H * Dh * 2 + D * Hkv * Dh * 2
+    moe = D * c.num_experts + c.top_k * 3 * D * c.moe_intermediate_size + 3 * D * (c.shared_expert_intermediate_size or 0)
+    dense = 3 * D * c.intermediate_size
+    per_token = sum(attn + (moe if i in c.moe_layer_ids else dense) for i in range(c.num_layers))
+    total = 0.0
+    for prompt, n in requests:
+        tokens = len(prompt) + n - 1
+        context = tokens * (tokens + 1) / 2  # sum over positions of the keys each one sees
+        total += 2 * per_token * tokens + 4 * H * Dh * context * c.num_layers + 2 * D * c.vocab_size * n
+    return total
+
+
+def _time(fn, reps: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - start) / reps
+
+
+def gemm_rates(path: Path, batch: int) -> dict:
+    """GFLOP/s of aten's fp32 linear and of oneDNN-packed weights at a full decode batch's shapes,
+    each the FLOP-weighted rate over the step's GEMMs (q/k/v/o at M = batch, the experts' w13 and
+    w2 at M = batch * K / E)."""
+    import torch.nn.functional as F
+
+    from moeserve import ModelConfig
+    from moeserve.model import cpu_gemm
+
+    c = ModelConfig.from_pretrained(path)
+    D, H, Hkv, Dh, I = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, c.moe_intermediate_size
+    per_expert = max(1, batch * c.top_k // c.num_experts)
+    shapes = [(batch, D, H * Dh, 1), (batch, D, Hkv * Dh, 2), (batch, H * Dh, D, 1),
+              (per_expert, D, 2 * I, c.num_experts), (per_expert, I, D, c.num_experts)]  # (M, K, N, count)
+    out = {"decode_batch": batch, "rows_per_expert": per_expert}
+    paths = {"aten": None}
+    if cpu_gemm.onednn_usable():
+        paths["onednn_packed"] = cpu_gemm.pack
+    for name, pack in paths.items():
+        flops = seconds = 0.0
+        for m, k, n, count in shapes:
+            weights = [torch.randn(n, k) for _ in range(8)]  # 8 different weights: not all in cache
+            x = torch.randn(m, k)
+            if pack is None:
+                t = _time(lambda: [F.linear(x, w) for w in weights]) / 8
+            else:
+                packed = [pack(w) for w in weights]
+                t = _time(lambda: [cpu_gemm.packed_linear(x, w) for w in packed]) / 8
+            flops += 2 * m * k * n * count
+            seconds += t * count
+        out[f"{name}_gflops"] = flops / seconds / 1e9
+    return out
+
+
+def expert_paths(path: Path, batches: tuple[int, ...]) -> list[dict]:
+    """Milliseconds of one MoE layer's experts on the CPU per path, at each batch size."""
+    import torch.nn.functional as F
+
+    from moeserve import ModelConfig
+    from moeserve.model import cpu_gemm
+    from moeserve.model.moe.experts import GroupedMMExpertBackend, TorchExpertBackend
+
+    c = ModelConfig.from_pretrained(path)
+    E, D, I, K = c.num_experts, c.hidden_size, c.moe_intermediate_size, c.top_k
+    w13, w2 = torch.randn(E, 2 * I, D) * 0.02, torch.randn(E, D, I) * 0.02
+    packed = [(cpu_gemm.pack(w13[e]), cpu_gemm.pack(w2[e])) for e in range(E)] if cpu_gemm.onednn_usable() else None
+    loop = TorchExpertBackend()
+
+    def padded_bmm(x, slots, weights):
+        flat = slots.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=E + 1)[:E]
+        starts = torch.cumsum(counts, 0) - counts
+        row_slot = flat[order]
+        pos = torch.arange(flat.numel()) - starts[row_slot]
+        xs = x.new_zeros(E, int(counts.max()), D)
+        xs[row_slot, pos] = x[order // K]
+        gate, up = torch.bmm(xs, w13.transpose(1, 2)).chunk(2, dim=-1)
+        y = torch.bmm(F.silu(gate) * up, w2.transpose(1, 2))[row_slot, pos] * weights.reshape(-1)[order, None]
+        return torch.zeros_like(x).index_add_(0, order // K, y)
+
+    rows = []
+    for T in batches:
+        x = torch.randn(T, D)
+        weights, slots = torch.topk(torch.softmax(torch.randn(T, E), dim=-1), K)
+        row = {"tokens": T, "loop_aten_ms": 1e3 * _time(lambda: loop(x, slots, weights, w13, w2)),
+               "padded_bmm_ms": 1e3 * _time(lambda: padded_bmm(x, slots, weights))}
+        try:
+            grouped = GroupedMMExpertBackend()
+            row["grouped_mm_ms"] = 1e3 * _time(lambda: grouped(x, slots, weights, w13, w2))
+        except ValueError:
+            pass
+        if packed is not None:
+            row["loop_packed_ms"] = 1e3 * _time(lambda: loop(x, slots, weights, w13, w2, packed=packed))
+        row["fastest"] = min((k for k in row if k.endswith("_ms")), key=row.get)[: -len("_ms")]
+        rows.append(row)
+    return rows
+
+
 def add_workload_args(p: argparse.ArgumentParser) -> None:
     """The checkpoint and workload options both benchmarks share."""
     p.add_argument("--model", type=Path, help="checkpoint directory (default: make the scaled-down Mixtral)")
@@ -160,6 +276,15 @@ def main(argv: list[str] | None = None) -> int:
         path, shape, requests = checkpoint_and_workload(args, tmp)
         ours = run_moeserve(path, requests, args)
         theirs = run_transformers(path, requests, args)
+        efficiency = None
+        if args.device == "cpu":
+            flops = useful_flops(path, requests)
+            rates = gemm_rates(path, batch=len(requests))
+            useful = flops / ours["elapsed_s"] / 1e9
+            efficiency = {"useful_tflop": flops / 1e12, "useful_gflops": useful, "gemm_rates": rates,
+                          "gemm_efficiency": useful / rates.get("onednn_packed_gflops", rates["aten_gflops"]),
+                          "gemm_efficiency_vs_aten": useful / rates["aten_gflops"],
+                          "expert_paths": expert_paths(path, (4, 16, 64, 256) if args.smoke else (16, 64, 256, 512))}
 
     result = {
         "benchmark": "offline_throughput",
@@ -172,11 +297,18 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": theirs,
         "ratio_output_tokens_per_s": ours["output_tokens_per_s"] / theirs["output_tokens_per_s"],
     }
+    if efficiency is not None:
+        result["efficiency"] = efficiency
+        result["gemm_efficiency"] = efficiency["gemm_efficiency"]
     out = args.out or Path(__file__).parent / "results" / f"throughput-{args.device.split(':')[0]}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"moeserve {ours['output_tokens_per_s']:.1f} tok/s, transformers {theirs['output_tokens_per_s']:.1f} "
           f"tok/s, ratio {result['ratio_output_tokens_per_s']:.2f}x -> {out}")
+    if efficiency is not None:
+        print(f"useful {efficiency['useful_gflops']:.1f} GFLOP/s = {efficiency['gemm_efficiency']:.2f} of the packed "
+              f"GEMM rate at the step's shapes ({efficiency['gemm_rates'].get('onednn_packed_gflops', 0):.0f} GFLOP/s; "
+              f"aten {efficiency['gemm_rates']['aten_gflops']:.0f})")
     return 0
 
 

@@ -25,7 +25,7 @@ from safetensors import safe_open
 from torch import nn
 
 from moeserve.model_config import CheckpointError, ModelConfig, parse_dtype
-from moeserve.model.cpu_gemm import resolve_cpu_gemm
+from moeserve.model.cpu_gemm import MIN_PACKED_ELEMENTS, resolve_cpu_gemm
 from moeserve.model.decoder import MoEForCausalLM
 from moeserve.model.moe import SparseMoE
 from moeserve.model.moe.dispatch import ExpertParallelGroup
@@ -209,7 +209,8 @@ def load_model(
     the checkpoint), then fill every parameter from the checkpoint. Backends 'auto': triton
     kernels on CUDA (when triton is installed), torch elsewhere. With `ep` (an expert-parallel
     worker) only that worker's slots are allocated and only their experts read. `cpu_gemm`
-    'auto' packs fp32 weights for oneDNN on the CPU (model/cpu_gemm.py); 'aten' never does."""
+    'auto' packs fp32 weights of MIN_PACKED_ELEMENTS or more for oneDNN on the CPU, 'onednn'
+    every weight (model/cpu_gemm.py); 'aten' none."""
     path = Path(path)
     config = ModelConfig.from_pretrained(path)
     files = weight_files(path)
@@ -227,7 +228,7 @@ def load_model(
     _fill(model, config, files)
     model.eval()
     if gemm == "onednn":
-        model.pack_weights()
+        model.pack_weights(min_elements=0 if cpu_gemm == "onednn" else MIN_PACKED_ELEMENTS)
     return model
 
 

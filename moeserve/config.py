@@ -46,9 +46,10 @@ class LoadConfig:
                                "grouped_mm", flag="--moe-backend", choices=EXPERT_BACKENDS)
     attention_backend: str = _opt("auto", "paged attention: auto (triton on CUDA, torch on CPU), torch, triton",
                                   choices=ATTENTION_BACKENDS)
-    cpu_gemm: str = _opt("auto", "fp32 matmuls on the CPU: auto (onednn for fp32 on the CPU), onednn (weights "
-                         "packed once for oneDNN at load: 2-4x faster than aten's MKL path, a second copy of "
-                         "the weights in memory), aten (plain F.linear)", choices=("auto", "onednn", "aten"))
+    cpu_gemm: str = _opt("auto", "fp32 matmuls on the CPU: onednn (every weight packed once for oneDNN at "
+                         "load: 2-4x faster than aten's MKL path at 256x256 and up, a second copy of the "
+                         "weights in memory), auto (onednn for fp32 on the CPU, weights of 256x256 and "
+                         "up), aten (plain F.linear)", choices=("auto", "onednn", "aten"))
     cuda_graphs: bool = _opt(False, "run decode-only steps of up to 256 sequences from CUDA graphs captured at start "
                              "per batch-size bucket (worker/cuda_graph.py; needs the triton or grouped_mm moe "
                              "backend and one worker; on the CPU the same static path runs eagerly). Off by "

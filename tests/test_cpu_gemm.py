@@ -23,11 +23,16 @@ def _packed(model) -> tuple[int, int]:
             sum(moe.packed is not None for moe in model.moe_layers))
 
 
-def test_auto_packs_fp32_on_the_cpu_only(checkpoints):
+def test_which_weights_are_packed(checkpoints, monkeypatch):
     path = checkpoints("mixtral")
-    linears = sum(isinstance(m, Linear) for m in load_model(path, dtype="float32").modules())
-    model = load_model(path, dtype="float32")
+    model = load_model(path, dtype="float32", cpu_gemm="onednn")
+    linears = sum(isinstance(m, Linear) for m in model.modules())
     assert _packed(model) == (linears, len(model.moe_layers))
+    assert _packed(load_model(path, dtype="float32")) == (0, 0)  # auto: every weight here is under 256 x 256
+    monkeypatch.setattr("moeserve.checkpoint.MIN_PACKED_ELEMENTS", 64 * 96)  # the tiny experts' size
+    big = [m for m in model.modules() if isinstance(m, Linear) and m.weight.numel() >= 64 * 96]
+    assert 0 < len(big) < linears
+    assert _packed(load_model(path, dtype="float32")) == (len(big), len(model.moe_layers))
     assert _packed(load_model(path, dtype="float32", cpu_gemm="aten")) == (0, 0)
     assert _packed(load_model(path, dtype="bfloat16")) == (0, 0)  # aten's bf16 is transformers' numerics
     with pytest.raises(ValueError, match="fp32 weights on the CPU"):
@@ -39,7 +44,8 @@ def test_packed_logits_match_aten(arch, checkpoints, prompts):
     """Prefill and decode logits of the packed model within 1e-5 of the plain one (only the
     summation order differs), for every family's layer kinds (MLA, biases, shared experts)."""
     path = checkpoints(arch)
-    packed, plain = load_model(path, dtype="float32"), load_model(path, dtype="float32", cpu_gemm="aten")
+    packed = load_model(path, dtype="float32", cpu_gemm="onednn")
+    plain = load_model(path, dtype="float32", cpu_gemm="aten")
     assert _packed(packed)[0] > 0
     a, b = ReferenceRunner(packed), ReferenceRunner(plain)
     batch = {i: p for i, p in enumerate(prompts)}
@@ -54,7 +60,7 @@ def test_a_replicated_slot_is_packed_again(checkpoints, prompts):
     """After an expert is copied into a spare slot, tokens routed to the copy get that expert's
     output: without repacking, the slot's packed weights would still be the empty slot's."""
     path = checkpoints("mixtral")
-    packed = load_model(path, dtype="float32", num_redundant_experts=1)
+    packed = load_model(path, dtype="float32", num_redundant_experts=1, cpu_gemm="onednn")
     plain = load_model(path, dtype="float32", num_redundant_experts=1, cpu_gemm="aten")
     spare = packed.num_slots - 1
     for model in (packed, plain):

@@ -18,6 +18,9 @@ from __future__ import annotations
 import torch
 
 CPU_GEMMS = ("auto", "onednn", "aten")
+# 'auto' packs a weight of at least this many elements: a oneDNN call has ~20 us of fixed cost on
+# the benchmark machine, so packing a 256 x 256 weight pays from about 16 rows, a smaller one not.
+MIN_PACKED_ELEMENTS = 256 * 256
 
 
 def onednn_usable() -> bool:
@@ -26,8 +29,8 @@ def onednn_usable() -> bool:
 
 
 def resolve_cpu_gemm(name: str, device: torch.device | str, dtype: torch.dtype) -> str:
-    """'auto' -> onednn for fp32 on the CPU when oneDNN is there, aten otherwise; 'onednn' where it
-    cannot run is a ValueError (at start)."""
+    """'auto' -> onednn for fp32 on the CPU when oneDNN is there (weights of MIN_PACKED_ELEMENTS
+    or more), aten otherwise; 'onednn' (every weight) where it cannot run is a ValueError."""
     if name not in CPU_GEMMS:
         raise ValueError(f"unknown cpu gemm {name!r}; choose {', '.join(CPU_GEMMS)}")
     fits = torch.device(device).type == "cpu" and dtype == torch.float32 and onednn_usable()

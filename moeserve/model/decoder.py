@@ -117,13 +117,18 @@ class MoEForCausalLM(nn.Module):
             if module is not self and hasattr(module, "reset_state"):
                 module.reset_state()
 
-    def pack_weights(self, packed: bool = True) -> None:
+    def pack_weights(self, packed: bool = True, min_elements: int = 0) -> None:
         """Keep (or drop) oneDNN-packed copies of every dense Linear's weight and every expert
-        slot's (model/cpu_gemm.py: fp32 on the CPU), which the forward then multiplies with.
-        Call after the weights are loaded; a slot whose weights change repacks itself."""
+        slot's with at least `min_elements` elements (model/cpu_gemm.py: fp32 on the CPU), which
+        the forward then multiplies with. Call after the weights are loaded; a slot whose
+        weights change repacks itself."""
         for module in self.modules():
-            if module is not self and hasattr(module, "pack"):
-                module.pack() if packed else module.unpack()
+            if module is self or not hasattr(module, "pack"):
+                continue
+            if not packed:
+                module.unpack()
+            elif module.weight_elements() >= min_elements:
+                module.pack()
 
     @property
     def moe_layers(self) -> list[SparseMoE]:

@@ -22,6 +22,9 @@ class Linear(nn.Linear):
 
     packed: torch.Tensor | None = None
 
+    def weight_elements(self) -> int:
+        return self.weight.numel()
+
     def pack(self) -> None:
         self.packed = cpu_gemm.pack(self.weight)
 

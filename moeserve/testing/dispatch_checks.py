@@ -1,16 +1,12 @@
-"""Checks, on the CPU, of rules that matter on a GPU: no host sync, CUDA-graph safety.
+"""CUDA-graph safety, checked on the CPU (host syncs: testing/host_sync.py).
 
-Both are TorchDispatchModes: every aten op a region runs passes through them.
-
-- `HostSyncGuard` raises on an op that, on a GPU, makes the host wait for the device: reading a
-  value (`.item()`, `.tolist()`, `bool(t)`), or an op whose output shape depends on device data
-  (nonzero, boolean-mask indexing, bincount, unique, repeat_interleave without output_size).
-- `GraphRegionRecorder` records what a captured region would bake in: each op with its output
-  shapes (which must be the same for every step of a bucket), and every tensor the region reads
-  that it did not make itself and that is not among the tensors declared persistent (weights,
-  KV cache, static buffers); such a tensor would be a stale address when the graph is replayed.
-  Tensors made from host data inside the region (`torch.tensor(list)`) are reported too: a
-  capture would freeze their values.
+`GraphRegionRecorder` is a TorchDispatchMode (every aten op the region runs passes through it)
+that records what a captured region would bake in: each op with its output shapes (which must be
+the same for every step of a bucket), and every tensor the region reads that it did not make
+itself and that is not among the tensors declared persistent (weights, KV cache, static
+buffers); such a tensor would be a stale address when the graph is replayed. Tensors made from
+host data inside the region (`torch.tensor(list)`) are reported too: a capture would freeze
+their values.
 """
 
 from __future__ import annotations
@@ -23,33 +19,7 @@ from torch.utils._pytree import tree_flatten
 
 aten = torch.ops.aten
 
-SYNC_OPS = {
-    aten._local_scalar_dense, aten.nonzero, aten.masked_select, aten.bincount, aten._unique2, aten.unique_dim,
-    aten.unique_consecutive, aten.equal, aten.is_nonzero, aten.argwhere, aten.histc,
-}
 HOST_DATA_OPS = {aten.lift_fresh, aten.lift_fresh_copy}
-
-
-class HostSyncError(AssertionError):
-    pass
-
-
-def _bool_index(args) -> bool:
-    indices = args[1] if len(args) > 1 else ()
-    return any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in indices or ())
-
-
-class HostSyncGuard(TorchDispatchMode):
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        packet = func.overloadpacket
-        if packet in SYNC_OPS:
-            raise HostSyncError(f"{func} reads device data on the host")
-        if packet is aten.repeat_interleave and kwargs.get("output_size") is None and isinstance(args[-1], torch.Tensor):
-            raise HostSyncError(f"{func} without output_size sizes its output from device data")
-        if packet in (aten.index, aten.index_put, aten.index_put_, aten._index_put_impl_) and _bool_index(args):
-            raise HostSyncError(f"{func} with a boolean mask sizes its work from device data")
-        return func(*args, **kwargs)
 
 
 def _storage(t: torch.Tensor) -> int | None:

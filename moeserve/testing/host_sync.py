@@ -21,10 +21,17 @@ SYNCING_ATEN = frozenset({
     "aten._unique2", "aten.unique_consecutive", "aten.unique_dim", "aten.masked_select",
     "aten.repeat_interleave", "aten.is_nonzero", "aten.equal", "aten.histc", "aten.argwhere",
 })
+# aten ops that, given a boolean mask as an index, turn it into positions (a nonzero).
+BOOL_INDEXING_ATEN = frozenset({"aten.index", "aten.index_put", "aten.index_put_", "aten._index_put_impl_"})
 # Python-level tensor methods that hand a device value to Python.
 SYNCING_METHODS = frozenset({
     "item", "tolist", "numpy", "cpu", "__bool__", "__int__", "__float__", "__index__", "__len__",
 })
+
+
+def _bool_index(args: tuple) -> bool:
+    indices = args[1] if len(args) > 1 and isinstance(args[1], (list, tuple)) else ()
+    return any(isinstance(t, torch.Tensor) and t.dtype == torch.bool for t in indices)
 
 
 class _Dispatch(TorchDispatchMode):
@@ -37,6 +44,8 @@ class _Dispatch(TorchDispatchMode):
         self.ops.append(name)
         if name in SYNCING_ATEN and not (name == "aten.repeat_interleave" and (kwargs or {}).get("output_size")):
             self.seen.append(name)
+        elif name in BOOL_INDEXING_ATEN and _bool_index(args):
+            self.seen.append(f"{name} (boolean mask)")
         return func(*args, **(kwargs or {}))
 
 

@@ -98,6 +98,10 @@ class SparseMoE(nn.Module):
     def _local_experts(self, rows: torch.Tensor, local_slots: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return self.backend(rows, local_slots, weights, self.w13, self.w2, self.act, self.b13, self.b2, self.packed)
 
+    def weight_elements(self) -> int:
+        """Elements of one slot's smaller weight (what decides whether packing pays)."""
+        return min(self.w13[0].numel(), self.w2[0].numel()) if self.w13.shape[0] else 0
+
     def pack(self) -> None:
         """Keep oneDNN-packed copies of every local slot's w13/w2 (model/cpu_gemm.py), which the
         torch backend then multiplies with; `repack(slot)` after a slot's weights change."""
