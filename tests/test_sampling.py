@@ -260,3 +260,35 @@ def test_generate_accepts_strings_and_chat(llm):
     assert chat.outputs[0].token_ids == direct.outputs[0].token_ids
     with pytest.raises(TypeError, match="unknown engine setting.*tensor_parallel_size"):
         LLM("unused", tensor_parallel_size=2)
+
+
+def test_penalty_state_kept_token_by_token_equals_the_history():
+    from moeserve.worker.sampler import PenaltyState
+
+    tokens = [1, 2, 3, 4, 4, 5]
+    kept = PenaltyState.build(tokens[:4], 3, 8, "cpu")
+    kept.add(4)
+    kept.add(5)
+    rebuilt = PenaltyState.build(tokens, 3, 8, "cpu")
+    assert torch.equal(kept.output_counts, rebuilt.output_counts) and torch.equal(kept.prompt_seen, rebuilt.prompt_seen)
+
+
+def test_engine_penalties_follow_the_whole_history(llm, checkpoints, prompts):
+    """The runner's kept statistics give the tokens a full rebuild from the history gives: a
+    reference loop recomputes the logits and samples without any kept state."""
+    from moeserve.checkpoint import load_model
+    from moeserve.testing.runner import ReferenceRunner
+
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repetition_penalty=1.4,
+                            frequency_penalty=0.3, presence_penalty=0.2)
+    prompt = prompts[4]
+    got = llm.generate({"prompt_token_ids": prompt}, params)[0].outputs[0].token_ids
+    ref, sampler, tokens = ReferenceRunner(load_model(checkpoints("mixtral"))), Sampler(), list(prompt)
+    step = {0: prompt}
+    for _ in range(16):
+        logits = ref.step(step)[0][-1:]
+        token = sampler(logits, [_row(params, outputs=tokens[len(prompt):], prompt=prompt)])[0][0]
+        tokens.append(token)
+        step = {0: [token]}
+    assert list(got) == tokens[len(prompt):]
+    assert len(set(got)) > 4  # the penalties bite: greedy alone repeats this model's few favourites

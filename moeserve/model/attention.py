@@ -164,9 +164,10 @@ class AttentionMetadata:
 # Padding (in context positions) a split must save to pay for one more group: a group costs a
 # gather and 2 * Hkv small matmuls per layer, about what reading this much padding costs (CPU).
 SPLIT_MIN_SAVING = 4096
+MAX_BUCKETS = 3
 
 
-def _length_buckets(members: list[int], seq_lens: list[int], block_size: int, max_buckets: int = 3) -> list[list[int]]:
+def _length_buckets(members: list[int], seq_lens: list[int], block_size: int, max_buckets: int = MAX_BUCKETS) -> list[list[int]]:
     """`members` cut into at most `max_buckets` sets of neighbouring (block-rounded) lengths, each
     cut the one that saves the most padded positions (count x longest), taken while it saves at
     least SPLIT_MIN_SAVING. Each set keeps the batch order."""

@@ -26,7 +26,7 @@ from moeserve.model.decoder import MoEForCausalLM, TokenTopK
 from moeserve.model.overlap import MicroBatch, OverlapTrace, cut_sequences
 from moeserve.sampling_params import SamplingParams
 from moeserve.worker.cuda_graph import DecodeGraphs, DecodeRow
-from moeserve.worker.sampler import Sampler, SamplingRow
+from moeserve.worker.sampler import PenaltyState, Sampler, SamplingRow
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class _RunnerRequest:
     num_computed_tokens: int
     params: SamplingParams
     eos_token_ids: frozenset[int]
+    penalty: PenaltyState | None = None  # made at its first sample when the request is penalised
 
 
 class ModelRunner:
@@ -172,10 +173,16 @@ class ModelRunner:
         rows = []
         for req_id in sample_ids:
             s = self.requests[req_id]
-            rows.append(SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.eos_token_ids))
+            row = SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.eos_token_ids)
+            if row.penalised and s.penalty is None:
+                s.penalty = PenaltyState.build(s.token_ids, s.num_prompt_tokens, logits.shape[1], logits.device)
+            rows.append(row if s.penalty is None else dataclasses.replace(row, penalty=s.penalty))
         sampled = self.sampler(logits, rows)
         for req_id, (token, _) in zip(sample_ids, sampled):
-            self.requests[req_id].token_ids.append(token)
+            s = self.requests[req_id]
+            s.token_ids.append(token)
+            if s.penalty is not None:
+                s.penalty.add(token)
         return ModelRunnerOutput(sample_ids, [t for t, _ in sampled], [lp for _, lp in sampled], load)
 
     def _micro_batches(self, input_ids: torch.Tensor, query_lens: list[int], seq_lens: list[int],

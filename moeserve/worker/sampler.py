@@ -19,15 +19,43 @@ import torch
 from moeserve.sampling_params import SamplingParams
 
 
+@dataclass
+class PenaltyState:
+    """A penalised request's token statistics, on the device, kept current by the runner (one
+    add per sampled token) instead of rebuilt from the whole history every step."""
+
+    output_counts: torch.Tensor  # [V] fp32, times each token was generated
+    prompt_seen: torch.Tensor  # [V] bool, tokens of the prompt
+
+    @classmethod
+    def build(cls, token_ids: list[int], num_prompt_tokens: int, vocab_size: int,
+              device: torch.device | str) -> PenaltyState:
+        out_ids = torch.tensor(token_ids[num_prompt_tokens:], dtype=torch.int64, device=device)
+        counts = torch.zeros(vocab_size, device=device).index_add_(0, out_ids, torch.ones(len(out_ids), device=device))
+        seen = torch.zeros(vocab_size, dtype=torch.bool, device=device)
+        seen[torch.tensor(token_ids[:num_prompt_tokens], dtype=torch.int64, device=device)] = True
+        return cls(counts, seen)
+
+    def add(self, token: int) -> None:
+        self.output_counts[token] += 1
+
+
 @dataclass(frozen=True)
 class SamplingRow:
     """What the sampler needs of one request: its tokens so far (prompt then outputs), shared
-    with the runner rather than copied, since only penalties look past their count."""
+    with the runner rather than copied, and, for a penalised request, its kept statistics (built
+    here from the tokens when absent)."""
 
     params: SamplingParams
     token_ids: list[int]
     num_prompt_tokens: int
     eos_token_ids: frozenset[int]
+    penalty: PenaltyState | None = None
+
+    @property
+    def penalised(self) -> bool:
+        p = self.params
+        return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
 
     @property
     def num_output_tokens(self) -> int:
@@ -126,8 +154,7 @@ class Sampler:
         num_top = max((r.params.logprobs for r in rows if r.params.logprobs is not None), default=None)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if num_top is not None else None
 
-        edits = [i for i, r in enumerate(rows) if r.num_output_tokens < r.params.min_tokens
-                 or r.params.repetition_penalty != 1.0 or r.params.presence_penalty or r.params.frequency_penalty]
+        edits = [i for i, r in enumerate(rows) if r.num_output_tokens < r.params.min_tokens or r.penalised]
         if edits:
             logits = logits.clone()
         for i in edits:
@@ -135,7 +162,7 @@ class Sampler:
             if r.num_output_tokens < p.min_tokens:
                 banned = [t for t in (*r.eos_token_ids, *p.stop_token_ids) if t < V]
                 logits[i, banned] = float("-inf")
-            if p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
+            if r.penalised:
                 self._penalise(logits[i], r)
 
         tokens = torch.argmax(logits, dim=-1)  # [N]
@@ -157,12 +184,11 @@ class Sampler:
     @staticmethod
     def _penalise(row: torch.Tensor, r: SamplingRow) -> None:
         """In place on one row [V]."""
-        p, V = r.params, row.shape[0]
-        out_ids = torch.tensor(r.output_token_ids, dtype=torch.int64, device=row.device)
-        counts = torch.zeros(V, device=row.device).index_add_(0, out_ids, torch.ones(len(out_ids), device=row.device))
+        p = r.params
+        state = r.penalty or PenaltyState.build(r.token_ids, r.num_prompt_tokens, row.shape[0], row.device)
+        counts = state.output_counts  # [V]
         if p.repetition_penalty != 1.0:
-            seen = counts > 0
-            seen[torch.tensor(r.prompt_token_ids, dtype=torch.int64, device=row.device)] = True
+            seen = (counts > 0) | state.prompt_seen
             penalised = torch.where(row > 0, row / p.repetition_penalty, row * p.repetition_penalty)
             row.copy_(torch.where(seen, penalised, row))
         row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
