@@ -1,6 +1,7 @@
 """OutputProcessor (front): the engine's per-sequence token outputs -> the caller's RequestOutputs.
 
-For every sequence it keeps the tokens, logprobs and an incremental detokenizer, and applies
+For every sequence it keeps the tokens, logprobs and an incremental detokenizer (the outputs
+view them through `History`, never copying a sequence's history per step), and applies
 stop strings (the engine stops on token ids only). A stop string ends the sequence here; its
 id is returned in `aborts` so the engine releases it (a token or two the engine produced
 meanwhile are dropped). A caller's request with n > 1 is reported as one RequestOutput with n
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 from moeserve.engine.detokenizer import IncrementalDetokenizer
 from moeserve.engine.input_processor import ParentRequest
 from moeserve.engine.messages import EngineCoreOutput
-from moeserve.outputs import CompletionOutput, RequestFailure, RequestOutput
+from moeserve.outputs import CompletionOutput, History, RequestFailure, RequestOutput
 from moeserve.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class _Parent:
     sequences: list[_Sequence]
     num_cached_tokens: int = 0
     queue_time_s: float | None = None
+    prompt_token_ids: tuple[int, ...] = ()  # made once: every output of the request shares it
 
 
 @dataclass
@@ -69,7 +71,8 @@ class OutputProcessor:
             detok = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids, child.sampling_params)
             sequences.append(_Sequence(request.request_id, i, detok))
             self._sequences[child.request_id] = sequences[-1]
-        self._parents[request.request_id] = _Parent(request, sequences)
+        self._parents[request.request_id] = _Parent(request, sequences,
+                                                    prompt_token_ids=tuple(request.prompt_token_ids))
 
     def remove(self, request_id: str) -> list[str]:
         """Forget a caller's request; returns its sequences still running in the engine."""
@@ -146,12 +149,12 @@ class OutputProcessor:
             if finished:
                 seq.detokenizer.flush()
             params = request.children[seq.index].sampling_params
-            logprobs = tuple(seq.logprobs) if params.logprobs is not None else None
+            logprobs = History(seq.logprobs) if params.logprobs is not None else None
             cumulative = seq.cumulative_logprob if logprobs else None
             completions.append(CompletionOutput(
                 index=seq.index,
                 text=seq.detokenizer.text,
-                token_ids=tuple(seq.token_ids),
+                token_ids=History(seq.token_ids),
                 cumulative_logprob=cumulative,
                 logprobs=logprobs,
                 finish_reason=seq.finish_reason,
@@ -164,5 +167,5 @@ class OutputProcessor:
         done = all(c.finished for c in completions)
         if done:
             self.remove(request.request_id)
-        return RequestOutput(request.request_id, request.prompt, tuple(request.prompt_token_ids), tuple(completions),
+        return RequestOutput(request.request_id, request.prompt, parent.prompt_token_ids, tuple(completions),
                              done, parent.num_cached_tokens, parent.queue_time_s)
