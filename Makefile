@@ -25,7 +25,7 @@ serve: $(STAMP)
 	$(VENV)/bin/moeserve serve
 
 bench: $(STAMP)
-	$(PY) bench/throughput.py
+	$(PY) bench/throughput.py --reps 3
 
 clean:
 	rm -rf $(VENV) build *.egg-info
