@@ -47,13 +47,14 @@ class LoadConfig:
     attention_backend: str = _opt("auto", "paged attention: auto (triton on CUDA, torch on CPU), torch, triton",
                                   choices=ATTENTION_BACKENDS)
     cpu_gemm: str = _opt("auto", "fp32 matmuls on the CPU: onednn (every weight packed once for oneDNN at "
-                         "load: 2-4x faster than aten's MKL path at 256x256 and up, a second copy of the "
-                         "weights in memory), auto (onednn for fp32 on the CPU, weights of 256x256 and "
-                         "up), aten (plain F.linear)", choices=("auto", "onednn", "aten"))
+                         "load, usually faster than aten's MKL path; a second copy of the weights in "
+                         "memory), auto (onednn for fp32 on the CPU, weights of 256x256 and up), aten "
+                         "(plain F.linear)", choices=("auto", "onednn", "aten"))
     cuda_graphs: bool = _opt(False, "run decode-only steps of up to 256 sequences from CUDA graphs captured at start "
-                             "per batch-size bucket (worker/cuda_graph.py; needs the triton or grouped_mm moe "
-                             "backend and one worker; on the CPU the same static path runs eagerly). Off by "
-                             "default until measured on a GPU")
+                             "per batch-size bucket (worker/cuda_graph.py; needs triton attention, the triton "
+                             "or grouped_mm moe backend and one worker; on the CPU, with --moe-backend "
+                             "grouped_mm, the same static path runs eagerly). Off by default: not yet run on "
+                             "a GPU (shared/GPU.md)")
     num_redundant_experts: int = _opt(0, "spare expert slots per MoE layer (each costs one expert's weights of "
                                       "memory, allocated at start)")
     moe_capacity_factor: float | None = _opt(None, "at most ceil(CF * T*K / E) token-slots per expert per step; "

@@ -10,9 +10,9 @@ from typing import Any
 
 class History(Sequence):
     """A read-only view of the first `length` items of a list that only ever grows (a sequence's
-    tokens or logprobs): what each step's output hands out instead of a copy of the whole
-    history, which would cost a request O(L^2) over its life. It reads as a tuple (len,
-    indexing, slices as tuples, iteration, ==, hash) and pickles as one."""
+    tokens or logprobs), so that a step's output costs O(1) however long the history: it reads
+    as a tuple (len, indexing, slices as tuples, iteration, ==, hash) and pickles as one.
+    Invariant: the list is only appended to, so the view never changes."""
 
     __slots__ = ("_items", "_length")
 

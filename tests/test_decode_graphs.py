@@ -94,6 +94,10 @@ def test_static_decode_equals_the_ordinary_step_and_pads_without_load(checkpoint
     meta = AttentionMetadata.build([1, 1], [len(p) + 1 for p in prompts], tables, BLOCK)
     want = model.compute_logits(model(torch.tensor([13, 21]), meta, ref_cache))
     torch.testing.assert_close(logits, want, rtol=0, atol=1e-5)
+    entropy = model.expert_load().gate_entropy.clone()
+    graphs.inputs.stage(step, 4)  # the same two rows and two padding rows: no more entropy
+    graphs.forward(4)
+    torch.testing.assert_close(model.expert_load().gate_entropy, entropy, rtol=1e-6, atol=0)
     # Three rows pad to bucket 4; the padding row runs at K = 0 and writes the scratch block only.
     before = [k[: cache.num_blocks - 1].clone() for k in cache.key]
     graphs.run(rows([13, 21])[:1] + [DecodeRow(3, 0, 8 * BLOCK, 2, model.config.top_k, model.config.top_k)]

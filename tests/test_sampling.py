@@ -292,3 +292,15 @@ def test_engine_penalties_follow_the_whole_history(llm, checkpoints, prompts):
         step = {0: [token]}
     assert list(got) == tokens[len(prompt):]
     assert len(set(got)) > 4  # the penalties bite: greedy alone repeats this model's few favourites
+
+
+def test_noise_uniforms_stay_inside_the_unit_interval():
+    """The extreme bit patterns map strictly inside (0, 1): a uniform of 1.0 would make the noise
+    0 and let a filtered-out token (probability 0) win the race as 0 / 0."""
+    from moeserve.worker.sampler import exponential_noise, uniform_from_bits
+
+    extremes = uniform_from_bits(torch.tensor([0, -1, 2**62, -(2**63)], dtype=torch.int64))
+    assert bool(((extremes > 0) & (extremes < 1)).all()), extremes
+    noise = exponential_noise(torch.arange(40, dtype=torch.int64), 5000, rows_per_chunk=7)
+    assert bool((noise > 0).all()) and abs(float(noise.mean()) - 1) < 0.01
+    assert torch.equal(noise[13], exponential_noise(torch.tensor([13]), 5000)[0])  # a row's noise is its key's

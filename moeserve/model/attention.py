@@ -30,9 +30,9 @@ from moeserve.model.layers import Linear, RMSNorm, apply_rotary
 
 
 class Workspace:
-    """Scratch tensors reused by every layer of a step and across steps, so the per-layer
-    context gathers of the torch path write into memory already mapped instead of fresh
-    allocations (which, for tens of MB, the allocator maps and faults in anew each time).
+    """Scratch tensors reused by every layer of a step and across steps: the per-layer context
+    gathers of the torch path write into memory that stays mapped (an allocation of tens of MB
+    is mapped and faulted in anew each time).
     `get(tag, shape, dtype)` returns a view of the buffer kept for (tag, dtype, device), grown
     when too small; a view is valid until the next `get` with the same tag. Not thread-safe:
     one per model runner."""

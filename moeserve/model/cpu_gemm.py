@@ -1,9 +1,9 @@
 """oneDNN-packed fp32 GEMMs for the CPU.
 
 aten's fp32 linear on the CPU calls MKL's sgemm, which re-packs the weight on every call (and on
-AMD CPUs takes a slow code path). oneDNN, with the weight reordered once into its blocked layout,
-runs the step's shapes 2.3-3.8x faster on the benchmark machine (bench/throughput.py records both
-rates in its JSON). A packed weight is derived state: made after the weights are loaded, remade
+AMD CPUs takes a slow code path); oneDNN multiplies with a weight reordered once into its blocked
+layout (bench/throughput.py records both rates at the step's shapes). A packed weight is derived
+state: made after the weights are loaded, remade
 whenever the weight it copies changes (an expert copied into a slot), never saved, and always
 kept next to the plain weight, which stays the source of truth (checkpoints, replication, expert
 parallel sends read it). Results differ from aten's in the last bits (summation order), which
@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 
 CPU_GEMMS = ("auto", "onednn", "aten")
-# 'auto' packs a weight of at least this many elements: a oneDNN call has ~20 us of fixed cost on
-# the benchmark machine, so packing a 256 x 256 weight pays from about 16 rows, a smaller one not.
+# 'auto' packs a weight of at least this many elements: below it a oneDNN call's fixed cost (about
+# 20 us on a 2-core AMD EPYC) outweighs the faster product at decode batch sizes.
 MIN_PACKED_ELEMENTS = 256 * 256
 
 

@@ -120,7 +120,7 @@ class MLAttention(nn.Module):
                       g: AttentionGroup) -> torch.Tensor:
         """q_nope [T_g, H, Dn], q_rope [T_g, H, Dr] -> [T_g, H, Dv] through per-head K/V."""
         H = self.num_heads
-        entries = gather_context(key_cache, g, meta.block_size)[:, :, 0]  # [S, L, R + Dr], L whole blocks
+        entries = gather_context(key_cache, g, meta.block_size)[:, :, 0]  # [S, L, R + Dr]
         S, L = entries.shape[:2]
         kv = self.kv_b_proj(entries[..., : self.R]).view(S, L, H, self.Dn + self.Dv)  # [S, L, H, Dn + Dv]
         keys = torch.cat([kv[..., : self.Dn], entries[:, :, None, self.R :].expand(S, L, H, self.Dr)], dim=-1)

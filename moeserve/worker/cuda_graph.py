@@ -14,8 +14,9 @@ whole table. Inside the captured region the block tables are gathered from `tabl
 (a device op), so every tensor the region reads is a model weight, the KV cache or one of these
 buffers, and every shape is fixed by the bucket: the attention metadata of a bucket is built once,
 at capture, as views of them (max_seq_len is the bound max_model_len, not the step's). Padding
-rows run at K = 0 (no expert, no load counted) and write their key/value into a scratch block
-that no request owns.
+rows run at K = 0 (no expert: no load and no gate entropy counted) and write their key/value into
+a scratch block that no request owns. The runner flushes the table diffs on every step, graph or
+not, so the device rows never lag the scheduler by more than a step.
 
 `DecodeGraphs(..., capture=False)` runs the same static path eagerly: what the CPU tests check
 (no host sync, no tensor from outside the buffers, shapes fixed per bucket), and the fallback
@@ -66,7 +67,7 @@ class DecodeInputs:
                                  device=device)  # [R, NB]
         self.arange = torch.arange(max_batch + 1, dtype=torch.int64, device=device)
         self.zeros = torch.zeros(max_batch, dtype=torch.int64, device=device)
-        self._pending: list[tuple[int, int, int]] = []  # (row, column, block) not yet on the device
+        self._pending: dict[tuple[int, int], int] = {}  # (row, column) -> block not yet on the device
         self._copied = torch.cuda.Event() if device.type == "cuda" else None  # the last staging copy is done
 
     def field(self, name: str, n: int | None = None) -> torch.Tensor:
@@ -75,13 +76,15 @@ class DecodeInputs:
         return self.step[i : i + (self.max_batch if n is None else n)]
 
     def set_blocks(self, row: int, start: int, blocks: list[int]) -> None:
-        """Table row `row` gains `blocks` from column `start` (a new request: start 0)."""
-        self._pending.extend((row, start + j, b) for j, b in enumerate(blocks))
+        """Table row `row` gains `blocks` from column `start` (a new request: start 0); on the
+        device from the next `flush` (the last write to a cell wins)."""
+        for j, b in enumerate(blocks):
+            self._pending[(row, start + j)] = b
 
     def stage(self, rows: list[DecodeRow], bucket: int) -> None:
-        """Fill the host staging buffer for `rows` padded to `bucket`, move it to the device in
-        one non-blocking copy, and apply the table diffs it carries (outside any graph)."""
+        """Fill the host staging buffer for `rows` padded to `bucket` and `flush` it."""
         n, B, h = len(rows), self.max_batch, self._host_np
+        self._wait_for_copy()
         pad = bucket - n
         scratch_slot = self.scratch_block * self.block_size
         columns = (
@@ -95,11 +98,18 @@ class DecodeInputs:
         )
         for i, values in enumerate(columns):
             h[i * B : i * B + bucket] = values
-        base = len(_FIELDS) * B
+        self.flush()
+
+    def flush(self) -> None:
+        """Move the staging buffer to the device in one non-blocking copy (several when more table
+        diffs wait than it holds) and apply its table diffs there, outside any graph."""
+        base, h = len(_FIELDS) * self.max_batch, self._host_np
         while True:
-            if self._copied is not None:  # the host buffer is rewritten only once its last copy ran
-                self._copied.synchronize()
-            diffs, self._pending = self._pending[: self.max_diffs], self._pending[self.max_diffs :]
+            self._wait_for_copy()
+            cells = list(self._pending.items())[: self.max_diffs]
+            for cell, _ in cells:
+                del self._pending[cell]
+            diffs = [(row, col, block) for (row, col), block in cells]
             filler = [(self.padding_row, 0, self.scratch_block)] * (self.max_diffs - len(diffs))
             for j, part in enumerate(zip(*(diffs + filler))):
                 h[base + j * self.max_diffs : base + (j + 1) * self.max_diffs] = part
@@ -110,6 +120,11 @@ class DecodeInputs:
             self.tables.index_put_((d[0], d[1]), d[2])
             if not self._pending:
                 return
+
+    def _wait_for_copy(self) -> None:
+        """The host buffer is rewritten only once the copy that read it last has run."""
+        if self._copied is not None:
+            self._copied.synchronize()
 
     def metadata(self, bucket: int, max_model_len: int, workspace: Workspace) -> AttentionMetadata:
         """The bucket's attention metadata: views of the static buffers, valid for every step."""
@@ -145,6 +160,9 @@ class DecodeGraphs:
         if model.expert_backend == "torch" or model.ep is not None:
             raise ValueError("decode graphs need the triton or grouped_mm expert backend on one worker: the "
                              "torch expert loop sizes its matmuls from each step's routing")
+        if capture and model.attention_backend != "triton":
+            raise ValueError("captured decode graphs need the triton attention backend: the torch path would "
+                             "gather every row's whole max_model_len context")
         self.model, self.kv_cache, self.inputs = model, kv_cache, inputs
         self.buckets = tuple(sorted(b for b in buckets if b <= inputs.max_batch))
         self.workspace = Workspace()

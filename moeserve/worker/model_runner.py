@@ -67,8 +67,8 @@ class ModelRunner:
         self.requests: dict[str, _RunnerRequest] = {}
         self.workspace = Workspace()  # the torch attention path's context buffers, kept across steps
         self.split_decodes = model.attention_backend == "torch"  # its cost is the padded context it reads
-        # With decode graphs: each request's persistent row of their block tables (kept current
-        # from the diffs on every step, graph or not) and the free rows.
+        # With decode graphs: each request's persistent row of their block tables (its diffs
+        # flushed to the device every step, graph or not) and the free rows.
         self.decode_graphs = decode_graphs
         self.rows: dict[str, int] = {}
         self.free_rows = list(range(decode_graphs.inputs.padding_row))[::-1] if decode_graphs else []
@@ -99,6 +99,8 @@ class ModelRunner:
             assert state.num_computed_tokens == diff.num_computed_tokens, "runner and scheduler disagree"
         if self._graph_step(out):
             return self._decode_from_graphs(out)
+        if self.decode_graphs is not None:
+            self.decode_graphs.inputs.flush()
         if not out.num_scheduled_tokens:
             if self.model.ep is not None and out.runs:
                 self.faults.check("forward")

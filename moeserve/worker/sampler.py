@@ -21,8 +21,8 @@ from moeserve.sampling_params import SamplingParams
 
 @dataclass
 class PenaltyState:
-    """A penalised request's token statistics, on the device, kept current by the runner (one
-    add per sampled token) instead of rebuilt from the whole history every step."""
+    """A penalised request's token statistics on the device: `output_counts` counts every token
+    it has generated (the runner adds each sampled token), `prompt_seen` marks its prompt's."""
 
     output_counts: torch.Tensor  # [V] fp32, times each token was generated
     prompt_seen: torch.Tensor  # [V] bool, tokens of the prompt
@@ -94,14 +94,23 @@ def stream_key(seed: int, counter: int) -> int:
     return z - 2**64 if z >= 2**63 else z
 
 
-def exponential_noise(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """keys [n] int64 -> Exp(1) draws [n, V] fp32, a pure function of (key, column): a
+def uniform_from_bits(z: torch.Tensor) -> torch.Tensor:
+    """int64 bit patterns -> fp32 uniforms strictly inside (0, 1): the top 23 bits plus a half
+    (k + 0.5 is exact in fp32 for k < 2^23, so no value rounds to 0 or 1)."""
+    return (_shift_right(z, 41).float() + 0.5) * 2.0**-23
+
+
+def exponential_noise(keys: torch.Tensor, vocab_size: int, rows_per_chunk: int = 16) -> torch.Tensor:
+    """keys [n] int64 -> Exp(1) draws [n, V] fp32, each > 0, a pure function of (key, column): a
     counter-based generator (splitmix64 over key + column * golden), so a row's noise depends on
-    nothing but its key, takes no torch.Generator, no host round trip and no per-row launch."""
-    columns = torch.arange(vocab_size, dtype=torch.int64, device=keys.device)
-    z = _mix(_mix(keys[:, None]) + columns[None, :] * _GOLDEN)  # [n, V]
-    uniform = (_shift_right(z, 40).float() + 0.5) * 2.0**-24  # 24 random bits, in (0, 1)
-    return -torch.log(uniform)
+    nothing but its key and takes no torch.Generator, no host round trip and no per-row launch.
+    The int64 intermediates are made `rows_per_chunk` rows at a time ([chunk, V] each)."""
+    columns = torch.arange(vocab_size, dtype=torch.int64, device=keys.device) * _GOLDEN  # [V]
+    out = torch.empty(keys.shape[0], vocab_size, dtype=torch.float32, device=keys.device)
+    for start in range(0, keys.shape[0], rows_per_chunk):
+        z = _mix(_mix(keys[start : start + rows_per_chunk, None]) + columns[None, :])  # [chunk, V]
+        out[start : start + rows_per_chunk] = -torch.log(uniform_from_bits(z))
+    return out
 
 
 @dataclass(frozen=True)
@@ -173,7 +182,8 @@ class Sampler:
             keys = [stream_key(rows[i].params.seed, rows[i].num_output_tokens) if rows[i].params.seed is not None
                     else stream_key(self._seed, self._step * 1_000_003 + i) for i in random_rows]
             noise = exponential_noise(torch.tensor(keys, dtype=torch.int64, device=device), V)  # [n, V]
-            tokens = tokens.index_copy(0, idx, torch.argmax(probs / noise, dim=-1))
+            race = torch.where(probs > 0, probs / noise, -1.0)  # a filtered-out token never wins
+            tokens = tokens.index_copy(0, idx, torch.argmax(race, dim=-1))
         self._step += 1
         if raw_logprobs is None:
             return SampledTokens(tokens)

@@ -82,7 +82,7 @@ class SparseMoE(nn.Module):
             expert_ids = limited.expert_ids
             load.record_overflow(self.moe_layer, limited.rerouted, limited.dropped)
         slots = self.placement.slots_for(expert_ids)  # [T, K]
-        load.record(self.moe_layer, expert_ids, slots, routing.logits)
+        load.record(self.moe_layer, expert_ids, slots, routing.logits, routing.expert_ids)
         if self.ep is None:
             out = self.backend(x, slots, routing.weights, self.w13, self.w2, self.act, self.b13, self.b2,
                                self.packed)  # [T, D]

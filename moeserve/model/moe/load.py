@@ -51,16 +51,21 @@ class LoadRecorder(nn.Module):
         self.overflow.zero_()
         self.num_tokens = 0
 
-    def record(self, moe_layer: int, expert_ids: torch.Tensor, slots: torch.Tensor, logits: torch.Tensor) -> None:
+    def record(self, moe_layer: int, expert_ids: torch.Tensor, slots: torch.Tensor, logits: torch.Tensor,
+               router_ids: torch.Tensor | None = None) -> None:
         """expert_ids [T, K] in [0, E], slots [T, K] in [0, P] (the sentinels E and P land in the
-        extra column), gate logits [T, E]."""
+        extra column), gate logits [T, E]; the gate entropy counts the rows the router chose an
+        expert for (`router_ids` [T, K], its choice before any capacity drop; default
+        expert_ids)."""
         if not self.enabled:
             return
         ids, slot_ids = expert_ids.reshape(-1), slots.reshape(-1)  # [T*K] x2
         self.logical[moe_layer].index_add_(0, ids, torch.ones_like(ids))
         self.physical[moe_layer].index_add_(0, slot_ids, torch.ones_like(slot_ids))
         logp = torch.log_softmax(logits.float(), dim=-1)  # [T, E]
-        self.entropy[moe_layer] += -(logp.exp() * logp).sum()
+        chosen = expert_ids if router_ids is None else router_ids
+        routed = (chosen < self.num_experts).any(dim=-1)  # [T]: rows run at K = 0 (padding) count nothing
+        self.entropy[moe_layer] += (-(logp.exp() * logp).sum(dim=-1) * routed).sum()
         if moe_layer == 0:  # micro-batches of one step add up
             self.num_tokens += expert_ids.shape[0]
 
