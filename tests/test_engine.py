@@ -312,21 +312,3 @@ def test_kv_computed_at_one_k_is_never_reused_at_another(checkpoints, prompts):
     # From cached blocks the last bits of a logprob may move (other matmul shapes): the equality rule.
     assert greedy_divergence(_trace(same_k), _trace(fresh[1])) is None
 
-
-def test_outputs_view_the_history_without_copying_it():
-    """An output's token ids are a view of the growing list, fixed at its length when made:
-    later tokens do not leak into an output already handed out, and it reads as a tuple."""
-    import pickle
-
-    from moeserve.outputs import History
-
-    tokens = [5, 6, 7]
-    early = History(tokens)
-    tokens += [8, 9]
-    late = History(tokens)
-    assert early == (5, 6, 7) and len(early) == 3 and list(early) == [5, 6, 7] and early[-1] == 7
-    assert late[1:4] == (6, 7, 8) and late[::-2] == (9, 7, 5) and late != early
-    assert hash(early) == hash((5, 6, 7)) and {early, (5, 6, 7)} == {(5, 6, 7)}
-    assert pickle.loads(pickle.dumps(late)) == (5, 6, 7, 8, 9) and type(pickle.loads(pickle.dumps(late))) is tuple
-    with pytest.raises(IndexError):
-        early[3]

@@ -1,7 +1,6 @@
 """OutputProcessor (front): the engine's per-sequence token outputs -> the caller's RequestOutputs.
 
-For every sequence it keeps the tokens, logprobs and an incremental detokenizer (the outputs
-view them through `History`, never copying a sequence's history per step), and applies
+For every sequence it keeps the tokens, logprobs and an incremental detokenizer, and applies
 stop strings (the engine stops on token ids only). A stop string ends the sequence here; its
 id is returned in `aborts` so the engine releases it (a token or two the engine produced
 meanwhile are dropped). A caller's request with n > 1 is reported as one RequestOutput with n
@@ -18,7 +17,7 @@ from dataclasses import dataclass, field
 from moeserve.engine.detokenizer import IncrementalDetokenizer
 from moeserve.engine.input_processor import ParentRequest
 from moeserve.engine.messages import EngineCoreOutput
-from moeserve.outputs import CompletionOutput, History, RequestFailure, RequestOutput
+from moeserve.outputs import CompletionOutput, RequestFailure, RequestOutput
 from moeserve.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -149,12 +148,12 @@ class OutputProcessor:
             if finished:
                 seq.detokenizer.flush()
             params = request.children[seq.index].sampling_params
-            logprobs = History(seq.logprobs) if params.logprobs is not None else None
+            logprobs = tuple(seq.logprobs) if params.logprobs is not None else None
             cumulative = seq.cumulative_logprob if logprobs else None
             completions.append(CompletionOutput(
                 index=seq.index,
                 text=seq.detokenizer.text,
-                token_ids=History(seq.token_ids),
+                token_ids=tuple(seq.token_ids),
                 cumulative_logprob=cumulative,
                 logprobs=logprobs,
                 finish_reason=seq.finish_reason,
