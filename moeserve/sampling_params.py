@@ -65,6 +65,11 @@ class SamplingParams:
                 raise ValueError(f"invalid sampling parameters: {message}")
 
     @property
+    def penalised(self) -> bool:
+        """Whether any repetition, presence or frequency penalty applies."""
+        return self.repetition_penalty != 1.0 or bool(self.presence_penalty) or bool(self.frequency_penalty)
+
+    @property
     def greedy(self) -> bool:
         return self.temperature == 0
 

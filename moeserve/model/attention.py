@@ -20,6 +20,7 @@ so that there is no per-sequence Python loop; the triton backend
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -41,9 +42,7 @@ class Workspace:
         self._buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
 
     def get(self, tag: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        numel = 1
-        for n in shape:
-            numel *= n
+        numel = math.prod(shape)
         key = (tag, dtype, torch.device(device))
         buf = self._buffers.get(key)
         if buf is None or buf.numel() < numel:
@@ -318,8 +317,8 @@ def _attend_group(q, key_cache, value_cache, meta: AttentionMetadata, g: Attenti
 
 def attend_padded(q, keys, values, meta: AttentionMetadata, g: AttentionGroup, scale, window, sinks=None):
     """q [T_g, H, Dk] against each sequence's gathered context, keys [S, Lc, Hkv, Dk] and values
-    [S, Lc, Hkv, Dv] (Lc >= max_seq_len, the rest masked) -> [T_g, H, Dv]. One pair of batched matmuls per KV head over strided views
-    of the context (no copy into a head-major layout). Softmax runs in fp32 and is cast to q's
+    [S, Lc, Hkv, Dv] (positions past a sequence's length masked) -> [T_g, H, Dv]. One pair of
+    batched matmuls per KV head over strided views of the context (no head-major copy). Softmax runs in fp32 and is cast to q's
     dtype before the value product, as transformers' eager attention does (with sinks: in q's
     dtype, as its GPT-OSS attention does)."""
     S, Qmax, Lc = g.seq_lens.shape[0], g.max_query_len, keys.shape[1]

@@ -117,17 +117,13 @@ class MoEForCausalLM(nn.Module):
             if module is not self and hasattr(module, "reset_state"):
                 module.reset_state()
 
-    def pack_weights(self, packed: bool = True, min_elements: int = 0) -> None:
-        """Keep (or drop) oneDNN-packed copies of every dense Linear's weight and every expert
-        slot's with at least `min_elements` elements (model/cpu_gemm.py: fp32 on the CPU), which
-        the forward then multiplies with. Call after the weights are loaded; a slot whose
-        weights change repacks itself."""
+    def pack_weights(self, min_elements: int = 0) -> None:
+        """Keep oneDNN-packed copies of every dense Linear's weight and every expert slot's with
+        at least `min_elements` elements (model/cpu_gemm.py: fp32 on the CPU), which the forward
+        then multiplies with. Call after the weights are loaded; a slot whose weights change
+        repacks itself."""
         for module in self.modules():
-            if module is self or not hasattr(module, "pack"):
-                continue
-            if not packed:
-                module.unpack()
-            elif module.weight_elements() >= min_elements:
+            if module is not self and hasattr(module, "pack") and module.weight_elements() >= min_elements:
                 module.pack()
 
     @property

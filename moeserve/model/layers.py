@@ -17,8 +17,8 @@ from moeserve.model_config import RopeConfig
 
 class Linear(nn.Linear):
     """nn.Linear that may also hold a oneDNN-packed copy of its weight (model/cpu_gemm.py),
-    used instead of the weight once `pack()` made it; `unpack()` drops it. The copy is only as
-    current as the last `pack()`: whoever changes the weight packs again."""
+    used instead of the weight once `pack()` made it. The copy is only as current as the last
+    `pack()`: whoever changes the weight packs again."""
 
     packed: torch.Tensor | None = None
 
@@ -27,9 +27,6 @@ class Linear(nn.Linear):
 
     def pack(self) -> None:
         self.packed = cpu_gemm.pack(self.weight)
-
-    def unpack(self) -> None:
-        self.packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is None:

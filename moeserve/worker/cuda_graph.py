@@ -98,11 +98,14 @@ class DecodeInputs:
         )
         for i, values in enumerate(columns):
             h[i * B : i * B + bucket] = values
-        self.flush()
+        self.flush(always=True)
 
-    def flush(self) -> None:
+    def flush(self, always: bool = False) -> None:
         """Move the staging buffer to the device in one non-blocking copy (several when more table
-        diffs wait than it holds) and apply its table diffs there, outside any graph."""
+        diffs wait than it holds) and apply its table diffs there, outside any graph. Without
+        `always` (a step that does not run the graphs) nothing moves when no diff waits."""
+        if not (always or self._pending):
+            return
         base, h = len(_FIELDS) * self.max_batch, self._host_np
         while True:
             self._wait_for_copy()
@@ -130,25 +133,17 @@ class DecodeInputs:
         """The bucket's attention metadata: views of the static buffers, valid for every step."""
         positions = self.field("positions", bucket)
         nb = self.tables.shape[1]
-        tables = _GatheredTables(self, bucket)
+        # [Bk, NB]: refilled inside the region from `tables` by `rows` (DecodeGraphs.forward)
+        tables = torch.empty(bucket, nb, dtype=torch.int64, device=self.tables.device)
         group = AttentionGroup(
             tokens=self.arange[:bucket], query_start_loc=self.arange[: bucket + 1],
-            seq_lens=self.field("seq_lens", bucket), block_tables=tables.view, token_seq=self.arange[:bucket],
+            seq_lens=self.field("seq_lens", bucket), block_tables=tables, token_seq=self.arange[:bucket],
             token_index=self.zeros[:bucket], max_query_len=1, max_seq_len=min(max_model_len, nb * self.block_size),
-            context_blocks=tables.flat, query_pos=positions.view(bucket, 1), uniform_query=True, static=True,
+            context_blocks=tables.view(-1), query_pos=positions.view(bucket, 1), uniform_query=True, static=True,
         )
         return AttentionMetadata(positions=positions, slot_mapping=self.field("slots", bucket),
                                  query_start_loc=self.arange[: bucket + 1], groups=(group,),
                                  block_size=self.block_size, workspace=workspace)
-
-
-class _GatheredTables:
-    """The bucket's block tables [Bk, NB]: a static buffer the region refills from `tables` by
-    `rows` (gather_tables), and its flat view."""
-
-    def __init__(self, inputs: DecodeInputs, bucket: int):
-        self.view = torch.empty(bucket, inputs.tables.shape[1], dtype=torch.int64, device=inputs.tables.device)
-        self.flat = self.view.view(-1)
 
 
 class DecodeGraphs:

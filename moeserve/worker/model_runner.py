@@ -175,10 +175,9 @@ class ModelRunner:
         rows = []
         for req_id in sample_ids:
             s = self.requests[req_id]
-            row = SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.eos_token_ids)
-            if row.penalised and s.penalty is None:
+            if s.penalty is None and s.params.penalised:
                 s.penalty = PenaltyState.build(s.token_ids, s.num_prompt_tokens, logits.shape[1], logits.device)
-            rows.append(row if s.penalty is None else dataclasses.replace(row, penalty=s.penalty))
+            rows.append(SamplingRow(s.params, s.token_ids, s.num_prompt_tokens, s.eos_token_ids, s.penalty))
         sampled = self.sampler(logits, rows)
         for req_id, (token, _) in zip(sample_ids, sampled):
             s = self.requests[req_id]

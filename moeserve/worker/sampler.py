@@ -53,11 +53,6 @@ class SamplingRow:
     penalty: PenaltyState | None = None
 
     @property
-    def penalised(self) -> bool:
-        p = self.params
-        return p.repetition_penalty != 1.0 or bool(p.presence_penalty) or bool(p.frequency_penalty)
-
-    @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
 
@@ -163,7 +158,7 @@ class Sampler:
         num_top = max((r.params.logprobs for r in rows if r.params.logprobs is not None), default=None)
         raw_logprobs = torch.log_softmax(logits, dim=-1) if num_top is not None else None
 
-        edits = [i for i, r in enumerate(rows) if r.num_output_tokens < r.params.min_tokens or r.penalised]
+        edits = [i for i, r in enumerate(rows) if r.num_output_tokens < r.params.min_tokens or r.params.penalised]
         if edits:
             logits = logits.clone()
         for i in edits:
@@ -171,7 +166,7 @@ class Sampler:
             if r.num_output_tokens < p.min_tokens:
                 banned = [t for t in (*r.eos_token_ids, *p.stop_token_ids) if t < V]
                 logits[i, banned] = float("-inf")
-            if r.penalised:
+            if p.penalised:
                 self._penalise(logits[i], r)
 
         tokens = torch.argmax(logits, dim=-1)  # [N]

@@ -107,11 +107,9 @@ class SparseMoE(nn.Module):
         torch backend then multiplies with; `repack(slot)` after a slot's weights change."""
         self.packed = [(cpu_gemm.pack(self.w13[i]), cpu_gemm.pack(self.w2[i])) for i in range(self.w13.shape[0])]
 
-    def unpack(self) -> None:
-        self.packed = None
-
     def repack(self, local_slot: int) -> None:
-        """The weights of `local_slot` changed: make its packed copies again (no-op unpacked)."""
+        """The weights of `local_slot` changed: make its packed copies again (no-op when the
+        slots are not packed)."""
         if self.packed is not None:
             self.packed[local_slot] = (cpu_gemm.pack(self.w13[local_slot]), cpu_gemm.pack(self.w2[local_slot]))
 
