@@ -17,6 +17,7 @@ _PUBLIC = {
     "GenerationDefaults": "moeserve.generation_config",
     "ModelConfig": "moeserve.model_config",
     "RequestOutput": "moeserve.outputs",
+    "RequestOutputKind": "moeserve.sampling_params",
     "SamplingParams": "moeserve.sampling_params",
     "Tokenizer": "moeserve.tokenizer",
     "load_model": "moeserve.checkpoint",

@@ -43,12 +43,16 @@ class RequestFailure:
     unavailable: bool = False  # failed because a worker was lost: retry later (503), not a 500
 
 
-def merge_outputs(older: RequestOutput, newer: RequestOutput) -> RequestOutput:
-    """One output that says what two consecutive ones of a request say: the newer's state with
-    both deltas (for a consumer that has not taken the older yet)."""
-    merged = tuple(
-        replace(new, delta_text=old.delta_text + new.delta_text,
-                delta_token_ids=old.delta_token_ids + new.delta_token_ids)
-        for old, new in zip(older.outputs, newer.outputs)
-    )
-    return replace(newer, outputs=merged)
+def merge_outputs(older: RequestOutput, newer: RequestOutput, delta: bool = False) -> RequestOutput:
+    """One output that says what two consecutive ones of a request say (for a consumer that has
+    not taken the older yet): the newer's state with both deltas. With `delta` (output_kind
+    DELTA) text, token_ids and logprobs hold deltas too, and are joined as well."""
+    merged = []
+    for old, new in zip(older.outputs, newer.outputs):
+        change = dict(delta_text=old.delta_text + new.delta_text,
+                      delta_token_ids=old.delta_token_ids + new.delta_token_ids)
+        if delta:
+            change.update(text=old.text + new.text, token_ids=old.token_ids + new.token_ids,
+                          logprobs=None if new.logprobs is None else (old.logprobs or ()) + new.logprobs)
+        merged.append(replace(new, **change))
+    return replace(newer, outputs=tuple(merged))

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What each RequestOutput of a request carries (vLLM's names and values). DELTA and
+    FINAL_ONLY keep the front's work per step independent of how long the completion is."""
+
+    CUMULATIVE = 0  # every output: the whole completion so far (text, token_ids, logprobs)
+    DELTA = 1  # every output: only what is new since the previous one (text, token_ids, logprobs)
+    FINAL_ONLY = 2  # one output, when the request is done, with the whole completion
 
 
 @dataclass(frozen=True)
@@ -16,6 +26,7 @@ class SamplingParams:
     presence/frequency penalties subtract from logits of tokens seen in the output.
     moe_top_k is not sampling but travels with it: the experts per token the request asks for
     (fewer than the model's K is cheaper and close; the engine may lower it further under load).
+    output_kind is not sampling either: what each of the request's outputs carries.
     """
 
     n: int = 1
@@ -36,6 +47,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     moe_top_k: int | None = None  # experts per token for this request (<= the model's K); None: the model's
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -44,6 +56,11 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids or ()))
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        try:
+            object.__setattr__(self, "output_kind", RequestOutputKind(self.output_kind))
+        except ValueError:
+            raise ValueError(f"invalid sampling parameters: output_kind must be one of "
+                             f"{', '.join(f'{k.name} ({k.value})' for k in RequestOutputKind)}") from None
         checks = [
             (self.n >= 1, "n must be >= 1"),
             (self.temperature >= 0, "temperature must be >= 0"),

@@ -9,7 +9,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from moeserve.entrypoints.ray_serve import ReplicaRequest, ServeArgs, request_budget
 from moeserve.entrypoints.ray_serve_metrics import IngressMetrics
-from moeserve.outputs import CompletionOutput, RequestOutput
 from moeserve.sampling_params import SamplingParams
 
 
@@ -56,9 +55,7 @@ def test_request_budget_counts_prompt_sequences_and_room():
     prompt = {"prompt_token_ids": list(range(10))}
     assert request_budget(ReplicaRequest("r", prompt, SamplingParams(max_tokens=5, n=2))) == 10 + 2 * 5
     assert request_budget(ReplicaRequest("r", prompt, SamplingParams(max_tokens=None)), max_model_len=64) == 10 + 54
-    out = RequestOutput("r", None, tuple(prompt["prompt_token_ids"]),
-                        (CompletionOutput(0, "", (1, 2, 3), None, None, None),), finished=False)
-    assert request_budget(ReplicaRequest("r", prompt, SamplingParams(max_tokens=5, n=2)), None, out) == 2 * 5 - 3
+    assert request_budget(ReplicaRequest("r", prompt, SamplingParams(max_tokens=5, n=2)), None, 3) == 2 * 5 - 3
 
 
 def test_bad_application_args_are_refused_by_name():

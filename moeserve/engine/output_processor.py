@@ -7,6 +7,12 @@ meanwhile are dropped). A caller's request with n > 1 is reported as one Request
 completions whenever any of them moved. An engine error on one sequence, or an exception while
 detokenising it, fails the whole caller's request (a RequestFailure) and aborts its siblings;
 other requests are untouched.
+
+What an output carries follows the request's `output_kind` (vLLM's): the whole completion so
+far (CUMULATIVE), only what is new (DELTA), or one output with everything when the request is
+done (FINAL_ONLY). With DELTA and FINAL_ONLY the work per step does not grow with the
+completion's length: no per-step copy of its history. Whatever the kind, `process` reports each
+request that moved as a `Progress`, which the front's accounting (admission, token metrics) reads.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from moeserve.engine.detokenizer import IncrementalDetokenizer
 from moeserve.engine.input_processor import ParentRequest
 from moeserve.engine.messages import EngineCoreOutput
 from moeserve.outputs import CompletionOutput, RequestFailure, RequestOutput
+from moeserve.sampling_params import RequestOutputKind
 from moeserve.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
@@ -46,9 +53,24 @@ class _Parent:
     prompt_token_ids: tuple[int, ...] = ()  # made once: every output of the request shares it
 
 
+@dataclass(frozen=True)
+class Progress:
+    """How far a caller's request got in one `process` call, whatever its outputs carry."""
+
+    request_id: str
+    new_tokens: int  # tokens its sequences produced in this call
+    generated: tuple[int, ...]  # per sequence: tokens produced so far
+    finish_reasons: tuple[str | None, ...]  # per sequence: None while it runs
+
+    @property
+    def finished(self) -> bool:
+        return all(r is not None for r in self.finish_reasons)
+
+
 @dataclass
 class ProcessedOutputs:
-    request_outputs: list[RequestOutput] = field(default_factory=list)
+    request_outputs: list[RequestOutput] = field(default_factory=list)  # as each request's output_kind says
+    progress: list[Progress] = field(default_factory=list)  # every request that moved, finished ones included
     failures: list[RequestFailure] = field(default_factory=list)
     aborts: list[str] = field(default_factory=list)  # sequences the engine should release
 
@@ -90,7 +112,7 @@ class OutputProcessor:
 
     def process(self, outputs: list[EngineCoreOutput]) -> ProcessedOutputs:
         result = ProcessedOutputs()
-        touched: dict[str, None] = {}
+        touched: dict[str, int] = {}  # parent -> tokens its sequences took in this call
         for out in outputs:
             seq = self._sequences.get(out.request_id)
             if seq is None or seq.finish_reason is not None:
@@ -101,21 +123,30 @@ class OutputProcessor:
                 touched.pop(seq.parent, None)
                 continue
             try:
-                self._apply(parent, seq, out, result)
-                touched[seq.parent] = None
+                touched[seq.parent] = touched.get(seq.parent, 0) + self._apply(parent, seq, out, result)
             except Exception as e:
                 logger.exception("request %s failed in output processing", seq.parent)
                 result.failures.append(self._fail(seq.parent, f"{type(e).__name__}: {e}", result))
                 touched.pop(seq.parent, None)
-        for parent_id in touched:
-            try:
-                result.request_outputs.append(self._output(self._parents[parent_id]))
-            except Exception as e:
-                logger.exception("request %s failed in output processing", parent_id)
-                result.failures.append(self._fail(parent_id, f"{type(e).__name__}: {e}", result))
+        for parent_id, new_tokens in touched.items():
+            parent = self._parents[parent_id]
+            sequences = parent.sequences
+            done = all(s.finish_reason is not None for s in sequences)
+            if done or parent.request.params.output_kind != RequestOutputKind.FINAL_ONLY:
+                try:
+                    result.request_outputs.append(self._output(parent, done))
+                except Exception as e:
+                    logger.exception("request %s failed in output processing", parent_id)
+                    result.failures.append(self._fail(parent_id, f"{type(e).__name__}: {e}", result))
+                    continue
+            result.progress.append(Progress(parent_id, new_tokens, tuple(len(s.token_ids) for s in sequences),
+                                            tuple(s.finish_reason for s in sequences)))
+            if done:
+                self.remove(parent_id)
         return result
 
-    def _apply(self, parent: _Parent, seq: _Sequence, out: EngineCoreOutput, result: ProcessedOutputs) -> None:
+    def _apply(self, parent: _Parent, seq: _Sequence, out: EngineCoreOutput, result: ProcessedOutputs) -> int:
+        """Take one engine output of `seq`; returns how many of its tokens were kept."""
         if out.num_cached_tokens is not None:
             parent.num_cached_tokens = max(parent.num_cached_tokens, out.num_cached_tokens)
         if out.queue_time_s is not None and parent.queue_time_s is None:
@@ -132,39 +163,41 @@ class OutputProcessor:
                 seq.finish_reason, seq.stop_reason = "stop", stop
                 if out.finish_reason is None:
                     result.aborts.append(parent.request.children[seq.index].request_id)
-                return
+                return i + 1
         if out.finish_reason is not None:
             seq.finish_reason, seq.stop_reason = out.finish_reason, out.stop_reason
+        return len(out.new_token_ids)
 
     def _fail(self, parent_id: str, message: str, result: ProcessedOutputs, unavailable: bool = False) -> RequestFailure:
         result.aborts.extend(self.remove(parent_id))
         return RequestFailure(parent_id, message, unavailable)
 
-    def _output(self, parent: _Parent) -> RequestOutput:
+    def _output(self, parent: _Parent, done: bool) -> RequestOutput:
         request = parent.request
+        delta_only = request.params.output_kind == RequestOutputKind.DELTA
         completions = []
         for seq in parent.sequences:
             finished = seq.finish_reason is not None
             if finished:
                 seq.detokenizer.flush()
             params = request.children[seq.index].sampling_params
-            logprobs = tuple(seq.logprobs) if params.logprobs is not None else None
-            cumulative = seq.cumulative_logprob if logprobs else None
+            delta_text = seq.detokenizer.take_delta(finished)
+            delta_token_ids = tuple(seq.token_ids[seq.sent:])
+            logprobs = None
+            if params.logprobs is not None:
+                logprobs = tuple(seq.logprobs[seq.sent:] if delta_only else seq.logprobs)
             completions.append(CompletionOutput(
                 index=seq.index,
-                text=seq.detokenizer.text,
-                token_ids=tuple(seq.token_ids),
-                cumulative_logprob=cumulative,
+                text=delta_text if delta_only else seq.detokenizer.text,
+                token_ids=delta_token_ids if delta_only else tuple(seq.token_ids),
+                cumulative_logprob=seq.cumulative_logprob if params.logprobs is not None else None,
                 logprobs=logprobs,
                 finish_reason=seq.finish_reason,
                 stop_reason=seq.stop_reason,
-                delta_text=seq.detokenizer.take_delta(finished),
-                delta_token_ids=tuple(seq.token_ids[seq.sent:]),
+                delta_text=delta_text,
+                delta_token_ids=delta_token_ids,
                 num_degraded_tokens=seq.num_degraded_tokens,
             ))
             seq.sent = len(seq.token_ids)
-        done = all(c.finished for c in completions)
-        if done:
-            self.remove(request.request_id)
         return RequestOutput(request.request_id, request.prompt, parent.prompt_token_ids, tuple(completions),
                              done, parent.num_cached_tokens, parent.queue_time_s)

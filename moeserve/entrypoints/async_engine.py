@@ -31,7 +31,7 @@ from moeserve.entrypoints.admission import DEFAULT_TENANT, AdmissionController, 
 from moeserve.errors import EngineDeadError, RequestFailedError
 from moeserve.metrics import ServerMetrics
 from moeserve.outputs import RequestOutput, merge_outputs
-from moeserve.sampling_params import SamplingParams
+from moeserve.sampling_params import RequestOutputKind, SamplingParams
 from moeserve.tokenizer import Tokenizer
 
 _RECOVERY_RETRY_S = 5  # Retry-After while lost expert-parallel workers are rebuilt
@@ -41,16 +41,23 @@ class _Collector:
     """One caller's request: what the engine produced that the caller has not taken yet. While
     the caller is busy, new outputs merge into the pending one (as vLLM's output collector
     does), so a slow consumer gets fewer, larger deltas instead of a growing queue and the
-    front's work per step stays bounded. An error replaces whatever is pending."""
+    front's work per step stays bounded. An error replaces whatever is pending. It also keeps
+    the request's timing for the token metrics, which every step updates whether or not an
+    output reaches the caller (output_kind FINAL_ONLY sends one)."""
 
-    def __init__(self) -> None:
+    def __init__(self, delta: bool) -> None:
         self._pending: RequestOutput | BaseException | None = None
         self._ready = asyncio.Event()
+        self._delta = delta  # outputs hold deltas only (output_kind DELTA): merging joins them
+        self.start = time.monotonic()
+        self.first: float | None = None  # when its first token arrived
+        self.last: float | None = None  # when its latest token arrived
+        self.generated: tuple[int, ...] = ()  # per sequence: tokens produced so far
 
     def put(self, item: RequestOutput | BaseException) -> None:
         pending = self._pending
         if isinstance(pending, RequestOutput) and isinstance(item, RequestOutput):
-            self._pending = merge_outputs(pending, item)
+            self._pending = merge_outputs(pending, item, self._delta)
         elif not isinstance(pending, BaseException):
             self._pending = item
         self._ready.set()
@@ -156,7 +163,7 @@ class AsyncEngine:
             raise
         self.metrics.admitted(tenant, predicted)
         self.output.add(request)
-        self._queues[request_id] = _Collector()
+        collector = self._queues[request_id] = _Collector(request.params.output_kind == RequestOutputKind.DELTA)
         try:
             self.client.add(request.children)
         except EngineDeadError:
@@ -164,7 +171,7 @@ class AsyncEngine:
             raise
         for victim in dropped:
             self._drop(victim)
-        return Submitted(request_id, predicted, time.monotonic())
+        return Submitted(request_id, predicted, collector.start)
 
     async def admitted(self, submitted: Submitted) -> Submitted:
         """`submit` admits here and now: nothing to wait for (a replica set's front waits)."""
@@ -175,32 +182,20 @@ class AsyncEngine:
         taken yet arrive merged). Raises RequestFailedError if the engine fails the request,
         EngineDeadError if the engine stops, AdmissionRejected if it is dropped from the queue.
         Leaving early aborts the request."""
-        request_id, start = submitted.request_id, submitted.start
+        request_id = submitted.request_id
         queue = self._queues[request_id]
         finished = False
-        series = self.metrics.model_series
         try:
-            first = last = None
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     finished = True  # nothing of it is left in the engine
                     if isinstance(item, RequestFailedError):
-                        series.request_failure.inc()
+                        self.metrics.model_series.request_failure.inc()
                     raise item
-                now = time.monotonic()
-                new_tokens = sum(len(o.delta_token_ids) for o in item.outputs)
-                if new_tokens:
-                    if first is None:
-                        first = now
-                        series.ttft.observe(now - start)
-                    else:
-                        series.itl.observe(now - last)
-                    last = now
-                    series.generation_tokens.inc(new_tokens)
                 if item.finished:
                     finished = True
-                    self._observe_finished(item, start, first, now)
+                    self._observe_finished(item, queue)
                 yield item
                 if finished:
                     return
@@ -250,10 +245,24 @@ class AsyncEngine:
         if not outputs.outputs:
             return
         processed = self.output.process(outputs.outputs)
+        now, series = time.monotonic(), self.metrics.model_series
+        for progress in processed.progress:
+            collector = self._queues.get(progress.request_id)
+            if collector is None:
+                continue
+            self.admission.progress(progress.request_id, sum(progress.generated))
+            collector.generated = progress.generated
+            if progress.new_tokens:
+                if collector.first is None:
+                    collector.first = now
+                    series.ttft.observe(now - collector.start)
+                else:
+                    series.itl.observe(now - collector.last)
+                collector.last = now
+                series.generation_tokens.inc(progress.new_tokens)
         for out in processed.request_outputs:
             queue = self._queues.get(out.request_id)
             if queue is not None:
-                self.admission.progress(out.request_id, sum(len(c.token_ids) for c in out.outputs))
                 queue.put(out)
         for failure in processed.failures:
             queue = self._queues.get(failure.request_id)
@@ -270,16 +279,16 @@ class AsyncEngine:
         for listener in self.death_listeners:
             listener(reason)
 
-    def _observe_finished(self, out: RequestOutput, start: float, first: float | None, now: float) -> None:
-        m, name = self.metrics, self.metrics.model_name
-        m.e2e.labels(name).observe(now - start)
+    def _observe_finished(self, out: RequestOutput, collector: _Collector) -> None:
+        m, name, now = self.metrics, self.metrics.model_name, time.monotonic()
+        m.e2e.labels(name).observe(now - collector.start)
         m.prompt_tokens.labels(name).inc(len(out.prompt_token_ids))
         if out.queue_time_s is not None:
             m.queue_time.labels(name).observe(out.queue_time_s)
-        for o in out.outputs:
+        for o, generated in zip(out.outputs, collector.generated):
             m.request_success.labels(name, o.finish_reason).inc()
-            if first is not None and len(o.token_ids) > 1:
-                m.tpot.labels(name).observe((now - first) / (len(o.token_ids) - 1))
+            if collector.first is not None and generated > 1:
+                m.tpot.labels(name).observe((now - collector.first) / (generated - 1))
 
     def shutdown(self) -> None:
         self.client.shutdown()

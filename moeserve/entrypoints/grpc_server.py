@@ -13,6 +13,7 @@ request (its blocks are free before the next step).
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,7 +25,7 @@ from moeserve.entrypoints.state import ServerState
 from moeserve.grpc_gen import moeserve_pb2 as pb
 from moeserve.grpc_gen import moeserve_pb2_grpc as pb_grpc
 from moeserve.outputs import RequestOutput
-from moeserve.sampling_params import SamplingParams
+from moeserve.sampling_params import RequestOutputKind, SamplingParams
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name
 _OPEN_SERVICES = (health.SERVICE_NAME, reflection.SERVICE_NAME, "grpc.reflection.v1.ServerReflection")
@@ -41,7 +42,8 @@ def sampling_params(options: pb.SamplingOptions) -> SamplingParams:
     return SamplingParams(**values)
 
 
-def _response(out: RequestOutput, delta: bool) -> pb.GenerateResponse:
+def _response(out: RequestOutput, delta: bool, completion_tokens: int) -> pb.GenerateResponse:
+    """One message: the whole completion (`out` from a FINAL_ONLY request) or what is new."""
     c = out.outputs[0]
     tokens = c.delta_token_ids if delta else c.token_ids
     logprobs = []
@@ -52,7 +54,7 @@ def _response(out: RequestOutput, delta: bool) -> pb.GenerateResponse:
     return pb.GenerateResponse(
         request_id=out.request_id, text=c.delta_text if delta else c.text, token_ids=list(tokens),
         logprobs=logprobs, finish_reason=c.finish_reason or "", prompt_tokens=len(out.prompt_token_ids),
-        completion_tokens=len(c.token_ids), degraded_tokens=c.num_degraded_tokens,
+        completion_tokens=completion_tokens, degraded_tokens=c.num_degraded_tokens,
     )
 
 
@@ -88,7 +90,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self.state = state
         self.engine = state.engine
 
-    async def _stream(self, request: pb.GenerateRequest, context):
+    async def _stream(self, request: pb.GenerateRequest, context, kind: RequestOutputKind):
         if self.state.draining:
             self.engine.metrics.reject("draining")
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
@@ -98,6 +100,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         if params.n != 1:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "n must be 1 over gRPC")
+        params = replace(params, output_kind=kind)
         which = request.WhichOneof("prompt")
         if which is None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the request has no prompt (text or token_ids)")
@@ -122,13 +125,15 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     async def Generate(self, request, context):
         final = None
-        async for out in self._stream(request, context):
+        async for out in self._stream(request, context, RequestOutputKind.FINAL_ONLY):
             final = out
-        return _response(final, delta=False)
+        return _response(final, False, len(final.outputs[0].token_ids))
 
     async def GenerateStream(self, request, context):
-        async for out in self._stream(request, context):
-            yield _response(out, delta=True)
+        completion_tokens = 0
+        async for out in self._stream(request, context, RequestOutputKind.DELTA):
+            completion_tokens += len(out.outputs[0].delta_token_ids)
+            yield _response(out, True, completion_tokens)
 
 
 class GrpcFront:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from moeserve.config import EngineConfig, engine_config
 from moeserve.engine.input_processor import Prompt
 from moeserve.engine.llm_engine import LLMEngine
 from moeserve.outputs import RequestFailure, RequestOutput
-from moeserve.sampling_params import SamplingParams
+from moeserve.sampling_params import RequestOutputKind, SamplingParams
 
 
 class LLM:
@@ -39,12 +40,15 @@ class LLM:
         priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Run prompts to completion; results come back in prompt order. Every prompt is validated
-        before any is queued, so a bad one raises ValueError and leaves the engine untouched."""
+        before any is queued, so a bad one raises ValueError and leaves the engine untouched.
+        Only the final outputs are built (each request runs as output_kind FINAL_ONLY)."""
         if isinstance(prompts, (str, dict)) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params if isinstance(sampling_params, Sequence) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError("give one SamplingParams, or one per prompt")
+        params = [replace(sp if isinstance(sp, SamplingParams) else SamplingParams.from_dict(sp or {}),
+                          output_kind=RequestOutputKind.FINAL_ONLY) for sp in params]
         priorities = list(priority) if priority is not None else [0] * len(prompts)
         groups = [
             self.engine.process_request(str(next(self._ids)), p, sp, pr)

@@ -188,8 +188,11 @@ class EngineReplica:
         self._outstanding[request.request_id] = request_budget(request, self.engine.max_model_len)
         try:
             yield ReplicaAdmitted(submitted.predicted_ttft)
+            generated = 0
             async for out in self.engine.stream(submitted):
-                self._outstanding[request.request_id] = request_budget(request, self.engine.max_model_len, out)
+                generated += sum(len(c.delta_token_ids) for c in out.outputs)  # whatever its output_kind
+                self._outstanding[request.request_id] = request_budget(request, self.engine.max_model_len,
+                                                                       generated)
                 yield out
         except Exception as e:
             yield _refusal(e)
@@ -222,17 +225,17 @@ class EngineReplica:
             engine.shutdown()
 
 
-def request_budget(request: ReplicaRequest, max_model_len: int | None = None,
-                   progress: RequestOutput | None = None) -> int:
+def request_budget(request: ReplicaRequest, max_model_len: int | None = None, generated: int | None = None) -> int:
     """Prompt and output tokens a request has still to compute: its prompt (until its first
-    output) and max_tokens per sequence (the context's room when unset) less what it made."""
+    output, `generated` None) and max_tokens per sequence (the context's room when unset) less
+    the `generated` tokens of all its sequences."""
     prompt = request.prompt
     prompt_tokens = len(prompt.get("prompt_token_ids", ())) if isinstance(prompt, dict) else 0
     n = request.params.n or 1
     room = request.params.max_tokens or max(0, (max_model_len or prompt_tokens) - prompt_tokens)
-    if progress is None:
+    if generated is None:
         return prompt_tokens + n * room
-    return max(0, n * room - sum(len(o.token_ids) for o in progress.outputs))
+    return max(0, n * room - generated)
 
 
 def _refusal(e: BaseException) -> ReplicaRefusal:

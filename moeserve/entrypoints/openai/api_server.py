@@ -11,6 +11,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -33,7 +34,7 @@ from moeserve.router.config import ROUTED_NAME, Profile
 from moeserve.router.features import extract
 from moeserve.router.pipeline import Attempt, RoutedTrace, apply_profile
 from moeserve.router.verifier import Verification, verify
-from moeserve.sampling_params import SamplingParams
+from moeserve.sampling_params import RequestOutputKind, SamplingParams
 
 _ERROR_TYPES = {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError", 429: "RateLimitError",
                 500: "InternalServerError", 503: "ServiceUnavailableError"}
@@ -90,9 +91,11 @@ def _degraded(outputs: list[RequestOutput]) -> int:
     return sum(c.num_degraded_tokens for o in outputs for c in o.outputs)
 
 
-def _usage(outputs: list[RequestOutput]) -> dict[str, int]:
+def _usage(outputs: list[RequestOutput], completion: int | None = None) -> dict[str, int]:
+    """Token counts of the outputs; `completion` when they are deltas (output_kind DELTA)."""
     prompt = sum(len(o.prompt_token_ids) for o in outputs)
-    completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
+    if completion is None:
+        completion = sum(len(c.token_ids) for o in outputs for c in o.outputs)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -228,12 +231,19 @@ class _Handler:
         # returns what to add to the closing event's "moeserve" object
         self.on_stream_end: Callable[[list[RequestOutput], bool], dict[str, Any]] | None = None
 
+    def output_kind(self) -> RequestOutputKind:
+        """A stream gets deltas (the whole completion when `on_stream_end` needs it at the
+        end); a whole response only its final outputs."""
+        if not self.body.stream:
+            return RequestOutputKind.FINAL_ONLY
+        return RequestOutputKind.CUMULATIVE if self.on_stream_end is not None else RequestOutputKind.DELTA
+
     def submit(self) -> None:
         """Admit every prompt's request, or none (a refusal withdraws the ones already in)."""
-        engine = self.engine
+        engine, params = self.engine, replace(self.params, output_kind=self.output_kind())
         try:
             for i, p in enumerate(self.prompts):
-                self.submitted.append(engine.submit(f"{self.id}-{i}", {"prompt_token_ids": p}, self.params,
+                self.submitted.append(engine.submit(f"{self.id}-{i}", {"prompt_token_ids": p}, params,
                                                     self.priority, self.tenant))
         except BaseException:
             self.close()
@@ -332,6 +342,7 @@ class _Handler:
         n = self.params.n
         sent_role: set[int] = set()
         sent_tokens: dict[int, int] = {}
+        completion = 0  # tokens streamed so far, all choices (outputs may hold deltas only)
         latest: dict[int, RequestOutput] = {}
         options = self.body.stream_options
         include_usage = bool(options and options.include_usage)
@@ -343,6 +354,7 @@ class _Handler:
                 choices = []
                 for c in out.outputs:
                     index = i * n + c.index
+                    completion += len(c.delta_token_ids)
                     if not c.delta_token_ids and not c.delta_text and not c.finished:
                         continue
                     if c.finished and sent_tokens.get(index) == -1:
@@ -364,13 +376,13 @@ class _Handler:
                     sent_tokens[index] = -1 if c.finished else len(c.token_ids)
                     choices.append(choice)
                 if choices:
-                    yield self._chunk(choices, _usage(list(latest.values())) if continuous else None)
+                    yield self._chunk(choices, _usage(list(latest.values()), completion) if continuous else None)
             outs = [latest[i] for i in sorted(latest)]
             done = len(outs) == len(self.prompts) and all(o.finished for o in outs)
             end, self.on_stream_end = self.on_stream_end, None
             extra = end(outs, done) if end is not None else {}
             if include_usage or extra:
-                yield self._chunk([], _usage(outs) if include_usage else None,
+                yield self._chunk([], _usage(outs, completion) if include_usage else None,
                                   {"degraded_tokens": _degraded(outs), **self.extra_fields, **extra})
         except RequestFailedError as e:
             yield _error_event(500, str(e))
