@@ -104,6 +104,9 @@ def test_grpc_matches_http_and_reports_health(server):
     assert len(unary.token_ids) == 9 == http["usage"]["completion_tokens"]
     assert [t for r in streamed for t in r.token_ids] == list(unary.token_ids)
     assert "".join(r.text for r in streamed) == unary.text and streamed[-1].finish_reason == "length"
+    counts = [r.completion_tokens for r in streamed]  # the tokens so far, though each message holds its delta
+    assert unary.completion_tokens == 9 and counts[-1] == 9
+    assert counts == [sum(len(r.token_ids) for r in streamed[: i + 1]) for i in range(len(streamed))]
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         with pytest.raises(grpc.RpcError) as err:
             pb_grpc.GenerationStub(channel).Generate(
