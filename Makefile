@@ -25,7 +25,7 @@ serve: $(STAMP)
 	$(VENV)/bin/moeserve serve
 
 bench: $(STAMP)
-	$(PY) bench/throughput.py --reps 3
+	$(PY) bench/throughput.py --reps 5
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -227,3 +227,19 @@ def test_replicas_smoke_compares_one_and_two_replicas_and_both_routers(tmp_path)
         assert len(v["tokens_by_replica"]) == v["replicas"] and v["imbalance"] >= 1.0
     one, two = data["variants"][0]["summary"], data["variants"][1]["summary"]
     assert data["ratios"]["output_throughput_2_vs_1"] == two["output_throughput"] / one["output_throughput"]
+
+
+@pytest.mark.slow
+def test_compile_smoke_writes_well_formed_json(tmp_path):
+    out = tmp_path / "compile.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "compile.py"), "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    for name in ("parts", "whole_aten"):
+        run = data[name]
+        assert run["compile_s"] > 0 and run["output_tokens"] > 0
+        for side in ("eager", "compiled"):
+            assert run[side]["output_tokens_per_s"] == run["output_tokens"] / run[side]["best_elapsed_s"]
+    assert data["parts"]["speedup"] == data["parts"]["eager"]["best_elapsed_s"] / data["parts"]["compiled"]["best_elapsed_s"]
+    assert data["pays"]["parts"] == (data["parts"]["median_pair_ratio"] > 1 and data["parts"]["speedup"] > 1)
