@@ -60,11 +60,6 @@ class Progress:
     request_id: str
     new_tokens: int  # tokens its sequences produced in this call
     generated: tuple[int, ...]  # per sequence: tokens produced so far
-    finish_reasons: tuple[str | None, ...]  # per sequence: None while it runs
-
-    @property
-    def finished(self) -> bool:
-        return all(r is not None for r in self.finish_reasons)
 
 
 @dataclass
@@ -139,8 +134,7 @@ class OutputProcessor:
                     logger.exception("request %s failed in output processing", parent_id)
                     result.failures.append(self._fail(parent_id, f"{type(e).__name__}: {e}", result))
                     continue
-            result.progress.append(Progress(parent_id, new_tokens, tuple(len(s.token_ids) for s in sequences),
-                                            tuple(s.finish_reason for s in sequences)))
+            result.progress.append(Progress(parent_id, new_tokens, tuple(len(s.token_ids) for s in sequences)))
             if done:
                 self.remove(parent_id)
         return result
