@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 
 import grpc
@@ -197,6 +198,15 @@ def _running(server) -> float:
     return _metrics(server)["moeserve:num_requests_running"].samples[0].value
 
 
+def _admitted(server) -> float:
+    family = _metrics(server).get("moeserve:admission_admitted")
+    return sum(s.value for s in family.samples if s.name.endswith("_total")) if family else 0.0
+
+
+def _waiting(server) -> float:
+    return _metrics(server)["moeserve:num_requests_waiting"].samples[0].value
+
+
 def _generated(server) -> float:
     family = _metrics(server).get("moeserve:generation_tokens")
     return sum(s.value for s in family.samples if s.name.endswith("_total")) if family else 0.0
@@ -251,6 +261,24 @@ def test_200_client_disconnects_free_every_block(long_server):
     asyncio.run(run())
     assert _wait_for(lambda: _free_blocks(server) == start, RETURN_BOUND) < RETURN_BOUND
     assert _running(server) == 0  # had the aborts been lost, 200 x 1000 tokens would run for minutes
+
+
+def test_clients_gone_before_the_first_chunk_free_every_block(long_server):
+    """A client that sends a stream request and hangs up at once, before the response starts:
+    however far the server got (queued, admitted, headers sent), its request is withdrawn."""
+    server = long_server
+    start, admitted = _free_blocks(server), _admitted(server)
+    payload = json.dumps({"prompt": PROMPT, "max_tokens": LONG, "ignore_eos": True, "stream": True}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    head = (f"POST /v1/completions HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+            f"content-length: {len(payload)}\r\n\r\n").encode()
+    for _ in range(50):
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(head + payload)
+            sock.shutdown(socket.SHUT_RDWR)
+    idle = lambda: _free_blocks(server) == start and _running(server) == 0 == _waiting(server)  # noqa: E731
+    assert _wait_for(idle, 5.0) < 5.0  # a request left behind would run 1000 tokens: minutes
+    assert _admitted(server) - admitted > 0, "no request reached the engine: the test saw nothing"
 
 
 def test_grpc_cancel_and_deadline_abort(long_server):
