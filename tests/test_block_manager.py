@@ -97,3 +97,26 @@ def test_not_enough_blocks_changes_nothing():
     assert table == [] and bm.num_free_blocks == 2
     with pytest.raises(RuntimeError, match="freed more often"):
         bm.free(stale)
+
+
+def test_blocks_keyed_a_window_at_a_time_get_the_keys_of_the_whole_sequence():
+    """The scheduler keys a running sequence's newly filled blocks from just their tokens
+    (Request.token_range); the keys, and so the prefix hits, are those of keying it whole."""
+    from moeserve.engine.request import Request
+    from moeserve.sampling_params import SamplingParams
+
+    rng = random.Random(1)
+    prompt = [rng.randrange(50) for _ in range(10)]
+    req = Request("r", prompt, SamplingParams(), frozenset(), 100)
+    whole_bm, window_bm = BlockManager(num_blocks=16, block_size=4), BlockManager(num_blocks=16, block_size=4)
+    whole_table, window_table, whole_keys = [], [], []
+    assert whole_bm.allocate(whole_table, 40) and window_bm.allocate(window_table, 40)
+    for _ in range(30):
+        req.output_token_ids.append(rng.randrange(50))
+        first = len(req.block_keys) * 4
+        window_bm.cache_full_blocks(window_table, req.token_range(first, req.num_tokens), req.block_keys, b"", first)
+        assert req.token_range(first, req.num_tokens) == req.all_token_ids[first:]
+    whole_bm.cache_full_blocks(whole_table, req.all_token_ids, whole_keys)
+    assert req.block_keys == whole_keys and len(whole_keys) == 10
+    with pytest.raises(ValueError, match="miss block"):
+        window_bm.cache_full_blocks(window_table, [1, 2, 3, 4], [], b"", 4)

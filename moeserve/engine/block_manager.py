@@ -110,9 +110,11 @@ class BlockManager:
         return True
 
     def cache_full_blocks(self, table: list[int], token_ids: Sequence[int], keys: list[bytes],
-                          salt: bytes = b"") -> None:
-        """Publish the full blocks of `token_ids` (a sequence's tokens up to the end of what is
-        scheduled); `keys` is that sequence's list of full-block keys so far, extended in place.
+                          salt: bytes = b"", start: int = 0) -> None:
+        """Publish the full blocks of `token_ids` (a sequence's tokens from position `start` up
+        to the end of what is scheduled; `start` at most len(keys) * block_size, so that every
+        block not yet keyed is in it); `keys` is that sequence's list of full-block keys so far,
+        extended in place.
 
         Called at scheduling time: a block's key depends only on its tokens, and a sibling
         scheduled later in the same step may read what this step writes, since every layer
@@ -122,8 +124,10 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return
         bs = self.block_size
-        for i in range(len(keys), len(token_ids) // bs):
-            key = block_key(keys[-1] if keys else None, token_ids[i * bs : (i + 1) * bs], salt)
+        if start > len(keys) * bs:
+            raise ValueError(f"tokens from position {start} miss block {len(keys)}'s")
+        for i in range(len(keys), (start + len(token_ids)) // bs):
+            key = block_key(keys[-1] if keys else None, token_ids[i * bs - start : (i + 1) * bs - start], salt)
             keys.append(key)
             block = table[i]
             if self._key[block] is None and key not in self._cached:

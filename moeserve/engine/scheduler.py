@@ -158,8 +158,9 @@ class Scheduler:
                 salt = self._salt(req, top_k)
                 filled = (req.num_computed_tokens + n) // bm.block_size
                 if bm.enable_prefix_caching and len(req.block_keys) < filled:  # a block just filled
-                    bm.cache_full_blocks(req.block_table, req.all_token_ids[: req.num_computed_tokens + n],
-                                         req.block_keys, salt)
+                    first = len(req.block_keys) * bm.block_size  # only the blocks not keyed yet: no history copy
+                    bm.cache_full_blocks(req.block_table, req.token_range(first, req.num_computed_tokens + n),
+                                         req.block_keys, salt, first)
                 cached_data.append(CachedRequestData(req.request_id, tuple(req.block_table[old_blocks:]), req.num_computed_tokens))
                 scheduled[req.request_id] = n
                 budget -= n
