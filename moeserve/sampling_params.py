@@ -8,8 +8,8 @@ from typing import Any
 
 
 class RequestOutputKind(enum.IntEnum):
-    """What each RequestOutput of a request carries (vLLM's names and values). DELTA and
-    FINAL_ONLY keep the front's work per step independent of how long the completion is."""
+    """What each RequestOutput of a request carries (vLLM's names and values). With DELTA and
+    FINAL_ONLY no output copies the completion's token ids and logprobs so far."""
 
     CUMULATIVE = 0  # every output: the whole completion so far (text, token_ids, logprobs)
     DELTA = 1  # every output: only what is new since the previous one (text, token_ids, logprobs)

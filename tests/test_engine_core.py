@@ -61,10 +61,11 @@ def test_concurrent_streams_through_the_engine_process_match_the_offline_api(che
 
 def test_output_kinds_carry_the_same_completion_and_metrics_count_every_token(checkpoints, prompts):
     """CUMULATIVE, DELTA (read slowly, so that pending deltas merge) and FINAL_ONLY outputs of one
-    request put together the same text, tokens and logprobs, equal to the offline API's; a
-    FINAL_ONLY request yields exactly one output, and the token metrics still count its tokens.
-    Each runs alone with no prefix cache, so its steps have the offline run's shapes and its
-    logprobs are the offline run's bit for bit."""
+    request put together the same text, tokens and logprobs, equal to the offline API's. A
+    FINAL_ONLY request yields exactly one output, yet the front follows it step by step: its
+    progress (`AsyncEngine.generated`) is seen part-way, and every token after the first adds an
+    inter-token latency. Each runs alone with no prefix cache, so its steps have the offline
+    run's shapes and its logprobs are the offline run's bit for bit."""
     base = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=2)
     config = engine_config(checkpoints("qwen3_moe"), max_model_len=96, block_size=4, enable_prefix_caching=False)
     prompt = {"prompt_token_ids": prompts[0]}
@@ -76,34 +77,47 @@ def test_output_kinds_carry_the_same_completion_and_metrics_count_every_token(ch
             await asyncio.sleep(pause)
         return outs
 
+    async def watch(engine, request_id, seen):
+        while True:
+            seen.add(engine.generated(request_id))
+            await asyncio.sleep(0.001)
+
+    def metric(engine, name):
+        return engine.metrics.registry.get_sample_value(name, {"model_name": "tiny"}) or 0
+
     async def run():
         engine = await AsyncEngine.start(config, "tiny")
         try:
             got = [await read(engine, "c", RequestOutputKind.CUMULATIVE, 0),
-                   await read(engine, "d", RequestOutputKind.DELTA, 0.05),
-                   await read(engine, "f", RequestOutputKind.FINAL_ONLY, 0)]
-            registry = engine.metrics.registry
-            counted = registry.get_sample_value("moeserve:generation_tokens_total", {"model_name": "tiny"})
-            first_tokens = registry.get_sample_value("moeserve:time_to_first_token_seconds_count",
-                                                     {"model_name": "tiny"})
-            return got, counted, first_tokens
+                   await read(engine, "d", RequestOutputKind.DELTA, 0.2)]
+            itl_before = metric(engine, "moeserve:inter_token_latency_seconds_count")
+            seen: set[int | None] = set()
+            watcher = asyncio.ensure_future(watch(engine, "f", seen))
+            got.append(await read(engine, "f", RequestOutputKind.FINAL_ONLY, 0))
+            watcher.cancel()
+            itl = metric(engine, "moeserve:inter_token_latency_seconds_count") - itl_before
+            return got, seen, itl, metric(engine, "moeserve:generation_tokens_total"), \
+                metric(engine, "moeserve:time_to_first_token_seconds_count")
         finally:
             engine.shutdown()
 
-    (cumulative, delta, final), counted, first_tokens = _run(run())
+    (cumulative, delta, final), seen, itl, counted, first_tokens = _run(run())
     offline = LLM(checkpoints("qwen3_moe"), max_model_len=96).generate([prompt], base)[0].outputs[0]
+    n = len(offline.token_ids)
     assert cumulative[-1].token_ids == offline.token_ids and cumulative[-1].text == offline.text
     assert cumulative[-1].logprobs == offline.logprobs
     assert len(final) == 1 and final[0].finished
     assert (final[0].text, final[0].token_ids, final[0].logprobs) == (offline.text, offline.token_ids,
                                                                       offline.logprobs)
-    assert len(delta) < len(offline.token_ids)  # some outputs merged while the reader slept
+    assert len(delta) < n  # some outputs merged while the reader slept
     assert all(c.token_ids == c.delta_token_ids and c.text == c.delta_text for c in delta)
     assert sum((c.token_ids for c in delta), ()) == offline.token_ids
     assert "".join(c.text for c in delta) == offline.text
     assert sum((c.logprobs for c in delta), ()) == offline.logprobs
     assert delta[-1].cumulative_logprob == offline.cumulative_logprob
-    assert counted == 3 * len(offline.token_ids) and first_tokens == 3
+    assert counted == 3 * n and first_tokens == 3
+    assert any(g is not None and 0 < g < n for g in seen), seen  # its progress, part-way
+    assert itl == n - 1  # one step, one token, one inter-token latency: none lost to the single output
 
 
 def test_abort_frees_blocks_bad_input_fails_at_once_and_the_engine_goes_on(checkpoints, prompts):

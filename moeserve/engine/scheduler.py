@@ -248,6 +248,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self._pool(req).free(req.block_table)
+        req.block_keys.clear()  # its next blocks are keyed (and published) afresh
         req.rank = None  # restarts from nothing: on whichever pool has room then
         req.num_computed_tokens = 0
         req.status = RequestStatus.PREEMPTED

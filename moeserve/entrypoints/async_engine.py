@@ -117,6 +117,11 @@ class AsyncEngine:
     def num_in_flight(self) -> int:
         return len(self._queues)
 
+    def generated(self, request_id: str) -> int | None:
+        """Tokens a request in flight has produced (all its sequences); None before its first."""
+        collector = self._queues.get(request_id)
+        return sum(collector.generated) if collector is not None and collector.first is not None else None
+
     def new_request_id(self, prefix: str) -> str:
         return f"{prefix}-{next(self._ids)}-{time.monotonic_ns() % 10**9}"
 

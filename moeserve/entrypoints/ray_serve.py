@@ -169,7 +169,7 @@ class EngineReplica:
         config = engine_config(args.model, **settings)
         self.engine = await AsyncEngine.start(config, args.name, args.log_level, AdmissionConfig(**args.admission))
         self.requests_served = 0
-        self._outstanding: dict[str, int] = {}  # request id -> tokens still to compute
+        self._outstanding: dict[str, ReplicaRequest] = {}  # in flight here, by request id
 
     def info(self) -> EngineInfo:
         return self.engine.info
@@ -185,19 +185,21 @@ class EngineReplica:
             yield _refusal(e)
             return
         self.requests_served += 1
-        self._outstanding[request.request_id] = request_budget(request, self.engine.max_model_len)
+        self._outstanding[request.request_id] = request
         try:
             yield ReplicaAdmitted(submitted.predicted_ttft)
-            generated = 0
             async for out in self.engine.stream(submitted):
-                generated += sum(len(c.delta_token_ids) for c in out.outputs)  # whatever its output_kind
-                self._outstanding[request.request_id] = request_budget(request, self.engine.max_model_len,
-                                                                       generated)
                 yield out
         except Exception as e:
             yield _refusal(e)
         finally:
             self._outstanding.pop(request.request_id, None)
+
+    def outstanding_tokens(self) -> int:
+        """Tokens its requests in flight have still to compute, from the engine's progress
+        (which every step updates, whatever the requests' output_kind)."""
+        max_len = self.engine.max_model_len
+        return sum(request_budget(r, max_len, self.engine.generated(rid)) for rid, r in self._outstanding.items())
 
     def stats(self) -> ReplicaStats:
         s = self.engine.latest_stats
@@ -205,7 +207,7 @@ class EngineReplica:
 
         return ReplicaStats(self.replica, ray.get_runtime_context().get_actor_name() or "",
                             ray.util.get_node_ip_address(), os.getpid(), self.requests_served, self.engine.num_in_flight,
-                            sum(self._outstanding.values()), s.num_blocks if s else 0, s.num_free_blocks if s else 0,
+                            self.outstanding_tokens(), s.num_blocks if s else 0, s.num_free_blocks if s else 0,
                             self.engine.is_alive())
 
     def report(self) -> tuple[ReplicaStats, bytes]:
