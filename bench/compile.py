@@ -10,9 +10,9 @@ alternating (this machine's speed swings between minutes):
   on aten GEMMs. The packed oneDNN weights cannot go through inductor (it does not lower their
   opaque layout), so this candidate is timed against eager aten and against the served default.
 
-`compile_s` is the first generate after compiling (cold inductor cache in a temporary
-directory): tracing, code generation and recompiles for the shapes the warm-up meets. A
-candidate `pays` when it is faster both ways it is measured: its median eager/compiled pair
+`compile_s` is the first generate after compiling (a cold inductor cache in a temporary
+directory removed at exit, unless TORCHINDUCTOR_CACHE_DIR names one): tracing, code generation
+and recompiles for the shapes the warm-up meets. A candidate `pays` when it is faster both ways it is measured: its median eager/compiled pair
 ratio and its fastest run against the eager side's fastest (parts), or its fastest run against
 the served default's (whole_aten; the served step cannot be compiled, so there is no pair).
 
@@ -22,15 +22,19 @@ Writes JSON (machine description, workload, each mode's runs, ratios) to --out.
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix="moeserve-inductor-"))
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:  # a cold cache of its own, removed at exit
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="moeserve-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 import torch  # noqa: E402
 
@@ -64,7 +68,10 @@ def _compare(llm, requests, reps: int, switch) -> dict:
             elapsed, tokens = _generate(llm, requests)
             runs[compiled].append(elapsed)
     switch(False)
-    side = lambda xs: {"best_elapsed_s": min(xs), "output_tokens_per_s": tokens / min(xs), "elapsed_s": xs}  # noqa: E731
+
+    def side(xs: list[float]) -> dict:
+        return {"best_elapsed_s": min(xs), "output_tokens_per_s": tokens / min(xs), "elapsed_s": xs}
+
     pairs = [e / c for e, c in zip(runs[False], runs[True])]
     return {"compile_s": compile_s, "output_tokens": tokens, "eager": side(runs[False]), "compiled": side(runs[True]),
             "pair_ratios": pairs, "median_pair_ratio": statistics.median(pairs)}

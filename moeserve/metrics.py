@@ -240,7 +240,8 @@ class ServerMetrics:
         self.ttft = histogram("moeserve:time_to_first_token_seconds", "Time to first token.")
         self.tpot = histogram("moeserve:time_per_output_token_seconds",
                               "(e2e - ttft) / (output tokens - 1), per request.")
-        self.itl = histogram("moeserve:inter_token_latency_seconds", "Time between a request's consecutive token outputs from the engine.")
+        self.itl = histogram("moeserve:inter_token_latency_seconds",
+                             "Time between a request's consecutive token outputs from the engine.")
         self.e2e = histogram("moeserve:e2e_request_latency_seconds", "Arrival to last token.")
         self.queue_time = histogram("moeserve:request_queue_time_seconds", "Arrival to first scheduled.")
         self.request_success = Counter("moeserve:request_success", "Finished requests by finish reason.",

@@ -102,8 +102,12 @@ def test_output_kinds_carry_the_same_completion_and_metrics_count_every_token(ch
             engine.shutdown()
 
     (cumulative, delta, final), seen, itl, counted, first_tokens = _run(run())
-    offline = LLM(checkpoints("qwen3_moe"), max_model_len=96).generate([prompt], base)[0].outputs[0]
+    llm = LLM(checkpoints("qwen3_moe"), max_model_len=96)
+    offline = llm.generate([prompt], base)[0].outputs[0]
     n = len(offline.token_ids)
+    # the offline API runs every request as FINAL_ONLY: whatever kind it is given, it returns the whole completion
+    asked_delta = llm.generate([prompt], replace(base, output_kind=RequestOutputKind.DELTA))[0].outputs[0]
+    assert (asked_delta.token_ids, asked_delta.text) == (offline.token_ids, offline.text)
     assert cumulative[-1].token_ids == offline.token_ids and cumulative[-1].text == offline.text
     assert cumulative[-1].logprobs == offline.logprobs
     assert len(final) == 1 and final[0].finished

@@ -4,16 +4,16 @@ For every sequence it keeps the tokens, logprobs and an incremental detokenizer,
 stop strings (the engine stops on token ids only). A stop string ends the sequence here; its
 id is returned in `aborts` so the engine releases it (a token or two the engine produced
 meanwhile are dropped). A caller's request with n > 1 is reported as one RequestOutput with n
-completions whenever any of them moved (FINAL_ONLY: once, when all are done). An engine error on one sequence, or an exception while
-detokenising it, fails the whole caller's request (a RequestFailure) and aborts its siblings;
-other requests are untouched.
+completions whenever any of them moved (FINAL_ONLY: once, when all are done). An engine error on
+one sequence, or an exception while detokenising it, fails the whole caller's request (a
+RequestFailure) and aborts its siblings; other requests are untouched.
 
 What an output carries follows the request's `output_kind` (vLLM's): the whole completion so
 far (CUMULATIVE), only what is new (DELTA), or one output with everything when the request is
 done (FINAL_ONLY). With DELTA and FINAL_ONLY no output copies the completion's token ids or
-logprobs so far (the detokenizer's text still grows by concatenation, a copy of a few bytes per
-character, per token). Whatever the kind, `process` reports each
-request that moved as a `Progress`, which the front's accounting (admission, token metrics) reads.
+logprobs so far (the detokenizer's text still grows by string concatenation, which copies it on
+every token). Whatever the kind, `process` reports each request that moved as a `Progress`,
+which the front's accounting (admission, token metrics) reads.
 """
 
 from __future__ import annotations

@@ -75,7 +75,6 @@ class Submitted:
 
     request_id: str
     predicted_ttft: float | None  # seconds, from the admission predictor (None before the first step)
-    start: float
 
 
 class AsyncEngine:
@@ -168,7 +167,7 @@ class AsyncEngine:
             raise
         self.metrics.admitted(tenant, predicted)
         self.output.add(request)
-        collector = self._queues[request_id] = _Collector(request.params.output_kind == RequestOutputKind.DELTA)
+        self._queues[request_id] = _Collector(request.params.output_kind == RequestOutputKind.DELTA)
         try:
             self.client.add(request.children)
         except EngineDeadError:
@@ -176,7 +175,7 @@ class AsyncEngine:
             raise
         for victim in dropped:
             self._drop(victim)
-        return Submitted(request_id, predicted, collector.start)
+        return Submitted(request_id, predicted)
 
     async def admitted(self, submitted: Submitted) -> Submitted:
         """`submit` admits here and now: nothing to wait for (a replica set's front waits)."""

@@ -42,17 +42,15 @@ def sampling_params(options: pb.SamplingOptions) -> SamplingParams:
     return SamplingParams(**values)
 
 
-def _response(out: RequestOutput, delta: bool, completion_tokens: int) -> pb.GenerateResponse:
-    """One message: the whole completion (`out` from a FINAL_ONLY request) or what is new."""
+def _response(out: RequestOutput, completion_tokens: int) -> pb.GenerateResponse:
+    """One message with what `out` carries: the whole completion (a FINAL_ONLY request's one
+    output) or what is new (a DELTA request's); `completion_tokens` counts all so far."""
     c = out.outputs[0]
-    tokens = c.delta_token_ids if delta else c.token_ids
     logprobs = []
     if c.logprobs is not None:
-        start = len(c.token_ids) - len(tokens)
-        for token, lp in zip(tokens, c.logprobs[start:]):
-            logprobs.append(pb.TokenLogprob(token_id=token, logprob=lp[token], top=lp))
+        logprobs = [pb.TokenLogprob(token_id=t, logprob=lp[t], top=lp) for t, lp in zip(c.token_ids, c.logprobs)]
     return pb.GenerateResponse(
-        request_id=out.request_id, text=c.delta_text if delta else c.text, token_ids=list(tokens),
+        request_id=out.request_id, text=c.text, token_ids=list(c.token_ids),
         logprobs=logprobs, finish_reason=c.finish_reason or "", prompt_tokens=len(out.prompt_token_ids),
         completion_tokens=completion_tokens, degraded_tokens=c.num_degraded_tokens,
     )
@@ -127,13 +125,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         final = None
         async for out in self._stream(request, context, RequestOutputKind.FINAL_ONLY):
             final = out
-        return _response(final, False, len(final.outputs[0].token_ids))
+        return _response(final, len(final.outputs[0].token_ids))
 
     async def GenerateStream(self, request, context):
         completion_tokens = 0
         async for out in self._stream(request, context, RequestOutputKind.DELTA):
             completion_tokens += len(out.outputs[0].delta_token_ids)
-            yield _response(out, True, completion_tokens)
+            yield _response(out, completion_tokens)
 
 
 class GrpcFront:

@@ -229,7 +229,7 @@ class EngineReplica:
 
 def request_budget(request: ReplicaRequest, max_model_len: int | None = None, generated: int | None = None) -> int:
     """Prompt and output tokens a request has still to compute: its prompt (until its first
-    output, `generated` None) and max_tokens per sequence (the context's room when unset) less
+    token, `generated` None) and max_tokens per sequence (the context's room when unset) less
     the `generated` tokens of all its sequences."""
     prompt = request.prompt
     prompt_tokens = len(prompt.get("prompt_token_ids", ())) if isinstance(prompt, dict) else 0
@@ -343,7 +343,7 @@ class ReplicaSetEngine:
         except Exception as e:
             raise _ray_error(e, self.metrics) from e
         self._calls[request_id] = _Call(response, response.__aiter__())
-        return Submitted(request_id, None, time.monotonic())
+        return Submitted(request_id, None)
 
     async def admitted(self, submitted: Submitted) -> Submitted:
         """The replica's admission answer: the Submitted with its TTFT prediction, or the
@@ -357,7 +357,7 @@ class ReplicaSetEngine:
         if isinstance(first, ReplicaRefusal):
             self._calls.pop(submitted.request_id, None)
             raise _as_exception(first)
-        return Submitted(submitted.request_id, first.predicted_ttft, submitted.start)
+        return Submitted(submitted.request_id, first.predicted_ttft)
 
     async def _next(self, call: _Call) -> ReplicaAdmitted | RequestOutput | ReplicaRefusal:
         """The call's next message; Ray Serve's and Ray's own failures as the API's errors."""

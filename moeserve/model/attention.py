@@ -318,9 +318,9 @@ def _attend_group(q, key_cache, value_cache, meta: AttentionMetadata, g: Attenti
 def attend_padded(q, keys, values, meta: AttentionMetadata, g: AttentionGroup, scale, window, sinks=None):
     """q [T_g, H, Dk] against each sequence's gathered context, keys [S, Lc, Hkv, Dk] and values
     [S, Lc, Hkv, Dv] (positions past a sequence's length masked) -> [T_g, H, Dv]. One pair of
-    batched matmuls per KV head over strided views of the context (no head-major copy). Softmax runs in fp32 and is cast to q's
-    dtype before the value product, as transformers' eager attention does (with sinks: in q's
-    dtype, as its GPT-OSS attention does)."""
+    batched matmuls per KV head over strided views of the context (no head-major copy). Softmax
+    runs in fp32 and is cast to q's dtype before the value product, as transformers' eager
+    attention does (with sinks: in q's dtype, as its GPT-OSS attention does)."""
     S, Qmax, Lc = g.seq_lens.shape[0], g.max_query_len, keys.shape[1]
     _, H, Dk = q.shape
     Hkv, Dv = keys.shape[2], values.shape[-1]

@@ -3,12 +3,12 @@
 aten's fp32 linear on the CPU calls MKL's sgemm, which re-packs the weight on every call (and on
 AMD CPUs takes a slow code path); oneDNN multiplies with a weight reordered once into its blocked
 layout (bench/throughput.py records both rates at the step's shapes). A packed weight is derived
-state: made after the weights are loaded, remade
-whenever the weight it copies changes (an expert copied into a slot), never saved, and always
-kept next to the plain weight, which stays the source of truth (checkpoints, replication, expert
-parallel sends read it). Results differ from aten's in the last bits (summation order), which
-the equality rule of shared/DESIGN.md absorbs; bf16/fp16 are never packed (aten already runs
-them on oneDNN, bit-identically to transformers).
+state: made after the weights are loaded, remade whenever the weight it copies changes (an
+expert copied into a slot), never saved, and always kept next to the plain weight, which stays
+the source of truth (checkpoints, replication, expert parallel sends read it). Results differ
+from aten's in the last bits (summation order), which the equality rule of shared/DESIGN.md
+absorbs; bf16/fp16 are never packed (aten already runs them on oneDNN, bit-identically to
+transformers).
 
 Shape legend: M rows, N output features, K input features.
 """

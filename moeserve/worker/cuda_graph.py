@@ -27,6 +27,7 @@ loop sizes its matmuls from the routing, so it is refused).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -109,7 +110,7 @@ class DecodeInputs:
         base, h = len(_FIELDS) * self.max_batch, self._host_np
         while True:
             self._wait_for_copy()
-            cells = list(self._pending.items())[: self.max_diffs]
+            cells = list(itertools.islice(self._pending.items(), self.max_diffs))
             for cell, _ in cells:
                 del self._pending[cell]
             diffs = [(row, col, block) for (row, col), block in cells]

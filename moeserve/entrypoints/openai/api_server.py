@@ -341,7 +341,7 @@ class _Handler:
     async def sse(self) -> AsyncIterator[str]:
         n = self.params.n
         sent_role: set[int] = set()
-        sent_tokens: dict[int, int] = {}
+        finish_sent: set[int] = set()  # choices whose finishing chunk is out
         completion = 0  # tokens streamed so far, all choices (outputs may hold deltas only)
         latest: dict[int, RequestOutput] = {}
         options = self.body.stream_options
@@ -357,7 +357,7 @@ class _Handler:
                     completion += len(c.delta_token_ids)
                     if not c.delta_token_ids and not c.delta_text and not c.finished:
                         continue
-                    if c.finished and sent_tokens.get(index) == -1:
+                    if c.finished and index in finish_sent:
                         continue  # its finish chunk is out already
                     start = len(c.token_ids) - len(c.delta_token_ids)
                     choice: dict[str, Any] = {"index": index, "logprobs": self._logprobs(c, start) if c.delta_token_ids
@@ -373,7 +373,8 @@ class _Handler:
                         choice["stop_reason"] = c.stop_reason
                     if c.finished:
                         choice["moeserve"] = {"degraded_tokens": c.num_degraded_tokens}
-                    sent_tokens[index] = -1 if c.finished else len(c.token_ids)
+                    if c.finished:
+                        finish_sent.add(index)
                     choices.append(choice)
                 if choices:
                     yield self._chunk(choices, _usage(list(latest.values()), completion) if continuous else None)
