@@ -17,7 +17,9 @@ fraction of this machine's GEMM rate at the step's dominant shapes (a full decod
 attention projections at M = batch, each expert's two GEMMs at M = batch * K / E), measured in
 the same run for aten's fp32 linear and for oneDNN with packed weights (what moeserve uses):
 `gemm_efficiency`. `expert_paths` times the CPU expert-compute choices at several batch sizes
-(the per-expert loop on aten or packed weights, torch's grouped_mm, one bmm over padded groups).
+(the per-expert loop on aten or packed weights, torch's grouped_mm, one bmm over padded groups);
+`prefill_attention` times one layer's attention for a step of the workload's prompts, padded into
+one batch against sequence by sequence with SDPA (the fp32 prefill path).
 
 With --reps N each side runs N times, alternating; the JSON's two sides are each side's fastest
 run (the committed figure is `--reps 3`) and `reps` lists every pair's ratio.
@@ -263,6 +265,39 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smoke", action="store_true", help="tiny model, 4 short requests")
 
 
+def prefill_attention(path: Path, requests, budget: int = 2048) -> dict:
+    """Milliseconds of one layer's torch attention for one step of prompts (the workload's first
+    prompts that fit a `budget`-token step, as the scheduler would batch them): one padded batch
+    against sequence by sequence with SDPA (what fp32 prefill groups take)."""
+    from moeserve import ModelConfig
+    from moeserve.model import attention
+    from moeserve.model.attention import AttentionMetadata, Workspace, paged_attention
+
+    c = ModelConfig.from_pretrained(path)
+    H, Hkv, Dh, B = c.num_heads, c.num_kv_heads, c.head_dim, 16
+    lens = []
+    for prompt, _ in requests:
+        if sum(lens) + len(prompt) > budget:
+            break
+        lens.append(len(prompt))
+    lens = lens or [len(requests[0][0])]
+    tables, start = [], 0
+    for n in lens:
+        tables.append(list(range(start, start + -(-n // B))))
+        start += len(tables[-1])
+    keys, values = torch.randn(start, B, Hkv, Dh), torch.randn(start, B, Hkv, Dh)
+    q = torch.randn(sum(lens), H, Dh)
+    meta = AttentionMetadata.build(lens, lens, tables, B, workspace=Workspace())
+    threshold, ms = attention.PER_SEQUENCE_MIN_QUERY, {}
+    try:
+        for name, min_query in (("padded_ms", 1 << 30), ("per_sequence_sdpa_ms", 1)):  # each path, whatever the lengths
+            attention.PER_SEQUENCE_MIN_QUERY = min_query
+            ms[name] = 1e3 * _time(lambda: paged_attention(q, keys, values, meta, Dh**-0.5, None), reps=5)
+    finally:
+        attention.PER_SEQUENCE_MIN_QUERY = threshold
+    return {"sequences": len(lens), "tokens": sum(lens), **ms, "speedup": ms["padded_ms"] / ms["per_sequence_sdpa_ms"]}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_args(p)
@@ -296,7 +331,8 @@ def main(argv: list[str] | None = None) -> int:
             efficiency = {"useful_tflop": flops / 1e12, "useful_gflops": useful, "gemm_rates": rates,
                           "gemm_efficiency": useful / rates.get("onednn_packed_gflops", rates["aten_gflops"]),
                           "gemm_efficiency_vs_aten": useful / rates["aten_gflops"],
-                          "expert_paths": expert_paths(path, (4, 16, 64, 256) if args.smoke else (16, 64, 256, 512))}
+                          "expert_paths": expert_paths(path, (4, 16, 64, 256) if args.smoke else (16, 64, 256, 512)),
+                          "prefill_attention": prefill_attention(path, requests)}
 
     result = {
         "benchmark": "offline_throughput",

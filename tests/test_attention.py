@@ -28,12 +28,16 @@ def _reference(q, k, v, window):
     return out
 
 
+@pytest.mark.parametrize("per_sequence", [False, True])
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("window", [None, 5])
-def test_mixed_prefill_and_decode_batch(window, split, monkeypatch):
-    """Also with the decodes cut into length buckets (any saving splits here), and twice over one
-    workspace, as the layers of a step share it."""
+def test_mixed_prefill_and_decode_batch(window, split, per_sequence, monkeypatch):
+    """Also with the decodes cut into length buckets (any saving splits here), twice over one
+    workspace, as the layers of a step share it, and with the prefills attended in one padded
+    batch or sequence by sequence (SDPA: a whole causal sequence, a chunk after its cached prefix,
+    each within a window)."""
     monkeypatch.setattr(attention, "SPLIT_MIN_SAVING", 1)
+    monkeypatch.setattr(attention, "PER_SEQUENCE_MIN_QUERY", 2 if per_sequence else 10**6)
     torch.manual_seed(0)
     H, Hkv, Dh, B = 4, 2, 8, 4
     rng = random.Random(0)
@@ -64,6 +68,8 @@ def test_mixed_prefill_and_decode_batch(window, split, monkeypatch):
     key_cache.view(-1, Hkv, Dh).index_copy_(0, meta.slot_mapping, new_k)
     value_cache.view(-1, Hkv, Dh).index_copy_(0, meta.slot_mapping, new_v)
 
+    prefills = next(g for g in meta.groups if g.max_query_len > 1)
+    assert attention.attends_per_sequence(torch.cat(qs), key_cache, value_cache, prefills, None) == per_sequence
     out = paged_attention(torch.cat(qs), key_cache, value_cache, meta, Dh**-0.5, window)
     again = paged_attention(torch.cat(qs), key_cache, value_cache, meta, Dh**-0.5, window)
     assert torch.equal(out, again)

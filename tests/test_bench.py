@@ -27,6 +27,9 @@ def test_throughput_smoke_writes_well_formed_json(tmp_path):
         assert run["output_tokens_per_s"] == run["output_tokens"] / run["elapsed_s"]
     ratio = data["moeserve"]["output_tokens_per_s"] / data["transformers"]["output_tokens_per_s"]
     assert data["ratio_output_tokens_per_s"] == ratio
+    prefill = data["efficiency"]["prefill_attention"]
+    assert prefill["sequences"] == 4 and 4 * 4 <= prefill["tokens"] <= 4 * 12  # every smoke prompt fits one step
+    assert prefill["speedup"] == prefill["padded_ms"] / prefill["per_sequence_sdpa_ms"]
 
 
 def test_throughput_rejects_bad_arguments():

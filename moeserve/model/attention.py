@@ -14,8 +14,11 @@ sequence s lives in block `block_tables[s, p // B]` at offset `p % B`, i.e. flat
 The torch path pads each group of sequences (decodes; the rest) to [S, max_query_len] queries
 and gathers each sequence's whole blocks into a workspace reused by every layer and step (one
 index_select per cache per layer; the block list, query grid and masks are built once per step),
-so that there is no per-sequence Python loop; the triton backend
-(moeserve.kernels.paged_attention) reads the blocks in place instead, one launch per group.
+so that there is no per-sequence Python loop, except for fp32 prefill groups, which attend
+sequence by sequence with SDPA over exactly each sequence's queries and keys
+(`attend_per_sequence`: prefills are few and long, and their padded grid is mostly waste); the
+triton backend (moeserve.kernels.paged_attention) reads the blocks in place instead, one launch
+per group.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moeserve.model_config import ModelConfig
@@ -74,6 +78,8 @@ class AttentionGroup:
     query_pos: torch.Tensor  # [S_g, max_query_len] int64, each grid cell's position, -1 for padding
     uniform_query: bool  # every sequence has max_query_len tokens: the grid is a view of the tokens
     static: bool = False  # views of buffers refilled every step (decode graphs): derive nothing once
+    host_query_lens: tuple[int, ...] = ()  # query_start_loc's differences on the host (not for static groups)
+    host_seq_lens: tuple[int, ...] = ()  # seq_lens on the host (not for static groups)
     _blocked: dict = field(default_factory=dict, compare=False, repr=False)  # (window, length) -> mask
 
     def blocked(self, window: int | None, length: int) -> torch.Tensor:
@@ -91,6 +97,28 @@ class AttentionGroup:
             if not self.static:
                 self._blocked[key] = mask
         return mask
+
+    def allowed(self, window: int | None) -> tuple[torch.Tensor | None, ...]:
+        """Per sequence, [q_len, seq_len] bool, True where a query sees a key (its new tokens
+        are the last q_len of seq_len positions), or None where that is plain causal attention
+        of a whole sequence (q_len == seq_len, no window: SDPA's is_causal). Built once per
+        step and window."""
+        key = ("allowed", window)
+        masks = self._blocked.get(key)
+        if masks is None:
+            masks = []
+            for q_len, seq_len in zip(self.host_query_lens, self.host_seq_lens):
+                if q_len == seq_len and window is None:
+                    masks.append(None)
+                    continue
+                k_pos = torch.arange(seq_len, device=self.seq_lens.device)
+                q_pos = torch.arange(seq_len - q_len, seq_len, device=self.seq_lens.device)[:, None]
+                mask = k_pos[None, :] <= q_pos  # [q_len, seq_len]
+                if window is not None:
+                    mask &= k_pos[None, :] > q_pos - window
+                masks.append(mask)
+            masks = self._blocked[key] = tuple(masks)
+        return masks
 
 
 @dataclass(frozen=True)
@@ -223,6 +251,8 @@ def _group(members, query_lens, seq_lens, block_tables, qsl, positions, block_si
         context_blocks=tables[:, :num_blocks].reshape(-1).to(device),
         query_pos=query_pos.to(device),
         uniform_query=num_tokens == len(members) * max_query_len,
+        host_query_lens=tuple(query_lens[i] for i in members),
+        host_seq_lens=tuple(seq_lens[i] for i in members),
     )
 
 
@@ -312,7 +342,43 @@ def _attend_group(q, key_cache, value_cache, meta: AttentionMetadata, g: Attenti
     else:
         values = gather_context(value_cache, g, meta.block_size,
                                 ws.get("value", (n, *value_cache.shape[1:]), value_cache.dtype, value_cache.device))
+    if attends_per_sequence(q, keys, values, g, sinks):
+        return attend_per_sequence(q, keys, values, g, scale, window)
     return attend_padded(q, keys, values, meta, g, scale, window, sinks)
+
+
+# Shortest longest-query of a group that attends sequence by sequence: below it the group is a
+# handful of tokens per sequence, where one padded batch costs less than a call per sequence.
+PER_SEQUENCE_MIN_QUERY = 16
+
+
+def attends_per_sequence(q, keys, values, g: AttentionGroup, sinks) -> bool:
+    """Whether `g` takes attend_per_sequence: an fp32 group of prefills (max_query_len >=
+    PER_SEQUENCE_MIN_QUERY), no sinks, keys and values of one width, host lengths known. Its
+    results differ from the padded path's in the last bits (SDPA sums in another order), which the
+    equality rule of shared/DESIGN.md absorbs; bf16/fp16 keep the padded path, whose ops are
+    transformers' eager attention's, bit for bit."""
+    return (g.max_query_len >= PER_SEQUENCE_MIN_QUERY and sinks is None and q.dtype == torch.float32
+            and keys.shape[-1] == values.shape[-1] and not g.static and bool(g.host_query_lens))
+
+
+def attend_per_sequence(q, keys, values, g: AttentionGroup, scale, window):
+    """q [T_g, H, Dk] against each sequence's own context of keys [S, Lc, Hkv, Dk] and values
+    [S, Lc, Hkv, Dv] -> [T_g, H, Dv], one SDPA call per sequence over exactly its q_len x seq_len
+    (no padding to the group's longest query and context; a whole causal sequence skips the
+    masked half). Prefills are few per step and long, so the per-sequence call is cheap next to
+    the padded grid it avoids (up to max_query_len x max_seq_len per sequence)."""
+    out = torch.empty(q.shape[0], q.shape[1], values.shape[-1], dtype=q.dtype, device=q.device)  # [T_g, H, Dv]
+    start = 0
+    for s, (q_len, seq_len, mask) in enumerate(zip(g.host_query_lens, g.host_seq_lens, g.allowed(window))):
+        q_s = q[start : start + q_len].transpose(0, 1)  # [H, q_len, Dk]
+        k_s = keys[s, :seq_len].transpose(0, 1)  # [Hkv, seq_len, Dk]
+        v_s = values[s, :seq_len].transpose(0, 1)  # [Hkv, seq_len, Dv]
+        o = F.scaled_dot_product_attention(q_s[None], k_s[None], v_s[None], attn_mask=mask, is_causal=mask is None,
+                                           scale=scale, enable_gqa=True)  # [1, H, q_len, Dv]
+        out[start : start + q_len] = o[0].transpose(0, 1)
+        start += q_len
+    return out
 
 
 def attend_padded(q, keys, values, meta: AttentionMetadata, g: AttentionGroup, scale, window, sinks=None):
