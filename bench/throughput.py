@@ -19,7 +19,8 @@ the same run for aten's fp32 linear and for oneDNN with packed weights (what moe
 `gemm_efficiency`. `expert_paths` times the CPU expert-compute choices at several batch sizes
 (the per-expert loop on aten or packed weights, torch's grouped_mm, one bmm over padded groups);
 `prefill_attention` times one layer's attention for a step of the workload's prompts, padded into
-one batch against sequence by sequence with SDPA (the fp32 prefill path).
+one batch against sequence by sequence with SDPA (the fp32 prefill path); `decode_attention` times
+it for a full decode batch, the torch path against the cpu backend's compiled kernel.
 
 With --reps N each side runs N times, alternating; the JSON's two sides are each side's fastest
 run (the committed figure is `--reps 3`) and `reps` lists every pair's ratio.
@@ -112,7 +113,8 @@ def run_moeserve(path: Path, requests, args) -> dict:
     assert produced == sum(n for _, n in requests), "moeserve must produce exactly the requested tokens"
     return {"elapsed_s": elapsed, "output_tokens": produced, "output_tokens_per_s": produced / elapsed,
             "requests_per_s": len(requests) / elapsed,
-            "num_preemptions": llm.engine.core.scheduler.num_preemptions}
+            "num_preemptions": llm.engine.core.scheduler.num_preemptions,
+            "attention_backend": llm.engine.core.executor.worker.model.attention_backend}
 
 
 def run_transformers(path: Path, requests, args) -> dict:
@@ -298,6 +300,34 @@ def prefill_attention(path: Path, requests, budget: int = 2048) -> dict:
     return {"sequences": len(lens), "tokens": sum(lens), **ms, "speedup": ms["padded_ms"] / ms["per_sequence_sdpa_ms"]}
 
 
+def decode_attention(path: Path, requests) -> dict:
+    """Milliseconds of one layer's attention for a full decode batch of the workload (every
+    request one token from its end, over shuffled blocks): the torch path against the cpu
+    backend's kernel (kernels/cpu_attention.cpp), when it builds here."""
+    import random as _random
+
+    from moeserve import ModelConfig
+    from moeserve.kernels import cpu_attention
+    from moeserve.model.attention import AttentionMetadata, Workspace, paged_attention
+
+    c = ModelConfig.from_pretrained(path)
+    H, Hkv, Dh, B = c.num_heads, c.num_kv_heads, c.head_dim, 16
+    lens = [len(prompt) + n - 1 for prompt, n in requests]
+    free = list(range(sum(-(-n // B) for n in lens)))
+    _random.Random(0).shuffle(free)
+    tables = [[free.pop() for _ in range(-(-n // B))] for n in lens]
+    keys = torch.randn(sum(map(len, tables)), B, Hkv, Dh)
+    values = torch.randn_like(keys)
+    q = torch.randn(len(lens), H, Dh)
+    meta = AttentionMetadata.build([1] * len(lens), lens, tables, B, workspace=Workspace(), split_decodes=True)
+    row = {"sequences": len(lens), "context_tokens": sum(lens),
+           "torch_ms": 1e3 * _time(lambda: paged_attention(q, keys, values, meta, Dh**-0.5, None))}
+    if cpu_attention.usable():
+        row["cpu_kernel_ms"] = 1e3 * _time(lambda: cpu_attention.paged_attention_cpu(q, keys, values, meta, Dh**-0.5, None))
+        row["speedup"] = row["torch_ms"] / row["cpu_kernel_ms"]
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_workload_args(p)
@@ -332,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
                           "gemm_efficiency": useful / rates.get("onednn_packed_gflops", rates["aten_gflops"]),
                           "gemm_efficiency_vs_aten": useful / rates["aten_gflops"],
                           "expert_paths": expert_paths(path, (4, 16, 64, 256) if args.smoke else (16, 64, 256, 512)),
-                          "prefill_attention": prefill_attention(path, requests)}
+                          "prefill_attention": prefill_attention(path, requests),
+                          "decode_attention": decode_attention(path, requests)}
 
     result = {
         "benchmark": "offline_throughput",

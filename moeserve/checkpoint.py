@@ -265,7 +265,12 @@ def resolve_backends(
 
     default = default_expert_backend(device, act or SILU, biases)
     expert_backend = default if expert_backend == "auto" else expert_backend
-    attention_backend = default_expert_backend(device) if attention_backend == "auto" else attention_backend
+    if attention_backend == "auto":
+        attention_backend = default_expert_backend(device)
+        if attention_backend == "torch" and torch.device(device).type == "cpu" and dtype == torch.float32:
+            from moeserve.kernels import cpu_attention
+
+            attention_backend = "cpu" if cpu_attention.usable() else "torch"
     for kind, name, known in (("moe", expert_backend, EXPERT_BACKENDS), ("attention", attention_backend,
                                                                          ATTENTION_BACKENDS)):
         if name not in known:
@@ -273,6 +278,12 @@ def resolve_backends(
         if name == "triton" and not triton_usable(device):
             raise ValueError(f"the triton {kind} backend needs triton and a CUDA device (or TRITON_INTERPRET=1 "
                              f"for the CPU interpreter); device is {device}")
+    if attention_backend == "cpu":
+        from moeserve.kernels import cpu_attention
+
+        if torch.device(device).type != "cpu" or not cpu_attention.usable():
+            raise ValueError(f"the cpu attention backend runs a C++ kernel on the CPU, built with g++ and ninja; "
+                             f"device is {device}{'' if torch.device(device).type != 'cpu' else ', and it did not build'}")
     if expert_backend == "grouped_mm" and str(device).startswith("cuda") and dtype != torch.bfloat16:
         raise ValueError(f"the grouped_mm moe backend takes bfloat16 on CUDA, not {dtype}; use --dtype bfloat16 "
                          "or --moe-backend triton")

@@ -21,7 +21,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
 EXPERT_BACKENDS = ("auto", "torch", "triton", "grouped_mm")
-ATTENTION_BACKENDS = ("auto", "torch", "triton")
+ATTENTION_BACKENDS = ("auto", "torch", "triton", "cpu")
 EXPERT_METRICS = ("off", "layer", "expert")
 EXECUTOR_BACKENDS = ("auto", "uni", "mp", "ray")
 # (decode, prefill) tokens per worker from which a step is split into two micro-batches:
@@ -44,8 +44,9 @@ class LoadConfig:
     max_model_len: int | None = _opt(None, "context length (default: the checkpoint's)")
     expert_backend: str = _opt("auto", "expert compute: auto (triton on CUDA, torch on CPU), torch, triton, "
                                "grouped_mm", flag="--moe-backend", choices=EXPERT_BACKENDS)
-    attention_backend: str = _opt("auto", "paged attention: auto (triton on CUDA, torch on CPU), torch, triton",
-                                  choices=ATTENTION_BACKENDS)
+    attention_backend: str = _opt("auto", "paged attention: auto (triton on CUDA; on the CPU, cpu in fp32 when its "
+                                  "kernel builds, else torch), torch, triton, cpu (fp32 decodes in a C++ kernel "
+                                  "built once per machine, the rest as torch)", choices=ATTENTION_BACKENDS)
     cpu_gemm: str = _opt("auto", "fp32 matmuls on the CPU: onednn (every weight packed once for oneDNN at "
                          "load, usually faster than aten's MKL path; a second copy of the weights in "
                          "memory), auto (onednn for fp32 on the CPU, weights of 256x256 and up), aten "

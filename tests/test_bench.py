@@ -30,6 +30,9 @@ def test_throughput_smoke_writes_well_formed_json(tmp_path):
     prefill = data["efficiency"]["prefill_attention"]
     assert prefill["sequences"] == 4 and 4 * 4 <= prefill["tokens"] <= 4 * 12  # every smoke prompt fits one step
     assert prefill["speedup"] == prefill["padded_ms"] / prefill["per_sequence_sdpa_ms"]
+    decode = data["efficiency"]["decode_attention"]
+    assert decode["sequences"] == 4 and decode["torch_ms"] > 0
+    assert decode["speedup"] == decode["torch_ms"] / decode["cpu_kernel_ms"]  # the kernel builds on this machine
 
 
 def test_throughput_rejects_bad_arguments():

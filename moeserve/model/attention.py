@@ -418,7 +418,7 @@ def attend_padded(q, keys, values, meta: AttentionMetadata, g: AttentionGroup, s
     return out[g.token_seq, g.token_index]  # [T_g, H, Dv]
 
 
-ATTENTION_BACKENDS = ("torch", "triton")
+ATTENTION_BACKENDS = ("torch", "triton", "cpu")
 
 
 def get_attention_backend(name: str):
@@ -429,6 +429,10 @@ def get_attention_backend(name: str):
         from moeserve.kernels.paged_attention import paged_attention_triton
 
         return paged_attention_triton
+    if name == "cpu":
+        from moeserve.kernels.cpu_attention import paged_attention_cpu
+
+        return paged_attention_cpu
     raise ValueError(f"unknown attention backend {name!r}; available: {', '.join(ATTENTION_BACKENDS)}")
 
 

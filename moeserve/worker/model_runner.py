@@ -66,7 +66,9 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.requests: dict[str, _RunnerRequest] = {}
         self.workspace = Workspace()  # the torch attention path's context buffers, kept across steps
-        self.split_decodes = model.attention_backend == "torch"  # its cost is the padded context it reads
+        # The torch path's cost is the padded context it reads (the cpu backend's too, for what its
+        # kernel does not take).
+        self.split_decodes = model.attention_backend in ("torch", "cpu")
         # With decode graphs: each request's persistent row of their block tables (its diffs
         # flushed to the device every step, graph or not) and the free rows.
         self.decode_graphs = decode_graphs

@@ -110,10 +110,14 @@ class TorchExpertBackend(ExpertBackend):
                 y = y + b2[slot]
             ys[start : start + n] = y
             start += n
-        # Accumulated slot by slot, in x's dtype, as transformers does: one index_add_ over all
-        # rows would sum a token's experts in fp32 before rounding, off by a bf16 ulp.
         ys = (ys * weights.reshape(-1)[order, None]).to(x.dtype)  # [n_active, D]
         out = torch.zeros_like(x)  # [T, D]
+        if x.dtype.itemsize >= 4:
+            # One index_add_ adds each token's rows in the order they come, slot by slot: the
+            # same sums as a call per slot.
+            return out.index_add_(0, tokens, ys)
+        # bf16/fp16: slot by slot, rounding after each, as transformers does (one index_add_
+        # over all rows would sum a token's experts in fp32 before rounding, off by an ulp).
         start = 0
         for n in counts:
             if n:
