@@ -23,7 +23,7 @@ one batch against sequence by sequence with SDPA (the fp32 prefill path); `decod
 it for a full decode batch, the torch path against the cpu backend's compiled kernel.
 
 With --reps N each side runs N times, alternating; the JSON's two sides are each side's fastest
-run (the committed figure is `--reps 3`) and `reps` lists every pair's ratio.
+run (the committed figure is `--reps 5`, `make bench`) and `reps` lists every pair's ratio.
 
 Writes JSON (machine description, workload, both runs, ratio, efficiency) to --out.
 """
