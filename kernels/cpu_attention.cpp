@@ -154,8 +154,12 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& key_cache, co
   const int64_t* tp = block_tables.data_ptr<int64_t>();
   const int64_t* lp = seq_lens.data_ptr<int64_t>();
   float* op = out.data_ptr<float>();
-  for (int64_t s = 0; s < S; ++s)
+  const int64_t N = key_cache.size(0);
+  for (int64_t s = 0; s < S; ++s) {
     TORCH_CHECK(lp[s] >= 1 && (lp[s] + B - 1) / B <= W, "decode_attention: a sequence's blocks exceed its table");
+    for (int64_t b = 0; b < (lp[s] + B - 1) / B; ++b)
+      TORCH_CHECK(tp[s * W + b] >= 0 && tp[s * W + b] < N, "decode_attention: block id out of range");
+  }
   const Fixed fixed = fixed_for(D, G);
   at::parallel_for(0, S * Hkv, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> scores, acc(fixed ? 0 : G * D);

@@ -15,6 +15,7 @@ checkpoints carry a multi-token-prediction layer past num_hidden_layers: it is s
 from __future__ import annotations
 
 import json
+import logging
 import re
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -30,6 +31,8 @@ from moeserve.model.decoder import MoEForCausalLM
 from moeserve.model.moe import SparseMoE
 from moeserve.model.moe.dispatch import ExpertParallelGroup
 from moeserve.mxfp4 import dequantize_mxfp4
+
+log = logging.getLogger(__name__)
 
 _EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.weight$")
 # GPT-OSS: one tensor per layer and part, every expert stacked on dim 0.
@@ -207,7 +210,8 @@ def load_model(
 ) -> MoEForCausalLM:
     """Build the model on the meta device, allocate it on `device` in `dtype` ('auto' follows
     the checkpoint), then fill every parameter from the checkpoint. Backends 'auto': triton
-    kernels on CUDA (when triton is installed), torch elsewhere. With `ep` (an expert-parallel
+    kernels on CUDA (when triton is installed), torch elsewhere, except attention in fp32 on the
+    CPU: cpu (kernels/cpu_attention.py) when its kernel builds. With `ep` (an expert-parallel
     worker) only that worker's slots are allocated and only their experts read. `cpu_gemm`
     'auto' packs fp32 weights of MIN_PACKED_ELEMENTS or more for oneDNN on the CPU, 'onednn'
     every weight (model/cpu_gemm.py); 'aten' none."""
@@ -284,6 +288,9 @@ def resolve_backends(
         if torch.device(device).type != "cpu" or not cpu_attention.usable():
             raise ValueError(f"the cpu attention backend runs a C++ kernel on the CPU, built with g++ and ninja; "
                              f"device is {device}{'' if torch.device(device).type != 'cpu' else ', and it did not build'}")
+        if dtype != torch.float32:
+            log.warning("the cpu attention backend's kernel computes fp32 only; in %s every group takes the torch path",
+                        dtype)
     if expert_backend == "grouped_mm" and str(device).startswith("cuda") and dtype != torch.bfloat16:
         raise ValueError(f"the grouped_mm moe backend takes bfloat16 on CUDA, not {dtype}; use --dtype bfloat16 "
                          "or --moe-backend triton")

@@ -70,7 +70,11 @@ def test_mixed_prefill_and_decode_batch(window, split, per_sequence, monkeypatch
 
     prefills = next(g for g in meta.groups if g.max_query_len > 1)
     assert attention.attends_per_sequence(torch.cat(qs), key_cache, value_cache, prefills, None) == per_sequence
+    calls = []
+    attend = attention.attend_per_sequence
+    monkeypatch.setattr(attention, "attend_per_sequence", lambda q, *a: calls.append(q.shape[0]) or attend(q, *a))
     out = paged_attention(torch.cat(qs), key_cache, value_cache, meta, Dh**-0.5, window)
+    assert calls == ([16] if per_sequence else [])  # the two prefills' 9 + 7 tokens, once
     again = paged_attention(torch.cat(qs), key_cache, value_cache, meta, Dh**-0.5, window)
     assert torch.equal(out, again)
     expected = torch.cat([_reference(q, k, v, window) for q, k, v in zip(qs, full_k, full_v)])

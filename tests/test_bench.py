@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from moeserve.kernels import cpu_attention
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -32,7 +34,9 @@ def test_throughput_smoke_writes_well_formed_json(tmp_path):
     assert prefill["speedup"] == prefill["padded_ms"] / prefill["per_sequence_sdpa_ms"]
     decode = data["efficiency"]["decode_attention"]
     assert decode["sequences"] == 4 and decode["torch_ms"] > 0
-    assert decode["speedup"] == decode["torch_ms"] / decode["cpu_kernel_ms"]  # the kernel builds on this machine
+    if cpu_attention.usable():
+        assert decode["speedup"] == decode["torch_ms"] / decode["cpu_kernel_ms"]
+        assert data["moeserve"]["attention_backend"] == "cpu"
 
 
 def test_throughput_rejects_bad_arguments():

@@ -81,9 +81,29 @@ def test_bad_input_is_an_error_not_a_crash():
     (group,) = meta.groups
     with pytest.raises(RuntimeError, match="exceed its table"):
         cpu_attention.decode_attention(q, key, value, group.block_tables, group.seq_lens + 64, 0.25, None)
+    broken = group.block_tables.clone()
+    broken[0, 1] = key.shape[0]
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        cpu_attention.decode_attention(q, key, value, broken, group.seq_lens, 0.25, None)
     with pytest.raises(RuntimeError, match="fp32 only"):
         cpu_attention.decode_attention(q.double(), key.double(), value.double(), group.block_tables, group.seq_lens,
                                        0.25, None)
+
+
+@pytest.mark.parametrize("arch,backend,split", [("mixtral", "auto", False), ("mixtral", "torch", True),
+                                                 ("gpt_oss", "cpu", True)])
+def test_decodes_are_cut_into_length_buckets_only_where_the_torch_path_takes_them(checkpoints, arch, backend, split):
+    """The kernel reads no padding, so a runner whose decodes it computes keeps them in one group;
+    decodes it leaves to the torch path (GPT-OSS's sinks) are cut as on the torch backend."""
+    from moeserve.checkpoint import load_model
+    from moeserve.model.attention import PagedKVCache
+    from moeserve.worker.model_runner import ModelRunner
+    from moeserve.worker.sampler import Sampler
+
+    model = load_model(checkpoints(arch), dtype="float32", attention_backend=backend)
+    assert model.attention_backend == ("cpu" if backend == "auto" else backend)
+    runner = ModelRunner(model, PagedKVCache.for_model(model.config, 4, 16, torch.float32), Sampler(0))
+    assert runner.split_decodes == split
 
 
 def test_auto_picks_the_kernel_for_fp32_on_the_cpu_only():

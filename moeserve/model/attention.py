@@ -56,9 +56,10 @@ class Workspace:
 
 @dataclass(frozen=True)
 class AttentionGroup:
-    """Sequences attended in one padded batch: S_g sequences, T_g tokens. Everything the torch
-    path needs per layer is derived here once per step: the blocks to gather, the padded query
-    grid and the causal mask.
+    """Sequences attended together: S_g sequences, T_g tokens, in one padded batch (or, for an
+    fp32 prefill group, sequence by sequence: `attend_per_sequence`). Everything the torch path
+    needs per layer is derived here once per step: the blocks to gather, the padded query grid,
+    the causal mask and each sequence's lengths on the host.
 
     `tokens` indexes the step's flat batch; `token_seq`/`token_index` place each of those
     tokens in the padded [S_g, max_query_len] grid. Each sequence's context is gathered as the

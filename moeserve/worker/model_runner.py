@@ -21,6 +21,7 @@ import torch
 from moeserve.engine.faults import FaultInjector
 from moeserve.engine.messages import ExpertLoadStats
 from moeserve.engine.scheduler import SchedulerOutput
+from moeserve.kernels import cpu_attention
 from moeserve.model.attention import AttentionMetadata, PagedKVCache, Workspace
 from moeserve.model.decoder import MoEForCausalLM, TokenTopK
 from moeserve.model.overlap import MicroBatch, OverlapTrace, cut_sequences
@@ -66,9 +67,10 @@ class ModelRunner:
         self.device = next(model.parameters()).device
         self.requests: dict[str, _RunnerRequest] = {}
         self.workspace = Workspace()  # the torch attention path's context buffers, kept across steps
-        # The torch path's cost is the padded context it reads (the cpu backend's too, for what its
-        # kernel does not take).
-        self.split_decodes = model.attention_backend in ("torch", "cpu")
+        # Decodes on the torch path cost the padded context they read: cut them into length
+        # buckets (the cpu backend's kernel reads no padding; what it does not take is torch's).
+        self.split_decodes = model.attention_backend == "torch" or (
+            model.attention_backend == "cpu" and not cpu_attention.takes_decodes(model.config, next(model.parameters()).dtype))
         # With decode graphs: each request's persistent row of their block tables (its diffs
         # flushed to the device every step, graph or not) and the free rows.
         self.decode_graphs = decode_graphs

@@ -112,12 +112,14 @@ class TorchExpertBackend(ExpertBackend):
             start += n
         ys = (ys * weights.reshape(-1)[order, None]).to(x.dtype)  # [n_active, D]
         out = torch.zeros_like(x)  # [T, D]
-        if x.dtype.itemsize >= 4:
-            # One index_add_ adds each token's rows in the order they come, slot by slot: the
-            # same sums as a call per slot.
+        if x.dtype.itemsize >= 4 and x.device.type == "cpu":
+            # On the CPU one index_add_ adds each token's rows in the order they come, slot by
+            # slot: the same sums as a call per slot (on CUDA repeated indices go to atomics, in
+            # no fixed order, so each call there keeps a token's rows apart).
             return out.index_add_(0, tokens, ys)
         # bf16/fp16: slot by slot, rounding after each, as transformers does (one index_add_
         # over all rows would sum a token's experts in fp32 before rounding, off by an ulp).
+        # Within one slot a token appears once, so no index repeats within a call.
         start = 0
         for n in counts:
             if n:
