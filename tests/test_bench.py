@@ -39,6 +39,20 @@ def test_throughput_smoke_writes_well_formed_json(tmp_path):
         assert data["moeserve"]["attention_backend"] == "cpu"
 
 
+def test_decode_step_smoke_writes_well_formed_json(tmp_path):
+    """The static decode path (eager off CUDA) runs every bucket without a host sync."""
+    out = tmp_path / "decode_step.json"
+    result = subprocess.run([sys.executable, str(ROOT / "bench" / "decode_step.py"), "--smoke", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["machine"]["cpu_count"] >= 1 and data["command"].endswith("--smoke --out " + str(out))
+    assert [r["batch"] for r in data["rows"]] == [1, 4]
+    for row in data["rows"]:
+        assert row["static_host_syncs"] == [] and row["graphs_captured"] == torch.cuda.is_available()
+        assert row["static_speedup"] == row["ordinary_ms_per_step"] / row["static_ms_per_step"]
+
+
 def test_throughput_rejects_bad_arguments():
     result = subprocess.run([sys.executable, str(ROOT / "bench" / "throughput.py"), "--num-requests", "0"],
                             capture_output=True, text=True)
