@@ -9,6 +9,7 @@ import random
 import pytest
 import torch
 
+from moeserve import SamplingParams
 from moeserve.checkpoint import resolve_backends
 from moeserve.kernels import cpu_attention
 from moeserve.model.attention import AttentionMetadata, Workspace, paged_attention
@@ -112,3 +113,31 @@ def test_auto_picks_the_kernel_for_fp32_on_the_cpu_only():
     assert resolve_backends("torch", "torch", "cpu", torch.float32) == ("torch", "torch")
     with pytest.raises(ValueError, match="cpu attention backend"):
         resolve_backends("torch", "cpu", "cuda", torch.float32)
+
+
+@pytest.mark.parametrize("window", [None, 12])
+def test_engine_on_the_kernels_fast_path_matches_transformers(tmp_path, prompts, window):
+    """Head dim 64 (a compiled fast path, which the tiny checkpoints' head dims do not reach),
+    with and without Mistral's sliding window: continuous batching with the kernel computing every
+    decode gives transformers' greedy tokens under the equality rule."""
+    from moeserve.config import engine_config
+    from moeserve.engine.llm_engine import LLMEngine
+    from moeserve.testing.checkpoints import make_tiny_checkpoint
+    from moeserve.testing.equality import GreedyTrace, greedy_divergence
+    from moeserve.testing.oracle import hf_greedy, load_hf_model
+
+    path = make_tiny_checkpoint("mixtral", tmp_path / "wide", hidden_size=256, num_attention_heads=4,
+                                num_key_value_heads=2, intermediate_size=128, sliding_window=window)
+    engine = LLMEngine(engine_config(path, max_model_len=128, max_num_seqs=4, block_size=4))
+    assert engine.core.executor.worker.model.attention_backend == "cpu"
+    assert engine.core.executor.worker.model.config.head_dim == 64
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=5)
+    for i, p in enumerate(prompts):
+        engine.add_request(str(i), {"prompt_token_ids": p}, params)
+    done = {}
+    while engine.has_unfinished_requests():
+        done.update({o.request_id: o for o in engine.step() if o.finished})
+    hf = load_hf_model(path)
+    for i, p in enumerate(prompts):
+        c = done[str(i)].outputs[0]
+        assert greedy_divergence(GreedyTrace(c.token_ids, c.logprobs), hf_greedy(hf, p, 12)) is None, f"prompt {i}"
