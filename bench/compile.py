@@ -12,9 +12,10 @@ alternating (this machine's speed swings between minutes):
 
 `compile_s` is the first generate after compiling (a cold inductor cache in a temporary
 directory removed at exit, unless TORCHINDUCTOR_CACHE_DIR names one): tracing, code generation
-and recompiles for the shapes the warm-up meets. A candidate `pays` when it is faster both ways it is measured: its median eager/compiled pair
-ratio and its fastest run against the eager side's fastest (parts), or its fastest run against
-the served default's (whole_aten; the served step cannot be compiled, so there is no pair).
+and recompiles for the shapes the warm-up meets. A candidate `pays` when it is faster both ways
+it is measured: its median eager/compiled pair ratio and its fastest run against the eager
+side's fastest (parts), or its fastest run against the served default's (whole_aten; the served
+step cannot be compiled, so there is no pair).
 
 Writes JSON (machine description, workload, each mode's runs, ratios) to --out.
 """

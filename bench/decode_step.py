@@ -91,13 +91,13 @@ def measure(path: Path, args: argparse.Namespace) -> list[dict]:
     workspace = Workspace()
     results = []
     for batch in buckets:
-        def positions(step):
-            return [args.context + step] * batch
+        def rows_at(step):  # every sequence's token of this step, as the runner stages it
+            p = args.context + step
+            return [DecodeRow(7, p, tables[r][p // BLOCK] * BLOCK + p % BLOCK, r, K, K) for r in range(batch)]
 
         def ordinary_inputs(step):
-            pos = positions(step)
-            meta = AttentionMetadata.build([1] * batch, [p + 1 for p in pos], tables[:batch], BLOCK, device,
-                                           workspace, split_decodes=model.attention_backend == "torch")
+            meta = AttentionMetadata.build([1] * batch, [r.position + 1 for r in rows_at(step)], tables[:batch], BLOCK,
+                                           device, workspace, split_decodes=model.attention_backend == "torch")
             return torch.full((batch,), 7, dtype=torch.int64).to(device, non_blocking=True), meta
 
         @torch.inference_mode()
@@ -108,9 +108,7 @@ def measure(path: Path, args: argparse.Namespace) -> list[dict]:
             return ordinary_forward(*ordinary_inputs(step))
 
         def static(step):
-            rows = [DecodeRow(7, p, tables[r][p // BLOCK] * BLOCK + p % BLOCK, r, K, K)
-                    for r, p in enumerate(positions(step))]
-            return graphs.run(rows)
+            return graphs.run(rows_at(step))
 
         row = {"batch": batch, "context": args.context, "steps": args.steps}
         for name, fn in (("ordinary", ordinary), ("static", static)):
@@ -122,8 +120,7 @@ def measure(path: Path, args: argparse.Namespace) -> list[dict]:
             _sync(device)
             row[f"{name}_ms_per_step"] = 1e3 * (time.perf_counter() - start) / args.steps
             row[f"{name}_launches_per_step"] = _launches(device, lambda: fn(0))
-        graphs.inputs.stage([DecodeRow(7, args.context, tables[r][args.context // BLOCK] * BLOCK
-                                       + args.context % BLOCK, r, K, K) for r in range(batch)], batch)
+        graphs.inputs.stage(rows_at(0), batch)
         row["static_host_syncs"] = _syncs(lambda: graphs.forward(batch))
         step_inputs = ordinary_inputs(0)  # built on the host from lists: its int()s wait for nothing
         row["ordinary_host_syncs"] = _syncs(lambda: ordinary_forward(*step_inputs))

@@ -267,34 +267,40 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--smoke", action="store_true", help="tiny model, 4 short requests")
 
 
+def _attention_case(path: Path, query_lens: list[int], seq_lens: list[int], split_decodes: bool = False):
+    """One layer's attention inputs for sequences of these lengths, over shuffled blocks of 16:
+    q [T, H, Dh], random key and value caches, the step's metadata, and the scale."""
+    from moeserve import ModelConfig
+    from moeserve.model.attention import AttentionMetadata, Workspace
+
+    c = ModelConfig.from_pretrained(path)
+    H, Hkv, Dh, B = c.num_heads, c.num_kv_heads, c.head_dim, 16
+    free = list(range(sum(-(-n // B) for n in seq_lens)))
+    random.Random(0).shuffle(free)
+    tables = [[free.pop() for _ in range(-(-n // B))] for n in seq_lens]
+    keys = torch.randn(sum(map(len, tables)), B, Hkv, Dh)
+    meta = AttentionMetadata.build(query_lens, seq_lens, tables, B, workspace=Workspace(), split_decodes=split_decodes)
+    return torch.randn(sum(query_lens), H, Dh), keys, torch.randn_like(keys), meta, Dh**-0.5
+
+
 def prefill_attention(path: Path, requests, budget: int = 2048) -> dict:
     """Milliseconds of one layer's torch attention for one step of prompts (the workload's first
     prompts that fit a `budget`-token step, as the scheduler would batch them): one padded batch
     against sequence by sequence with SDPA (what fp32 prefill groups take)."""
-    from moeserve import ModelConfig
     from moeserve.model import attention
-    from moeserve.model.attention import AttentionMetadata, Workspace, paged_attention
 
-    c = ModelConfig.from_pretrained(path)
-    H, Hkv, Dh, B = c.num_heads, c.num_kv_heads, c.head_dim, 16
     lens = []
     for prompt, _ in requests:
         if sum(lens) + len(prompt) > budget:
             break
         lens.append(len(prompt))
     lens = lens or [len(requests[0][0])]
-    tables, start = [], 0
-    for n in lens:
-        tables.append(list(range(start, start + -(-n // B))))
-        start += len(tables[-1])
-    keys, values = torch.randn(start, B, Hkv, Dh), torch.randn(start, B, Hkv, Dh)
-    q = torch.randn(sum(lens), H, Dh)
-    meta = AttentionMetadata.build(lens, lens, tables, B, workspace=Workspace())
+    q, keys, values, meta, scale = _attention_case(path, lens, lens)
     threshold, ms = attention.PER_SEQUENCE_MIN_QUERY, {}
     try:
         for name, min_query in (("padded_ms", 1 << 30), ("per_sequence_sdpa_ms", 1)):  # each path, whatever the lengths
             attention.PER_SEQUENCE_MIN_QUERY = min_query
-            ms[name] = 1e3 * _time(lambda: paged_attention(q, keys, values, meta, Dh**-0.5, None), reps=5)
+            ms[name] = 1e3 * _time(lambda: attention.paged_attention(q, keys, values, meta, scale, None), reps=5)
     finally:
         attention.PER_SEQUENCE_MIN_QUERY = threshold
     return {"sequences": len(lens), "tokens": sum(lens), **ms, "speedup": ms["padded_ms"] / ms["per_sequence_sdpa_ms"]}
@@ -302,28 +308,17 @@ def prefill_attention(path: Path, requests, budget: int = 2048) -> dict:
 
 def decode_attention(path: Path, requests) -> dict:
     """Milliseconds of one layer's attention for a full decode batch of the workload (every
-    request one token from its end, over shuffled blocks): the torch path against the cpu
-    backend's kernel (kernels/cpu_attention.cpp), when it builds here."""
-    import random as _random
-
-    from moeserve import ModelConfig
+    request one token from its end): the torch path against the cpu backend's kernel
+    (kernels/cpu_attention.cpp), when it builds here."""
     from moeserve.kernels import cpu_attention
-    from moeserve.model.attention import AttentionMetadata, Workspace, paged_attention
+    from moeserve.model.attention import paged_attention
 
-    c = ModelConfig.from_pretrained(path)
-    H, Hkv, Dh, B = c.num_heads, c.num_kv_heads, c.head_dim, 16
     lens = [len(prompt) + n - 1 for prompt, n in requests]
-    free = list(range(sum(-(-n // B) for n in lens)))
-    _random.Random(0).shuffle(free)
-    tables = [[free.pop() for _ in range(-(-n // B))] for n in lens]
-    keys = torch.randn(sum(map(len, tables)), B, Hkv, Dh)
-    values = torch.randn_like(keys)
-    q = torch.randn(len(lens), H, Dh)
-    meta = AttentionMetadata.build([1] * len(lens), lens, tables, B, workspace=Workspace(), split_decodes=True)
+    q, keys, values, meta, scale = _attention_case(path, [1] * len(lens), lens, split_decodes=True)
     row = {"sequences": len(lens), "context_tokens": sum(lens),
-           "torch_ms": 1e3 * _time(lambda: paged_attention(q, keys, values, meta, Dh**-0.5, None))}
+           "torch_ms": 1e3 * _time(lambda: paged_attention(q, keys, values, meta, scale, None))}
     if cpu_attention.usable():
-        row["cpu_kernel_ms"] = 1e3 * _time(lambda: cpu_attention.paged_attention_cpu(q, keys, values, meta, Dh**-0.5, None))
+        row["cpu_kernel_ms"] = 1e3 * _time(lambda: cpu_attention.paged_attention_cpu(q, keys, values, meta, scale, None))
         row["speedup"] = row["torch_ms"] / row["cpu_kernel_ms"]
     return row
 

@@ -48,7 +48,7 @@ def _build_tag() -> str:
 
 @functools.cache
 def load() -> None:
-    """Build (first time on this machine: ~20 s) and load the kernel library into this process.
+    """Build (first time on this machine: 10-20 s) and load the kernel library into this process.
     Raises when it cannot be built (no compiler, no ninja).
 
     Builders take an flock on `<build>.lock` (released by the OS when a builder dies), so a
@@ -66,7 +66,7 @@ def load() -> None:
         try:
             (build / "lock").unlink(missing_ok=True)  # torch's baton: no live builder holds it now
             if not any(build.glob("*.so")):
-                log.info("building the cpu attention kernel in %s (once per machine, about 20 s)", build)
+                log.info("building the cpu attention kernel in %s (once per machine, 10-20 s)", build)
             cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS),
                                build_directory=str(build), is_python_module=False, verbose=False)
         finally:
@@ -112,16 +112,11 @@ def decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torc
 def paged_attention_cpu(q, key_cache, value_cache, meta, scale, window, sinks=None):
     """model/attention.py's paged_attention with the decode groups the kernel supports computed
     by it: q [T, H, Dk] -> [T, H, Dv]."""
-    from moeserve.model.attention import _attend_group
+    from moeserve.model.attention import attend_group, attend_groups
 
     def attend(q_g, g):
         if supports(q_g, key_cache, value_cache, g, sinks):
             return decode_attention(q_g, key_cache, value_cache, g.block_tables, g.seq_lens, scale, window)
-        return _attend_group(q_g, key_cache, value_cache, meta, g, scale, window, sinks)
+        return attend_group(q_g, key_cache, value_cache, meta, g, scale, window, sinks)
 
-    if len(meta.groups) == 1:
-        return attend(q, meta.groups[0])
-    out = q.new_empty(q.shape[0], q.shape[1], value_cache.shape[-1])
-    for group in meta.groups:
-        out[group.tokens] = attend(q[group.tokens], group)
-    return out
+    return attend_groups(q, value_cache.shape[-1], meta, attend)

@@ -81,7 +81,8 @@ class AttentionGroup:
     static: bool = False  # views of buffers refilled every step (decode graphs): derive nothing once
     host_query_lens: tuple[int, ...] = ()  # query_start_loc's differences on the host (not for static groups)
     host_seq_lens: tuple[int, ...] = ()  # seq_lens on the host (not for static groups)
-    _blocked: dict = field(default_factory=dict, compare=False, repr=False)  # (window, length) -> mask
+    # masks built once per step: `blocked`'s by (window, length), `allowed`'s by ("allowed", window)
+    _blocked: dict = field(default_factory=dict, compare=False, repr=False)
 
     def blocked(self, window: int | None, length: int) -> torch.Tensor:
         """[S_g, max_query_len, length] bool, True where a query may not see a key: past its
@@ -312,11 +313,18 @@ def paged_attention(
     """q [T, H, Dk] against cached keys [.., Hkv, Dk] / values [.., Hkv, Dv] (already holding
     this step's tokens) -> [T, H, Dv]. `sinks` [H]: one more logit per head in every softmax,
     whose probability mass is dropped (GPT-OSS attention sinks)."""
+    return attend_groups(q, value_cache.shape[-1], meta,
+                         lambda q_g, g: attend_group(q_g, key_cache, value_cache, meta, g, scale, window, sinks))
+
+
+def attend_groups(q: torch.Tensor, value_dim: int, meta: AttentionMetadata, attend) -> torch.Tensor:
+    """q [T, H, Dk] -> [T, H, Dv]: `attend(q_g, group)` ([T_g, H, Dk] -> [T_g, H, Dv]) for each
+    of the step's groups, its rows put back at the group's tokens (no copy with one group)."""
     if len(meta.groups) == 1:
-        return _attend_group(q, key_cache, value_cache, meta, meta.groups[0], scale, window, sinks)
-    out = q.new_empty(q.shape[0], q.shape[1], value_cache.shape[-1])
+        return attend(q, meta.groups[0])
+    out = q.new_empty(q.shape[0], q.shape[1], value_dim)
     for group in meta.groups:
-        out[group.tokens] = _attend_group(q[group.tokens], key_cache, value_cache, meta, group, scale, window, sinks)
+        out[group.tokens] = attend(q[group.tokens], group)
     return out
 
 
@@ -332,7 +340,7 @@ def gather_context(cache: torch.Tensor, g: AttentionGroup, block_size: int,
     return blocks.view(S, -1, *cache.shape[2:])[:, : g.max_seq_len]
 
 
-def _attend_group(q, key_cache, value_cache, meta: AttentionMetadata, g: AttentionGroup, scale, window, sinks=None):
+def attend_group(q, key_cache, value_cache, meta: AttentionMetadata, g: AttentionGroup, scale, window, sinks=None):
     """q [T_g, H, Dk] of one group -> [T_g, H, Dv]; the contexts are gathered into the step's
     workspace (one gather of the keys and, unless they are a view of the keys, of the values)."""
     ws, n = meta.workspace, g.context_blocks.shape[0]
